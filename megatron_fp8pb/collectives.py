@@ -1,0 +1,98 @@
+"""The one user of torch.distributed besides launch: amax all-reduce, piece transfer to rank 0, object exchange.
+
+Every function takes its process group explicitly. Tensors travel as uint8 views so fp8 and bf16 need no backend
+dtype support; with NCCL they travel through ``device``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank moved between ranks, by kind."""
+    p2p_sent: int = 0
+    p2p_received: int = 0
+    allreduce: int = 0
+    counts: dict = field(default_factory=dict)
+
+    def total(self) -> int:
+        return self.p2p_sent + self.p2p_received + self.allreduce
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group) if is_initialized() and group is not None else 1
+
+
+def allreduce_amax(grids: list[torch.Tensor], group, traffic: Traffic, device: torch.device) -> list[torch.Tensor]:
+    """MAX-all-reduce a list of float32 amax grids in one flat buffer inside ``group``; returns the global grids."""
+    if not grids or group_size(group) == 1:
+        return grids
+    flat = torch.cat([g.reshape(-1) for g in grids]).to(device)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    traffic.allreduce += flat.numel() * 4
+    flat = flat.to(grids[0].device)
+    out, at = [], 0
+    for g in grids:
+        out.append(flat[at:at + g.numel()].view(g.shape))
+        at += g.numel()
+    return out
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def send_tensor(t: torch.Tensor, dst: int, traffic: Traffic, device: torch.device) -> None:
+    buf = _bytes(t).to(device)
+    dist.send(buf, dst=dst)
+    traffic.p2p_sent += buf.numel()
+
+
+def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, traffic: Traffic,
+                device: torch.device) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dist.recv(buf, src=src)
+    traffic.p2p_received += nbytes
+    return buf.cpu().view(dtype).reshape(shape)
+
+
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's ``obj`` on ``dst`` (a list by rank), None elsewhere."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()

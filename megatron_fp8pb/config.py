@@ -1,0 +1,150 @@
+"""Export configuration: frozen dataclasses, YAML files as diffs over the defaults, dotted overrides.
+
+Unknown keys and wrong types are refused with the key's full dotted name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = "tiny"              # tiny | hf | megatron
+    path: str | None = None         # HF checkpoint dir (hf) or Megatron dist checkpoint dir (megatron)
+    arch: str = "qwen3"             # tiny: llama | mistral | qwen2 | qwen3 | qwen3_moe | mixtral
+    hf_config: str | None = None    # megatron: an HF config.json (or its directory) describing the architecture
+    seed: int = 0                   # tiny: weights seed
+    tie_embeddings: bool = False    # tiny: tie embeddings and lm_head
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None          # expert tensor parallel; default: tp
+    backend: str = "auto"           # auto (nccl with CUDA, else gloo) | gloo | nccl
+    timeout_s: float = 300.0        # collective timeout
+    device: str = "auto"            # where the model lives: auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    enabled: bool = True
+    exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
+    lm_head: bool = False           # quantize lm_head (unties tied embeddings)
+    serve_tp: int | None = None     # keep unquantized the layers a server at this TP would refuse
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "out/tiny-qwen3-fp8"
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {"source.kind": ("tiny", "hf", "megatron"), "parallel.backend": ("auto", "gloo", "nccl"),
+            "parallel.device": ("auto", "cpu", "cuda")}
+
+
+def _coerce(key: str, value, typ):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.strip("[]").split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"config key {key}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError(f"config key {key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(f"config key {key}: expected {typ.__name__}, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"config key {key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != int(value):
+            raise TypeError(f"config key {key}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError(f"config key {key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise KeyError(f"unknown config key {key!r}; known keys under {prefix or 'the top level'}: "
+                           f"{', '.join(sorted(names))}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise TypeError(f"config key {key}: expected a mapping, got {v!r}")
+            changes[k] = _merge(cur, v, key + ".")
+        else:
+            val = _coerce(key, v, hints[k])
+            if key in _CHOICES and val not in _CHOICES[key]:
+                raise ValueError(f"config key {key}={val!r}: choose one of {', '.join(_CHOICES[key])}")
+            changes[k] = val
+    return dataclasses.replace(obj, **changes)
+
+
+def _dotted(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. parallel.tp=2)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExportConfig:
+    """Defaults, then the YAML file (a diff), then dotted ``key=value`` overrides."""
+    cfg = ExportConfig()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise TypeError(f"config file {path} must hold a mapping")
+        cfg = _merge(cfg, data)
+    return _merge(cfg, _dotted(list(overrides)))

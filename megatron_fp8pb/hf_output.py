@@ -1,0 +1,58 @@
+"""The non-tensor files of the output: config.json with quantization_config, generation config, tokenizer."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def quantization_config(not_converted: list[str], quantized_any: bool) -> dict | None:
+    if not quantized_any:
+        return None
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            "modules_to_not_convert": list(not_converted), "ignored_layers": list(not_converted)}
+
+
+def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None) -> bytes:
+    """The source config through its transformers class, with the real vocab, the truth about tying, and
+    ``quantization_config``."""
+    cfg = copy.deepcopy(hf_config)
+    cfg.vocab_size = vocab
+    cfg.tie_word_embeddings = tie
+    if hasattr(cfg, "get_text_config"):
+        cfg.get_text_config().tie_word_embeddings = tie
+    cfg.dtype = dtype
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    d = cfg.to_diff_dict()
+    if not d.get("architectures"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.model_type)
+        d["architectures"] = [arch] if arch else None
+    d["model_type"] = cfg.model_type
+    d["vocab_size"], d["tie_word_embeddings"] = vocab, tie
+    d["torch_dtype"] = d["dtype"] = str(dtype).replace("torch.", "")
+    if qconfig is not None:
+        d["quantization_config"] = qconfig
+    else:
+        d.pop("quantization_config", None)
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+
+
+def source_side_files(src: str | Path | None) -> dict[str, Path]:
+    """generation_config.json and tokenizer files of an HF source directory, when present."""
+    if not src:
+        return {}
+    src = Path(src)
+    if src.is_file():
+        src = src.parent
+    out = {}
+    for name in ("generation_config.json",) + TOKENIZER_FILES:
+        if (src / name).is_file():
+            out[name] = src / name
+    return out

@@ -1,0 +1,154 @@
+"""The one importer of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .archs.base import Dims
+from .plan import Layout
+
+
+@dataclass
+class Groups:
+    """Process groups the export needs, passed explicitly (never cached in module state)."""
+    tp: object
+    etp: object
+    device: torch.device
+
+
+def padded_vocab(vocab: int, tp_size: int, divisible_by: int = 128) -> int:
+    """Megatron's padding: the smallest multiple of ``divisible_by * tp_size`` >= vocab."""
+    m = divisible_by * tp_size
+    return -(-vocab // m) * m
+
+
+def init_distributed(backend: str, timeout_s: float) -> None:
+    """Start the default process group from torchrun's environment (single process when absent)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        return
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
+
+
+def layout_and_groups() -> tuple[Layout, Groups]:
+    """This rank's place in the initialized Megatron layout, and the groups the export needs."""
+    from megatron.core import parallel_state as ps
+    layout = Layout(
+        tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
+        exporting=ps.get_data_parallel_rank() == 0,
+        expert_exporting=ps.get_expert_data_parallel_rank() == 0)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return layout, Groups(ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group(), device)
+
+
+def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool):
+    from megatron.core.transformer import TransformerConfig
+    kw = dict(
+        num_layers=d.num_layers, hidden_size=d.hidden, num_attention_heads=d.num_heads,
+        num_query_groups=d.num_query_groups, kv_channels=d.head_dim, ffn_hidden_size=d.ffn_hidden,
+        normalization="RMSNorm", layernorm_epsilon=d.norm_eps, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=d.qkv_bias, qk_layernorm=d.qk_norm, bias_activation_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False, use_cpu_initialization=not on_gpu, perform_initialization=False,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=layout.tp_size, pipeline_model_parallel_size=layout.pp_size,
+        sequence_parallel=False, hidden_dropout=0.0, attention_dropout=0.0)
+    if d.num_experts:
+        kw.update(num_moe_experts=d.num_experts, moe_ffn_hidden_size=d.moe_ffn_hidden, moe_router_topk=d.moe_top_k,
+                  expert_model_parallel_size=layout.ep_size, expert_tensor_parallel_size=layout.etp_size,
+                  moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_router_load_balancing_type="none",
+                  moe_aux_loss_coeff=0.0, moe_router_pre_softmax=False, moe_permute_fusion=False)
+        if d.shared_expert_ffn:
+            kw.update(moe_shared_expert_intermediate_size=d.shared_expert_ffn,
+                      moe_shared_expert_gate=d.shared_expert_gate)
+    return TransformerConfig(**kw)
+
+
+def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = False, vocab_divisible_by: int = 128,
+              grouped_experts: bool = False):
+    """A megatron-core GPTModel for this pipeline stage, weights uninitialized (a loader fills them)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    if on_gpu:
+        from megatron.core import tensor_parallel
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    cfg = transformer_config(d, dtype, layout, on_gpu)
+    spec = get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=grouped_experts,
+                                    qk_layernorm=d.qk_norm)
+    model = GPTModel(cfg, spec, vocab_size=padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
+                     max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=d.tie_embeddings,
+                     position_embedding_type="rope", rotary_base=int(d.rope_theta))
+    return model.cuda() if on_gpu else model
+
+
+def unwrap(model):
+    """DDP / Float16Module wrappers -> the GPTModel inside."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def layer_numbers(model) -> dict[int, int]:
+    """Local decoder layer index -> global (0-based) layer number, read off the layers themselves."""
+    model = unwrap(model)
+    if getattr(model, "decoder", None) is None:
+        return {}
+    return {j: layer.layer_number - 1 for j, layer in enumerate(model.decoder.layers)}
+
+
+def local_params(model) -> list[tuple[str, torch.Tensor]]:
+    """Named parameters of this rank's model chunk (extra state and buffers excluded)."""
+    return [(n, p) for n, p in unwrap(model).named_parameters()]
+
+
+def num_local_experts(d: Dims, layout: Layout) -> int:
+    return d.num_experts // layout.ep_size if d.num_experts else 0
+
+
+def save_dist_checkpoint(model, path: str) -> None:
+    from megatron.core import dist_checkpointing
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), path)
+
+
+def load_dist_checkpoint(model, path: str) -> None:
+    """Load a megatron.core.dist_checkpointing checkpoint (any saved TP/PP) into this layout (resharding)."""
+    from megatron.core import dist_checkpointing
+    m = unwrap(model)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
+    state = dist_checkpointing.load(m.sharded_state_dict(), path)
+    missing, unexpected = m.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"Megatron checkpoint {path} lacks {missing[:5]}: it was saved from a different "
+                         f"architecture than source.hf_config describes")

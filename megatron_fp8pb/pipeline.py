@@ -1,0 +1,267 @@
+"""The export pass: plan -> split -> shard-consistent quantization -> gather fp8 to rank 0 -> streaming writer.
+
+Units (the embedding, each layer, the final norm + lm_head) are processed in one global order on every rank; a rank
+skips units it holds nothing of. Inside a unit, quantized pieces first agree on block amax in their TP (or expert-TP)
+group, then every piece travels to rank 0 as fp8 bytes plus the scale rows it touches; rank 0 checks that straddling
+scale rows agree, assembles each HF tensor and hands it to the writer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import torch
+
+from . import collectives as coll
+from . import realign
+from .archs import Dims, rules_for
+from .archs.base import hf_module
+from .blockfp8 import BLOCK, check_finite
+from .hf_output import config_json, quantization_config
+from .log import log0
+from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
+from .shards import pieces_of
+from .writer import CheckpointWriter, TensorSpec
+
+SCALE = ".weight_scale_inv"
+
+
+@dataclass
+class ExportResult:
+    out_dir: str | None
+    num_tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    traffic: coll.Traffic = field(default_factory=coll.Traffic)
+    quantized: list[str] = field(default_factory=list)
+    not_converted: list[str] = field(default_factory=list)
+    tie_word_embeddings: bool = False
+
+
+def _agree(error: str | None) -> None:
+    """All ranks learn whether any rank failed a check; everyone raises the first failure."""
+    errors = coll.gather_objects(error)
+    first = None
+    if errors is not None:
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        first = f"rank {bad[0][0]}: {bad[0][1]}" if bad else None
+    first = coll.broadcast_object(first)
+    if first:
+        raise ValueError(first)
+
+
+def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_local: dict[int, int],
+               num_local_experts: int, untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
+    rules = rules_for(d)
+    out = []
+    for name, p in params:
+        check_finite(p.detach(), f"{name} (rank {coll.rank()})")
+        out.append((plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts,
+                               untie), p.detach()))
+    return out
+
+
+def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
+    if t.is_cuda:
+        from . import blockfp8_triton
+        if blockfp8_triton.available():
+            x = t if p.dim == 0 else t.t()
+            a = blockfp8_triton.block_amax(x, p.offset % BLOCK, BLOCK)
+            return a if p.dim == 0 else a.t()
+    return realign.partial_block_amax(t, p.dim, p.offset, BLOCK)
+
+
+def _quantize(t: torch.Tensor, scale_inv: torch.Tensor, p: Piece) -> torch.Tensor:
+    if t.is_cuda:
+        from . import blockfp8_triton
+        if blockfp8_triton.available():
+            first, rows = realign.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
+            x, s = (t, rows) if p.dim == 0 else (t.t(), rows.t())
+            q = blockfp8_triton.quantize_rows(x, s.contiguous(), p.offset % BLOCK, BLOCK)
+            return q if p.dim == 0 else q.t().contiguous()
+    return realign.quantize_piece(t, scale_inv, p.dim, p.offset, BLOCK)
+
+
+def _grid_shape(p: Piece) -> tuple[int, int]:
+    return realign.num_blocks(p.full_shape[0], BLOCK), realign.num_blocks(p.full_shape[1], BLOCK)
+
+
+def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll.Traffic, out_dtype: torch.dtype):
+    """Pieces of one unit -> payloads: (qdata, scale rows) for quantized pieces, the tensor in out_dtype otherwise.
+
+    Block amax is made global with one MAX all-reduce per axis group ("tp", "etp") over full-size amax grids.
+    """
+    payload: dict[int, tuple] = {}
+    for axis in ("tp", "etp"):
+        todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
+        grids = []
+        for _, p, t in todo:
+            grid = torch.zeros(_grid_shape(p), dtype=torch.float32, device=t.device)
+            first, last = realign.block_span(p.offset, p.length, BLOCK)
+            part = _partial_amax(t, p)
+            (grid[first:last] if p.dim == 0 else grid[:, first:last]).copy_(part)
+            grids.append(grid)
+        grids = coll.allreduce_amax(grids, getattr(groups, axis), traffic, groups.device)
+        for (k, p, t), amax in zip(todo, grids):
+            scale_inv = realign.scale_inv_from_amax(amax)
+            _, rows = realign.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
+            payload[k] = (_quantize(t, scale_inv, p), rows)
+    for k, (p, t) in enumerate(items):
+        if not p.quantize:
+            payload[k] = (t.to(out_dtype).contiguous(),)
+    return [payload[k] for k in range(len(items))]
+
+
+def write_specs(by_name: dict[str, list[Piece]], out_dtype: torch.dtype) -> list[TensorSpec]:
+    specs = []
+    for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
+        p = ps[0]
+        if p.quantize:
+            specs.append(TensorSpec(name, torch.float8_e4m3fn, p.full_shape))
+            specs.append(TensorSpec(name[:-len(".weight")] + SCALE, torch.float32, _grid_shape(p)))
+        else:
+            specs.append(TensorSpec(name, out_dtype, p.full_shape))
+    return specs
+
+
+class _Assembler:
+    """Rank 0: builds each full HF tensor from its pieces (local or received) and writes it."""
+
+    def __init__(self, writer: CheckpointWriter, traffic: coll.Traffic, device: torch.device, out_dtype):
+        self.writer, self.traffic, self.device, self.out_dtype = writer, traffic, device, out_dtype
+
+    def tensor(self, ps: list[Piece], local: dict[tuple, tuple]) -> None:
+        p0 = ps[0]
+        name = p0.hf_name
+        dtype = torch.float8_e4m3fn if p0.quantize else self.out_dtype
+        full = torch.empty(p0.full_shape, dtype=dtype)
+        scale = torch.full(_grid_shape(p0), float("nan")) if p0.quantize else None
+        for p in ps:
+            got = local.get((p.hf_name, p.offset)) if p.src == 0 else self._recv(p, dtype)
+            full.narrow(p.dim, p.offset, p.length).copy_(got[0])
+            if p.quantize:
+                self._place_scale(scale, p, got[1])
+        if p0.quantize:
+            self.writer.write(name, full)
+            self.writer.write(name[:-len(".weight")] + SCALE, scale)
+        else:
+            self.writer.write(name, full)
+
+    def _recv(self, p: Piece, dtype) -> tuple:
+        shape = list(p.full_shape)
+        shape[p.dim] = p.length
+        q = coll.recv_tensor(tuple(shape), dtype, p.src, self.traffic, self.device)
+        if not p.quantize:
+            return (q,)
+        first, last = realign.block_span(p.offset, p.length, BLOCK)
+        gshape = list(_grid_shape(p))
+        gshape[p.dim] = last - first
+        return q, coll.recv_tensor(tuple(gshape), torch.float32, p.src, self.traffic, self.device)
+
+    @staticmethod
+    def _place_scale(scale: torch.Tensor, p: Piece, rows: torch.Tensor) -> None:
+        first, last = realign.block_span(p.offset, p.length, BLOCK)
+        dst = scale[first:last] if p.dim == 0 else scale[:, first:last]
+        rows = rows.cpu()
+        seen = ~torch.isnan(dst)
+        if bool(seen.any()) and not torch.equal(dst[seen], rows[seen]):
+            raise RuntimeError(f"{p.hf_name}: ranks disagree on the scale of a block that straddles a shard boundary "
+                               f"(piece at offset {p.offset} from rank {p.src})")
+        dst.copy_(rows)
+
+
+def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None, *,
+               quant: QuantChoice = QuantChoice(), max_shard_size="5GB", overwrite: bool = False,
+               out_dtype: torch.dtype = torch.bfloat16, layer_of_local: dict[int, int] | None = None,
+               num_local_experts: int = 0, extra_files: dict | None = None) -> ExportResult:
+    """Export this rank's parameters; call on every rank. Returns the result (complete on rank 0)."""
+    t0 = time.perf_counter()
+    me = coll.rank()
+    traffic = coll.Traffic()
+    untie = d.tie_embeddings and quant.lm_head and quant.enabled
+    if untie:
+        log0("tied embeddings with quant.lm_head=true: writing lm_head quantized and embed_tokens in bf16, "
+             "tie_word_embeddings=false")
+    plans, error = [], None
+    try:
+        plans = make_plans(params, d, layout, quant, layer_of_local or {}, num_local_experts, untie)
+    except (ValueError, TypeError) as e:
+        error = str(e)
+    _agree(error)
+    mine = [(p, t) for plan, local in plans for p, t in zip(plan.pieces, pieces_of(plan, local, d))]
+    mine = [(Piece(**{**p.__dict__, "src": me}), t) for p, t in mine]
+    mine.sort(key=lambda pt: pt[0].order)
+    all_pieces = coll.gather_objects([p for p, _ in mine])
+    writer, by_name, error = None, {}, None
+    result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic, tie_word_embeddings=d.tie_embeddings and not untie)
+    if me == 0:
+        try:
+            by_name = check_coverage([p for ps in all_pieces for p in ps], expected_tensors(rules_for(d), d, untie))
+            specs = write_specs(by_name, out_dtype)
+            if out_dir is not None:
+                writer = CheckpointWriter(out_dir, specs, max_shard_size, overwrite)
+        except (ValueError, OSError) as e:
+            error = str(e)
+    _agree(error)
+    try:
+        _transfer(mine, by_name, groups, traffic, writer, out_dtype, d)
+        if me == 0:
+            linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].full_shape and len(
+                ps[0].full_shape) == 2 and _is_linear(n, d)})
+            result.quantized = sorted(hf_module(n) for n, ps in by_name.items() if ps[0].quantize)
+            result.not_converted = [m for m in linear_modules if m not in set(result.quantized)]
+            if result.tie_word_embeddings and "lm_head" not in result.not_converted:
+                result.not_converted.append("lm_head")
+            result.num_tensors = sum(2 if ps[0].quantize else 1 for ps in by_name.values())
+            if writer is not None:
+                files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype,
+                                                    quantization_config(result.not_converted, bool(result.quantized)))}
+                files.update(extra_files or {})
+                writer.finish(files)
+                result.bytes_written = writer.bytes_written
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _is_linear(hf_name: str, d: Dims) -> bool:
+    for r in rules_for(d):
+        if r.linear and any(hf_name.endswith(h.rsplit("}", 1)[-1]) for h in r.hf):
+            return True
+    return hf_name == "lm_head.weight"
+
+
+def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> None:
+    me = coll.rank()
+    units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
+    if me != 0:
+        for u, items in units_mine.items():
+            for p, payload in zip((p for p, _ in items), quantize_unit(items, groups, traffic, out_dtype)):
+                for t in payload if p.length else ():
+                    coll.send_tensor(t, 0, traffic, groups.device)
+        return
+    asm = _Assembler(writer, traffic, groups.device, out_dtype) if writer is not None else None
+    by_unit: dict[int, list[list[Piece]]] = {}
+    for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
+        by_unit.setdefault(ps[0].order[0], []).append(ps)
+    t0, last_log, done_bytes = time.perf_counter(), 0.0, 0
+    for u in sorted(by_unit):
+        items = units_mine.get(u, [])
+        local = {}
+        for (p, _), payload in zip(items, quantize_unit(items, groups, traffic, out_dtype) if items else []):
+            local[(p.hf_name, p.offset)] = payload
+        for ps in by_unit[u]:
+            if asm is not None:
+                asm.tensor(ps, local)
+        if writer is not None:
+            done_bytes = writer.bytes_written
+        now = time.perf_counter()
+        if now - last_log > 2.0 or u == max(by_unit):
+            last_log = now
+            what = "embedding" if u == 0 else ("final norm/lm_head" if u == d.num_layers + 1 else f"layer {u - 1}")
+            log0(f"{what} done ({u + 1}/{len(by_unit)} units), {done_bytes / 1e9:.3f} GB written, "
+                 f"{done_bytes / 1e9 / max(now - t0, 1e-9):.2f} GB/s")

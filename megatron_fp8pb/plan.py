@@ -1,0 +1,254 @@
+"""Local Megatron parameters + an architecture table + the parallel layout -> the export plan of this rank.
+
+Every local parameter must match exactly one rule (else an error naming it); every piece says which rows or columns
+of which full HF tensor it holds. ``check_coverage`` runs on rank 0 over all ranks' pieces and fails closed: every HF
+tensor the architecture needs is covered exactly once, and nothing else is produced.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims,
+                         Rule, hf_module)
+
+DEFAULT_EXCLUDE = ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate", "*.shared_expert_gate")
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RES = (re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$"),
+               re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits. ``exporting``: this rank's copy is the one written (data-parallel rank 0)."""
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    exporting: bool = True
+    expert_exporting: bool = True
+
+    def describe(self) -> str:
+        return (f"tp={self.tp_size} pp={self.pp_size} ep={self.ep_size} etp={self.etp_size} "
+                f"(tp_rank={self.tp_rank} pp_rank={self.pp_rank} ep_rank={self.ep_rank} etp_rank={self.etp_rank})")
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    enabled: bool = True
+    exclude: tuple[str, ...] = ()
+    lm_head: bool = False
+
+    def quantizes(self, module: str) -> bool:
+        pats = DEFAULT_EXCLUDE + tuple(self.exclude)
+        if module == "lm_head" and self.lm_head:
+            pats = tuple(p for p in pats if p != "lm_head")
+        return self.enabled and not any(fnmatch.fnmatchcase(module, p) for p in pats)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of the full HF tensor ``hf_name``."""
+    hf_name: str
+    full_shape: tuple[int, ...]
+    dim: int
+    offset: int
+    length: int
+    quantize: bool
+    axis: str | None        # "tp" / "etp": the group whose ranks share its 128-blocks; None: not quantized
+    order: tuple            # global write order, the same for every layout
+    src: int = 0            # global rank holding it (set on rank 0)
+
+
+@dataclass
+class ParamPlan:
+    mcore_name: str
+    local_shape: tuple[int, ...]
+    rule: Rule
+    layer: int | None
+    expert: int | None
+    slices: list[Piece] = field(default_factory=list)   # every HF slice this rank's parameter holds
+    pieces: list[Piece] = field(default_factory=list)   # the slices this rank exports
+
+    @property
+    def fusion(self) -> str:
+        return self.rule.fusion
+
+
+def _match(rules: list[Rule], rel: str, scope: str) -> tuple[int, Rule] | None:
+    hits = [(k, r) for k, r in enumerate(rules) if r.scope == scope and rel in r.mcore]
+    return hits[0] if hits else None
+
+
+def _unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:
+    if layer is not None:
+        return 1 + layer
+    first_layer_rule = min((j for j, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
+    return 0 if k < first_layer_rule else d.num_layers + 1
+
+
+def _fill(name: str, layer: int | None, expert: int | None) -> str:
+    return name.replace("{i}", str(layer)).replace("{e}", str(expert))
+
+
+def _shard_sizes(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layout) -> list[int]:
+    """Per-rank length of each HF tensor along the sharded dim; refuses shapes the layout cannot split."""
+    dim = 1 if rule.shard == ROWWISE else 0
+    out = []
+    for hf, shape in zip(rule.hf, shapes):
+        n = shape[dim]
+        if rule.fusion == QKV:
+            # whole query groups per rank
+            groups = d.num_query_groups
+            if groups % size:
+                raise ValueError(f"{name}: num_query_groups({groups}) % tp_size({size}) != 0 under {layout.describe()};"
+                                 f" choose a tp that divides the number of key/value heads")
+            out.append(n // size)
+        elif n % size and rule.shard != VOCAB:
+            raise ValueError(f"{name}: {hf} dim {dim} = {n} is not divisible by the {size}-way split "
+                             f"({n} % {size} = {n % size}) under {layout.describe()}")
+        else:
+            out.append(-(-n // size))
+    return out
+
+
+def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule], d: Dims, layout: Layout,
+               quant: QuantChoice, layer_of_local: dict[int, int], num_local_experts: int,
+               untie_lm_head: bool = False) -> ParamPlan:
+    """One local Megatron parameter -> its pieces on this rank. Raises ValueError naming the parameter."""
+    layer = expert = None
+    m = _LAYER_RE.match(mcore_name)
+    if m:
+        j, rel = int(m.group(1)), m.group(2)
+        if j not in layer_of_local:
+            raise ValueError(f"{mcore_name}: local layer {j} has no global layer number on this stage")
+        layer = layer_of_local[j]
+        scope = LAYER
+        for rx in _EXPERT_RES:
+            em = rx.match(rel)
+            if em:
+                if rx is _EXPERT_RES[0]:
+                    x, rest = int(em.group(1)), em.group(2)
+                    rel = "mlp.experts.local_experts.{x}." + rest
+                else:
+                    rest, x = em.group(1), int(em.group(2))
+                    rel = "mlp.experts." + rest + "{x}"
+                if not 0 <= x < max(num_local_experts, 1):
+                    raise ValueError(f"{mcore_name}: local expert {x} >= num_local_experts({num_local_experts})")
+                expert = layout.ep_rank * num_local_experts + x
+                scope = EXPERT
+                break
+    else:
+        rel, scope = mcore_name, GLOBAL
+    hit = _match(rules, rel, scope)
+    if hit is None:
+        raise ValueError(f"Megatron parameter {mcore_name!r} (shape {tuple(local_shape)}) matches no rule of "
+                         f"architecture {d.model_type!r}; the export refuses to drop it. Check that the model and "
+                         f"the HF config agree")
+    k, rule = hit
+    if untie_lm_head and rule.shard == VOCAB and rule.hf == ("model.embed_tokens.weight",):
+        rule = Rule(rule.mcore, rule.hf + ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),) * 2, VOCAB,
+                    "duplicate", False, GLOBAL)
+    plan = ParamPlan(mcore_name, tuple(local_shape), rule, layer, expert)
+    if rule.shard == TIED_COPY:
+        return plan
+    is_expert = rule.scope == EXPERT
+    size, rank = (layout.etp_size, layout.etp_rank) if is_expert else (layout.tp_size, layout.tp_rank)
+    exporting = layout.expert_exporting if is_expert else layout.exporting
+    shapes = rule.shapes(d)
+    unit = _unit(rules, k, layer, d)
+    _check_local_shape(plan, shapes, size, d, layout)
+    dim = 1 if rule.shard == ROWWISE else 0
+    split = 1 if rule.shard == REPLICATED else size
+    local_lens = _shard_sizes(rule, d, shapes, split, mcore_name, layout)
+    if rule.shard == VOCAB:
+        local_lens = [local_shape[0]] * len(rule.hf)
+    for h, (hf, shape, n) in enumerate(zip(rule.hf, shapes, local_lens)):
+        offset = min(rank * n, shape[dim]) if split > 1 else 0
+        length = max(0, min(n, shape[dim] - offset))   # 0: a vocab shard made only of padding
+        name = _fill(hf, layer, expert)
+        is_linear = rule.linear or (rule.fusion == "duplicate" and h == 1)
+        q = is_linear and len(shape) == 2 and quant.quantizes(hf_module(name))
+        axis = ("etp" if is_expert else "tp") if q else None
+        plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
+                                 (unit, k, -1 if expert is None else expert, h)))
+    if exporting and not (rule.shard == REPLICATED and rank != 0):
+        plan.pieces = list(plan.slices)
+    return plan
+
+
+def _check_local_shape(plan: ParamPlan, shapes, size: int, d: Dims, layout: Layout) -> None:
+    rule, local = plan.rule, plan.local_shape
+    if rule.shard == VOCAB:
+        want_rest = tuple(shapes[0][1:])
+        if tuple(local[1:]) != want_rest or local[0] * size < shapes[0][0]:
+            raise ValueError(f"{plan.mcore_name}: local shape {local} cannot hold vocab {shapes[0][0]} x {want_rest} "
+                             f"split {size} ways under {layout.describe()} (padded vocab must be >= real vocab)")
+        return
+    if rule.shard == REPLICATED:
+        want = shapes[0]
+    else:
+        dim = 1 if rule.shard == ROWWISE else 0
+        lens = _shard_sizes(rule, d, shapes, size, plan.mcore_name, layout)
+        want = list(shapes[0])
+        want[dim] = sum(lens)
+        want = tuple(want)
+    if tuple(local) != tuple(want):
+        raise ValueError(f"{plan.mcore_name}: local shape {tuple(local)} != {tuple(want)} expected from the HF config "
+                         f"({', '.join(_fill(h, plan.layer, plan.expert) for h in rule.hf)} full shapes {shapes}) under "
+                         f"{layout.describe()}; the model and source.hf_config disagree")
+
+
+def expected_tensors(rules: list[Rule], d: Dims, untie_lm_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the architecture needs, with its full shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    for r in rules:
+        if r.shard == TIED_COPY:
+            continue
+        shapes = r.shapes(d)
+        layers = range(d.num_layers) if r.scope != GLOBAL else [None]
+        experts = range(d.num_experts) if r.scope == EXPERT else [None]
+        for i in layers:
+            for e in experts:
+                for hf, shape in zip(r.hf, shapes):
+                    out[_fill(hf, i, e)] = tuple(shape)
+    if untie_lm_head:
+        out["lm_head.weight"] = (d.vocab, d.hidden)
+    return out
+
+
+def check_coverage(pieces: list[Piece], expected: dict[str, tuple[int, ...]]) -> dict[str, list[Piece]]:
+    """All ranks' pieces -> pieces per HF name sorted by offset; raises unless each tensor is covered exactly once."""
+    by_name: dict[str, list[Piece]] = {}
+    for p in pieces:
+        if p.length == 0:
+            continue
+        if p.hf_name not in expected:
+            raise ValueError(f"HF tensor {p.hf_name!r} from rank {p.src} is not part of the architecture")
+        by_name.setdefault(p.hf_name, []).append(p)
+    missing = sorted(set(expected) - set(by_name))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"no rank holds HF tensor(s) {missing[:5]}{more}: the Megatron model lacks the parameters "
+                         f"that produce them (a missing expert or layer?)")
+    for name, ps in by_name.items():
+        ps.sort(key=lambda p: p.offset)
+        full = expected[name]
+        if any(p.full_shape != full for p in ps):
+            raise ValueError(f"HF tensor {name!r}: pieces disagree on its full shape ({[p.full_shape for p in ps]} vs "
+                             f"{full})")
+        dims = {p.dim for p in ps}
+        at = 0
+        for p in ps:
+            if len(dims) != 1 or p.offset != at:
+                raise ValueError(f"HF tensor {name!r}: pieces {[(p.src, p.offset, p.length) for p in ps]} do not tile "
+                                 f"it exactly (gap or overlap at {at})")
+            at += p.length
+        if at != full[ps[0].dim]:
+            raise ValueError(f"HF tensor {name!r}: pieces cover {at} of {full[ps[0].dim]} along dim {ps[0].dim}")
+    return by_name

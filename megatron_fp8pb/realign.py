@@ -1,0 +1,81 @@
+"""Block amax of a piece of a full tensor that sits at a global offset along one dim.
+
+Pure tensor math, no torch.distributed. A piece is ``full[offset:offset+len]`` along ``dim`` (all of the other dim).
+Offsets and lengths need not be multiples of the block size: a block that straddles two pieces gets a partial amax
+from each, and the caller combines them with MAX (``collectives.allreduce_amax``) into one global amax.
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+
+
+def num_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def block_span(offset: int, length: int, block: int) -> tuple[int, int]:
+    """Block indices ``[first, last)`` along one dim touched by rows ``[offset, offset+length)``."""
+    if length == 0:
+        return offset // block, offset // block
+    return offset // block, num_blocks(offset + length, block)
+
+
+def _to_dim0(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x if dim == 0 else x.transpose(0, 1)
+
+
+def partial_block_amax(piece: torch.Tensor, dim: int, offset: int, block: int = 128) -> torch.Tensor:
+    """Block amax of a piece at ``offset`` along ``dim``.
+
+    piece [n, K] (dim 0) or [N, k] (dim 1) -> float32 amax of the blocks it touches:
+    [last-first, ceil(K/block)] for dim 0, [ceil(N/block), last-first] for dim 1, with (first, last) = block_span(...).
+    """
+    x = _to_dim0(piece, dim)
+    n, k = x.shape
+    first, last = block_span(offset, n, block)
+    lead = offset - first * block
+    rows = (last - first) * block
+    cols = num_blocks(k, block) * block
+    padded = torch.zeros(rows, cols, dtype=torch.float32, device=x.device)
+    padded[lead:lead + n, :k] = x.float().abs()
+    amax = padded.view(last - first, block, cols // block, block).amax(dim=(1, 3))
+    return _to_dim0(amax, dim)
+
+
+def scale_inv_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Dequant multiplier per block: ``amax / 448`` in float32; an all-zero block gets 1.0."""
+    amax = amax.float()
+    scale = amax / FP8_MAX
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
+
+
+def expand_scale(scale_rows: torch.Tensor, n: int, k: int, lead: int, block: int) -> torch.Tensor:
+    """Per-element scale [n, k] for rows starting ``lead`` rows into the first block of ``scale_rows``."""
+    rows = scale_rows.repeat_interleave(block, dim=0)[lead:lead + n]
+    return rows.repeat_interleave(block, dim=1)[:, :k]
+
+
+def quantize_piece(piece: torch.Tensor, scale_inv: torch.Tensor, dim: int, offset: int,
+                   block: int = 128) -> torch.Tensor:
+    """Quantize a piece with the full tensor's scale grid.
+
+    piece [n, K] (dim 0) / [N, k] (dim 1), scale_inv [ceil(N/block), ceil(K/block)] -> qdata float8_e4m3fn, piece's shape.
+    The result is byte-identical to the matching slice of quantizing the full tensor.
+    """
+    x = _to_dim0(piece, dim)
+    s = _to_dim0(scale_inv, dim)
+    n, k = x.shape
+    first, last = block_span(offset, n, block)
+    scale = expand_scale(s[first:last], n, k, offset - first * block, block)
+    q = torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return _to_dim0(q, dim).contiguous()
+
+
+def scale_rows_of_piece(scale_inv: torch.Tensor, dim: int, offset: int, length: int,
+                        block: int = 128) -> tuple[int, torch.Tensor]:
+    """The block rows (dim 0) or block columns (dim 1) of ``scale_inv`` a piece touches: (first, slice)."""
+    first, last = block_span(offset, length, block)
+    sl = scale_inv[first:last] if dim == 0 else scale_inv[:, first:last]
+    return first, sl.contiguous()

@@ -1,0 +1,73 @@
+"""The CLI job: config -> checks -> process groups -> source model -> export -> verification summary."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import collectives as coll
+from . import mcore
+from .archs import dims_from_hf
+from .config import ExportConfig, load_config
+from .log import log0
+from .pipeline import run_export
+from .plan import QuantChoice
+from .sources import build_source, source_config
+from .validate import check_layout
+
+
+def preflight(cfg: ExportConfig, world: int):
+    """Everything that can be refused before a process group or a weight is touched."""
+    hfc = source_config(cfg)
+    d = dims_from_hf(hfc)
+    p = cfg.parallel
+    check_layout(d, world, p.tp, p.pp, p.ep, p.etp)
+    out = os.path.realpath(cfg.output.dir)
+    for src in (cfg.source.path,):
+        if src and (out == os.path.realpath(src) or out.startswith(os.path.realpath(src) + os.sep)):
+            raise ValueError(f"output.dir {cfg.output.dir} lies inside source.path {src}; write elsewhere")
+    from .writer import parse_size, prepare_output
+    parse_size(cfg.output.max_shard_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_output(cfg.output.dir, cfg.output.overwrite)
+    return hfc, d
+
+
+def run(config_path: str | None, overrides: list[str]) -> int:
+    cfg = load_config(config_path, overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    preflight(cfg, world)
+    p = cfg.parallel
+    on_gpu = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
+    backend = p.backend if p.backend != "auto" else ("nccl" if on_gpu else "gloo")
+    mcore.init_distributed(backend, p.timeout_s)
+    log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
+    mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
+    layout, groups = mcore.layout_and_groups()
+    src = build_source(cfg, layout, on_gpu)
+    log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
+         f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
+    q = cfg.quant
+    result = run_export(
+        mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
+        quant=QuantChoice(q.enabled, tuple(q.exclude), q.lm_head), max_shard_size=cfg.output.max_shard_size,
+        overwrite=cfg.output.overwrite, out_dtype=src.dtype, layer_of_local=mcore.layer_numbers(src.model),
+        num_local_experts=mcore.num_local_experts(src.dims, layout), extra_files=src.extra_files)
+    ok = True
+    if coll.rank() == 0:
+        t = result.traffic
+        log0(f"wrote {result.num_tensors} tensors, {result.bytes_written / 1e9:.3f} GB to {result.out_dir} in "
+             f"{result.seconds:.1f} s; bytes moved to rank 0: {t.p2p_received / 1e6:.2f} MB, amax all-reduce "
+             f"{t.allreduce / 1e6:.3f} MB on rank 0; {len(result.quantized)} linears quantized, "
+             f"not converted: {result.not_converted}")
+        if cfg.output.verify:
+            from .verify import verify_checkpoint
+            report = verify_checkpoint(result.out_dir, source=src.truth)
+            log0("verification:\n" + report.table())
+            ok = report.ok
+    ok = coll.broadcast_object(ok)
+    coll.barrier()
+    mcore.destroy_parallel()
+    torch.distributed.destroy_process_group()
+    return 0 if ok else 1

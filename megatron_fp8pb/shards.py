@@ -1,0 +1,54 @@
+"""A local Megatron tensor <-> the HF slices it holds (its ParamPlan's slices), both directions."""
+from __future__ import annotations
+
+import torch
+
+from .archs.base import GATED, QKV, Dims
+from .fused import merge_gated, merge_qkv, split_gated, split_qkv
+from .plan import ParamPlan
+
+
+def _groups_per_rank(plan: ParamPlan, d: Dims) -> int:
+    q = plan.slices[0]
+    return q.length // (d.heads_per_group * d.head_dim)
+
+
+def to_slices(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+    """local tensor -> one tensor per entry of ``plan.slices`` (vocab padding rows dropped)."""
+    if plan.fusion == QKV:
+        parts = split_qkv(local, _groups_per_rank(plan, d), d.heads_per_group, d.head_dim)
+    elif plan.fusion == GATED:
+        parts = split_gated(local)
+    else:
+        parts = [local] * len(plan.rule.hf)
+    out = []
+    for s in plan.slices:
+        t = parts[s.order[3]]
+        if s.length != t.shape[s.dim]:
+            t = t.narrow(s.dim, 0, s.length)
+        out.append(t)
+    return out
+
+
+def pieces_of(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+    """local tensor -> one tensor per entry of ``plan.pieces`` (what this rank exports)."""
+    if not plan.pieces:
+        return []
+    by_name = dict(zip((s.hf_name for s in plan.slices), to_slices(plan, local, d)))
+    return [by_name[p.hf_name] for p in plan.pieces]
+
+
+def from_slices(plan: ParamPlan, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
+    """One tensor per entry of ``plan.slices`` -> the local Megatron tensor (vocab padding rows zero)."""
+    if not plan.slices:  # a shard made only of vocab padding
+        return torch.zeros(plan.local_shape)
+    if plan.fusion == QKV:
+        return merge_qkv(*tensors, _groups_per_rank(plan, d), d.heads_per_group, d.head_dim)
+    if plan.fusion == GATED:
+        return merge_gated(*tensors)
+    t = tensors[0]
+    if tuple(t.shape) != plan.local_shape:
+        pad = torch.zeros(plan.local_shape, dtype=t.dtype)
+        pad.narrow(plan.slices[0].dim, 0, t.shape[plan.slices[0].dim]).copy_(t)
+        t = pad
+    return t

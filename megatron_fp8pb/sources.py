@@ -1,0 +1,78 @@
+"""Where the Megatron model comes from: the tiny default, an HF checkpoint, or a Megatron dist checkpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import mcore
+from .archs import Dims, dims_from_hf, rules_for
+from .config import ExportConfig
+from .hf_source import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
+from .hf_output import source_side_files
+from .plan import Layout, QuantChoice, expected_tensors, plan_param
+from .shards import from_slices
+
+
+@dataclass
+class Source:
+    model: object
+    hf_config: object
+    dims: Dims
+    dtype: torch.dtype
+    truth: object | None                  # a reader of the HF tensors the export must reproduce, when known
+    extra_files: dict = field(default_factory=dict)
+
+
+def source_config(cfg: ExportConfig):
+    """The HF config of the configured source (read before any weight)."""
+    s = cfg.source
+    if s.kind == "tiny":
+        from .tiny import tiny_hf_config
+        return tiny_hf_config(s.arch, s.tie_embeddings)
+    if s.kind == "hf":
+        if not s.path:
+            raise ValueError("source.kind=hf needs source.path=<HF checkpoint directory>")
+        return hf_config(s.path)
+    if not s.path or not s.hf_config:
+        raise ValueError("source.kind=megatron needs source.path=<dist checkpoint dir> and "
+                         "source.hf_config=<HF config.json describing the architecture>")
+    return hf_config(s.hf_config)
+
+
+def load_hf_weights(model, reader, d: Dims, layout: Layout) -> None:
+    """Fill every local parameter from the HF slices it holds (each rank reads only its slices)."""
+    rules = rules_for(d)
+    layers = mcore.layer_numbers(model)
+    nle = mcore.num_local_experts(d, layout)
+    with torch.no_grad():
+        for name, p in mcore.local_params(model):
+            plan = plan_param(name, tuple(p.shape), rules, d, layout, QuantChoice(enabled=False), layers, nle)
+            if plan.rule.shard == "tied_copy":
+                plan = plan_param("embedding.word_embeddings.weight", tuple(p.shape), rules, d, layout,
+                                  QuantChoice(enabled=False), layers, nle)
+            local = from_slices(plan, [read_slice(reader, s) for s in plan.slices], d)
+            p.copy_(local.to(p.dtype))
+
+
+def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
+    s = cfg.source
+    hfc = source_config(cfg)
+    d = dims_from_hf(hfc)
+    if s.kind == "tiny":
+        from .tiny import random_hf_state
+        reader, extra = DictReader(random_hf_state(hfc, s.seed)), {}
+        dtype = torch.bfloat16
+    elif s.kind == "hf":
+        reader, extra = HFReader(s.path), source_side_files(s.path)
+        check_source(reader, expected_tensors(rules_for(d), d), s.path)
+        dtype = config_dtype(hfc)
+    else:
+        reader, extra = None, source_side_files(s.hf_config)
+        dtype = config_dtype(hfc)
+    model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu)
+    if reader is not None:
+        load_hf_weights(model, reader, d, layout)
+    else:
+        mcore.load_dist_checkpoint(model, s.path)
+    return Source(model, hfc, d, dtype, reader, extra)

@@ -1,0 +1,41 @@
+"""Checks of a parallel layout against a model's dimensions, before any weight is touched."""
+from __future__ import annotations
+
+from .archs.base import Dims
+
+
+def check_layout(d: Dims, world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Return the data-parallel size; raise ValueError showing the arithmetic of the first impossible split."""
+    etp = etp or tp
+    errs = []
+    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("parallel.etp", etp)):
+        if v < 1:
+            errs.append(f"{name}={v} must be >= 1")
+    if errs:
+        raise ValueError("; ".join(errs))
+    if world % (tp * pp):
+        errs.append(f"world size({world}) % (tp({tp}) * pp({pp})) = {world % (tp * pp)} != 0: launch "
+                    f"--nproc_per_node so that world size = tp*pp*dp")
+    if d.num_heads % tp:
+        errs.append(f"num_attention_heads({d.num_heads}) % tp({tp}) = {d.num_heads % tp} != 0")
+    if d.num_query_groups % tp:
+        errs.append(f"num_key_value_heads({d.num_query_groups}) % tp({tp}) = {d.num_query_groups % tp} != 0 "
+                    f"(Megatron splits whole query groups)")
+    if d.num_layers % pp:
+        errs.append(f"num_hidden_layers({d.num_layers}) % pp({pp}) = {d.num_layers % pp} != 0")
+    if d.ffn_hidden and not d.num_experts and d.ffn_hidden % tp:
+        errs.append(f"intermediate_size({d.ffn_hidden}) % tp({tp}) = {d.ffn_hidden % tp} != 0")
+    if d.num_experts:
+        if d.num_experts % ep:
+            errs.append(f"num_experts({d.num_experts}) % ep({ep}) = {d.num_experts % ep} != 0")
+        if d.moe_ffn_hidden % etp:
+            errs.append(f"moe_intermediate_size({d.moe_ffn_hidden}) % etp({etp}) = {d.moe_ffn_hidden % etp} != 0")
+        if d.shared_expert_ffn and d.shared_expert_ffn % tp:
+            errs.append(f"shared_expert_intermediate_size({d.shared_expert_ffn}) % tp({tp}) != 0")
+        if world % (pp * ep * etp):
+            errs.append(f"world size({world}) % (pp({pp}) * ep({ep}) * etp({etp})) = {world % (pp * ep * etp)} != 0")
+    elif ep != 1:
+        errs.append(f"parallel.ep={ep} needs a mixture-of-experts model; {d.model_type} has no experts")
+    if errs:
+        raise ValueError("impossible parallel layout: " + "; ".join(errs))
+    return world // (tp * pp)

@@ -1,0 +1,210 @@
+"""Streaming sharded safetensors writer (rank 0).
+
+The whole list of tensors (names, dtypes, shapes) is known before any data arrives, so shards and every tensor's byte
+offset are planned up front: each arriving tensor is written straight to its place in a preallocated file and nothing
+is held in memory. Shard planning follows huggingface_hub's rules (greedy in key order; a weight and its
+``weight_scale_inv`` never split). Files go into a sibling ``<out>.partial`` directory renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SCALE_SUFFIX = "_scale_inv"
+_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
+           torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (huggingface_hub's convention: GB = 10**9, GiB = 2**30)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"output.max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
+    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(num * mult)
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy in the given order; a tensor and its ``*_scale_inv`` stay together; a group larger than the limit
+    gets a shard of its own."""
+    groups: list[list[TensorSpec]] = []
+    for s in specs:
+        if s.name.endswith(SCALE_SUFFIX) and groups and groups[-1][0].name == s.name[:-len(SCALE_SUFFIX)]:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for g in groups:
+        gsize = sum(s.nbytes for s in g)
+        if shards[-1] and size + gsize > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].extend(g)
+        size += gsize
+    return [s for s in shards if s]
+
+
+def shard_file_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def shard_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
+    """safetensors header (8-byte length + JSON padded to 8) and each tensor's absolute file offset.
+
+    Tensors are laid out by element size, largest first, so every tensor starts aligned to its dtype.
+    """
+    layout = sorted(specs, key=lambda s: -torch.empty((), dtype=s.dtype).element_size())
+    header: dict = {"__metadata__": {"format": "pt"}}
+    rel, at = {}, 0
+    for s in layout:
+        header[s.name] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [at, at + s.nbytes]}
+        rel[s.name] = at
+        at += s.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    return head, {name: len(head) + off for name, off in rel.items()}
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output directory unless ``overwrite``; clear a stale ``.partial`` sibling."""
+    out = Path(out_dir).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output.dir {out} exists and is not empty; choose another output.dir or set "
+                              f"output.overwrite=true")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"output.dir parent {out.parent} is not writable; choose a writable output.dir")
+    stale = partial_dir(out)
+    if stale.exists():
+        shutil.rmtree(stale)
+    return out
+
+
+class CheckpointWriter:
+    """Writes the planned tensors as they arrive, then the index and extra files, then renames into place."""
+
+    def __init__(self, out_dir: str | os.PathLike, specs: list[TensorSpec], max_shard_size: int | str = "5GB",
+                 overwrite: bool = False):
+        self.out = prepare_output(out_dir, overwrite)
+        self.overwrite = overwrite
+        self.tmp = partial_dir(self.out)
+        self.tmp.mkdir(parents=True)
+        self.specs = {s.name: s for s in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("duplicate tensor names in the write plan")
+        shards = plan_shards(specs, parse_size(max_shard_size))
+        self.files: list[Path] = []
+        self.where: dict[str, tuple[int, int]] = {}     # name -> (file index, byte offset)
+        self.remaining: list[int] = []
+        self._fds: dict[int, int] = {}
+        for k, shard in enumerate(shards):
+            path = self.tmp / shard_file_name(k + 1, len(shards))
+            head, offsets = shard_header(shard)
+            with open(path, "wb") as f:
+                f.write(head)
+                f.truncate(len(head) + sum(s.nbytes for s in shard))
+            self.files.append(path)
+            self.remaining.append(len(shard))
+            for s in shard:
+                self.where[s.name] = (k, offsets[s.name])
+        self.written: set[str] = set()
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (any device; copied to host) at its planned place."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"tensor {name!r} is not in the write plan")
+        if name in self.written:
+            raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} "
+                             f"{spec.shape}")
+        k, off = self.where[name]
+        data = memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        fd = self._fds.get(k)
+        if fd is None:
+            fd = self._fds[k] = os.open(self.files[k], os.O_WRONLY)
+        while len(data):
+            n = os.pwrite(fd, data, off)
+            data, off = data[n:], off + n
+        self.written.add(name)
+        self.bytes_written += spec.nbytes
+        self.remaining[k] -= 1
+        if self.remaining[k] == 0:
+            os.fsync(fd)
+            os.close(self._fds.pop(k))
+
+    def finish(self, extra_files: dict[str, bytes | str | os.PathLike]) -> Path:
+        """Write the index and ``extra_files`` (name -> bytes, or a path to copy), then rename into place."""
+        missing = sorted(set(self.specs) - self.written)
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensor(s) never arrived, e.g. {missing[:3]}")
+        n = len(self.files)
+        index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
+                 "weight_map": {name: shard_file_name(k + 1, n) for name, (k, _) in self.where.items()}}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for fname, content in extra_files.items():
+            if isinstance(content, bytes):
+                (self.tmp / fname).write_bytes(content)
+            else:
+                shutil.copyfile(content, self.tmp / fname)
+        self._fsync_dir(self.tmp)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".replaced")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        self._fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out
+
+    def abort(self) -> None:
+        """Close files and remove the partial directory; nothing that looks like a checkpoint is left."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,183 @@
+"""The Triton block-FP8 path is byte-identical to the plain torch reference (run on CPU copies).
+
+Runs under pytest, or as ``python3 tests/gpu/test_blockfp8_triton.py`` where pytest is missing.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from megatron_fp8pb import blockfp8_triton as bt  # noqa: E402
+from megatron_fp8pb import realign  # noqa: E402
+from megatron_fp8pb.blockfp8 import quantize_blockfp8, quantize_blockfp8_reference  # noqa: E402
+
+try:
+    import pytest
+except ImportError:
+    pytest = None
+
+if pytest is not None and not (torch.cuda.is_available() and bt.available()):
+    pytest.skip("needs CUDA and triton", allow_module_level=True)
+
+
+def _params(name, values):
+    def deco(f):
+        f.cases = (name, values)
+        return f if pytest is None else pytest.mark.parametrize(name, values)(f)
+    return deco
+
+
+SHAPES = [(1, 1), (127, 129), (320, 704), (1003, 384), (4096, 4096), (129, 1), (1, 1000)]
+LEADS = [0, 1, 64, 127]
+
+
+def _gen(case) -> torch.Generator:
+    """A fresh generator per case, seeded from the case itself (reproducible, different for every case)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def _randn(shape, dtype, case, std=0.02) -> torch.Tensor:
+    return (torch.randn(shape, generator=_gen(case)) * std).to(dtype)
+
+
+def _assert_q_equal(q: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert q.dtype == torch.float8_e4m3fn and q.shape == ref.shape, (what, q.dtype, q.shape, ref.shape)
+    a, b = q.cpu().view(torch.uint8), ref.view(torch.uint8)
+    if not torch.equal(a, b):
+        bad = (a != b).nonzero()
+        i, j = bad[0].tolist()
+        raise AssertionError(f"{what}: {len(bad)} fp8 bytes differ, first at {(i, j)}: "
+                             f"triton {a[i, j].item():#04x} reference {b[i, j].item():#04x}")
+
+
+def _assert_f32_equal(s: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    s = s.cpu()
+    assert s.dtype == torch.float32 and s.shape == ref.shape, (what, s.dtype, s.shape, ref.shape)
+    assert torch.equal(s, ref), f"{what}: {(s != ref).sum().item()} float32 values differ"
+
+
+def _check_full(w: torch.Tensor, what: str) -> None:
+    rq, rs = quantize_blockfp8_reference(w.cpu())
+    q, s = bt.quantize(w.cuda())
+    _assert_f32_equal(s, rs, f"{what} scale_inv")
+    _assert_q_equal(q, rq, f"{what} qdata")
+
+
+@_params("shape", SHAPES)
+def test_random_bf16(shape):
+    _check_full(_randn(shape, torch.bfloat16, ("bf16", shape)), f"bf16 {shape}")
+
+
+@_params("shape", SHAPES)
+def test_random_fp32(shape):
+    _check_full(_randn(shape, torch.float32, ("fp32", shape)), f"fp32 {shape}")
+
+
+@_params("shape", [(127, 129), (1003, 384)])
+def test_random_fp16(shape):
+    _check_full(_randn(shape, torch.float16, ("fp16", shape)), f"fp16 {shape}")
+
+
+@_params("dtype", [torch.bfloat16, torch.float32])
+def test_zero_blocks(dtype):
+    w = _randn((300, 400), dtype, ("zero", dtype))
+    w[:128, :128] = 0
+    w[256:, 384:] = 0
+    w[128:256, 128:256] = -0.0
+    _check_full(w, f"zero blocks {dtype}")
+    _check_full(torch.zeros(200, 130, dtype=dtype), f"all zero {dtype}")
+
+
+def _extreme(dtype, case) -> torch.Tensor:
+    g = _gen(case)
+    w = torch.randn(384, 512, generator=g) * 0.02
+    w[0:128, 0:128] = torch.randn(128, 128, generator=g) * 1e-30
+    w[5, 7] = 3.0
+    w[9, 11] = -3.0
+    w[10:20, 0:128] = 3.0 * torch.sign(torch.randn(10, 128, generator=g))
+    w[0:128, 128:256] = torch.empty(128, 128).uniform_(-1e-30, 1e-30, generator=g)
+    w[0, 128] = 100.0
+    grid = torch.tensor([2.0 ** e * (1 + m / 16) for e in range(-10, 9) for m in range(16)])
+    grid = grid[grid <= 448]
+    w[128:256, 0:128] = (grid[torch.randint(len(grid), (128, 128), generator=g)]
+                         * torch.sign(torch.randn(128, 128, generator=g)))
+    w[128, 0] = 448.0
+    w[128:256, 128:256] = torch.randn(128, 128, generator=g) * 1e-6
+    w[200, 200] = 1.0
+    amax = 0.37
+    scale = torch.tensor(amax) / 448.0
+    near = torch.tensor([447.9, 447.99, 448.0, 240.0, 232.0, 0.0009765625, 0.001953125, 0.0029296875, 0.015625])
+    w[256:384, 0:128] = (near[torch.randint(len(near), (128, 128), generator=g)] * scale
+                         * torch.sign(torch.randn(128, 128, generator=g)))
+    w[256, 0] = amax
+    if dtype == torch.float32:
+        w[256:384, 256:384] = torch.randn(128, 128, generator=g) * 1e-39
+        w[300, 300] = 1e-38
+    return w.to(dtype)
+
+
+@_params("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_extreme_values(dtype):
+    w = _extreme(dtype, ("extreme", dtype))
+    _check_full(w, f"extreme {dtype}")
+    _check_full(-w, f"extreme negated {dtype}")
+
+
+def test_non_contiguous():
+    base = _randn((512, 700), torch.bfloat16, "noncontig")
+    _check_full(base[:, 50:450], "column slice (row stride 700)")
+    _check_full(base[:300].t(), "transposed")
+    _check_full(base[::2], "every other row")
+
+
+def test_public_dispatch():
+    w = _randn((257, 300), torch.bfloat16, "dispatch")
+    rq, rs = quantize_blockfp8_reference(w)
+    q, s = quantize_blockfp8(w.cuda())
+    _assert_f32_equal(s, rs, "quantize_blockfp8 scale_inv")
+    _assert_q_equal(q, rq, "quantize_blockfp8 qdata")
+
+
+@_params("lead", LEADS)
+def test_pieces(lead):
+    """Pieces at offset % 128 == lead: block_amax == partial_block_amax, quantize_rows == quantize_piece."""
+    for dtype in (torch.bfloat16, torch.float32):
+        full = _randn((1200, 333), dtype, ("pieces", lead, dtype))
+        scale_inv = realign.scale_inv_from_amax(realign.partial_block_amax(full, 0, 0))
+        for first, n in [(0, 1), (0, 127 - lead or 1), (1, 128), (2, 300), (3, 5), (4, 1200 - 512 - lead)]:
+            offset = first * 128 + lead
+            piece = full[offset:offset + n]
+            what = f"lead {lead} offset {offset} n {n} {dtype}"
+            _assert_f32_equal(bt.block_amax(piece.cuda(), lead), realign.partial_block_amax(piece, 0, offset),
+                              f"{what} block_amax")
+            f, rows = realign.scale_rows_of_piece(scale_inv, 0, offset, n)
+            assert f == first
+            _assert_q_equal(bt.quantize_rows(piece.cuda(), rows.cuda(), lead),
+                            realign.quantize_piece(piece, scale_inv, 0, offset), f"{what} quantize_rows")
+
+
+if __name__ == "__main__":
+    if not (torch.cuda.is_available() and bt.available()):
+        print("skipped: needs CUDA and triton")
+        sys.exit(0)
+    passed = failed = 0
+    for name, fn in list(globals().items()):
+        if not (name.startswith("test_") and callable(fn)):
+            continue
+        arg, values = getattr(fn, "cases", (None, [None]))
+        for v in values:
+            label = f"{name}[{v}]" if arg else name
+            try:
+                fn(v) if arg else fn()
+                passed += 1
+                print("PASS", label)
+            except Exception as e:
+                failed += 1
+                print("FAIL", label, type(e).__name__, e)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
