@@ -31,15 +31,6 @@ def torch_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return realign.quantize_piece(w, s, 0, 0), s
 
 
-def triton_fused_4warps(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel launched with 4 warps per 128x128 block instead of the default."""
-    default, bt._NUM_WARPS = bt._NUM_WARPS, 4
-    try:
-        return bt.quantize(w)
-    finally:
-        bt._NUM_WARPS = default
-
-
 def triton_two_pass(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = realign.scale_inv_from_amax(bt.block_amax(w, 0))
     return bt.quantize_rows(w, s, 0), s
@@ -105,7 +96,7 @@ def main() -> None:
         gpu_name = torch.cuda.get_device_name()
         paths = {"torch reference": torch_reference}
         if bt.available():
-            paths = {"triton fused": bt.quantize, "triton fused, 4 warps": triton_fused_4warps, "triton 2-pass": triton_two_pass, **paths}
+            paths = {"triton fused": bt.quantize, "triton 2-pass": triton_two_pass, **paths}
         gpu_sizes = GPU_SIZES[:2] if args.quick else GPU_SIZES
         rows += bench("cuda", paths, gpu_sizes, torch.bfloat16, 10 if args.quick else 30)
 

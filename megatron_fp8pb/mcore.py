@@ -77,7 +77,7 @@ def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool
         add_bias_linear=False, add_qkv_bias=d.qkv_bias, qk_layernorm=d.qk_norm, bias_activation_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         gradient_accumulation_fusion=False, use_cpu_initialization=not on_gpu, perform_initialization=False,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tensor_model_parallel_size=layout.tp_size, pipeline_model_parallel_size=layout.pp_size,
         sequence_parallel=False, hidden_dropout=0.0, attention_dropout=0.0)
     if d.num_experts:
@@ -103,11 +103,21 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
     cfg = transformer_config(d, dtype, layout, on_gpu)
     spec = get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=grouped_experts,
                                     qk_layernorm=d.qk_norm)
-    model = GPTModel(cfg, spec, vocab_size=padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
-                     max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=d.tie_embeddings,
-                     position_embedding_type="rope", rotary_base=int(d.rope_theta))
-    return model.cuda() if on_gpu else model
+    kw = dict(vocab_size=padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
+              max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),
+              post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=d.tie_embeddings,
+              position_embedding_type="rope", rotary_base=int(d.rope_theta))
+    if on_gpu:
+        return GPTModel(cfg, spec, **kw).cuda()
+    # On CPU, skip the first/last-stage embedding all-reduce (it moves the tied copy to CUDA); the loader fills
+    # the last stage's copy of a tied embedding from the same source slices instead.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    saved = LanguageModule._is_in_embd_group
+    LanguageModule._is_in_embd_group = lambda self: False
+    try:
+        return GPTModel(cfg, spec, **kw)
+    finally:
+        LanguageModule._is_in_embd_group = saved
 
 
 def unwrap(model):

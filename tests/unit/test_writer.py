@@ -1,0 +1,110 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from megatron_fp8pb.blockfp8 import dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8
+from megatron_fp8pb.writer import CheckpointWriter, TensorSpec, parse_size, partial_dir, plan_shards
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(3):
+        for m, shape in (("q_proj", (320, 200)), ("down_proj", (200, 704))):
+            w = torch.randn(shape, generator=g).to(torch.bfloat16)
+            q, s = quantize_blockfp8(w)
+            out[f"model.layers.{i}.{m}.weight"] = (w, q, s)
+    return out
+
+
+def _write(out_dir, max_shard="60KB", overwrite=False, fail_after=None):
+    data = _tensors()
+    specs, stream = [], []
+    for name, (_, q, s) in data.items():
+        scale = name[:-len(".weight")] + ".weight_scale_inv"
+        specs += [TensorSpec(name, q.dtype, tuple(q.shape)), TensorSpec(scale, s.dtype, tuple(s.shape))]
+        stream += [(name, q), (scale, s)]
+    norm = torch.ones(200, dtype=torch.bfloat16)
+    specs.append(TensorSpec("model.norm.weight", torch.bfloat16, (200,)))
+    stream.append(("model.norm.weight", norm))
+    w = CheckpointWriter(out_dir, specs, max_shard, overwrite)
+    try:
+        for k, (name, t) in enumerate(stream):
+            if fail_after is not None and k == fail_after:
+                raise OSError(28, "No space left on device (injected)")
+            w.write(name, t)
+        w.finish({"config.json": json.dumps({"model_type": "test"}).encode()})
+    except BaseException:
+        w.abort()
+        raise
+    return data
+
+
+def test_index_complete_and_shards_respected(tmp_path):
+    out = tmp_path / "ckpt"
+    data = _write(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    total, seen = 0, {}
+    for f in files:
+        with safe_open(str(out / f), "pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+            for k in fh.keys():
+                t = fh.get_tensor(k)
+                seen[k] = f
+                total += t.numel() * t.element_size()
+    assert seen == index["weight_map"] and index["metadata"]["total_size"] == total
+    for name in data:
+        assert index["weight_map"][name] == index["weight_map"][name[:-len(".weight")] + ".weight_scale_inv"]
+    for name, (_, q, s) in data.items():
+        with safe_open(str(out / index["weight_map"][name]), "pt") as fh:
+            assert torch.equal(fh.get_tensor(name).view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(fh.get_tensor(name[:-7] + ".weight_scale_inv"), s)
+
+
+def test_plan_shards_keeps_weight_with_scale():
+    specs = [TensorSpec("a.weight", torch.float8_e4m3fn, (100, 100)),
+             TensorSpec("a.weight_scale_inv", torch.float32, (1, 1)),
+             TensorSpec("b.weight", torch.float8_e4m3fn, (100, 100)),
+             TensorSpec("b.weight_scale_inv", torch.float32, (1, 1))]
+    shards = plan_shards(specs, 10_002)
+    assert [[s.name for s in sh] for sh in shards] == [["a.weight", "a.weight_scale_inv"],
+                                                       ["b.weight", "b.weight_scale_inv"]]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size("five")
+
+
+def test_refuses_non_empty_output_and_overwrites_when_asked(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+        _write(out)
+    _write(out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_failure_mid_write_leaves_nothing_that_looks_complete(tmp_path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(OSError, match="No space"):
+        _write(out, fail_after=5)
+    assert not out.exists() and not partial_dir(out).exists()
+    _write(out)     # a re-run needs no cleanup
+    assert (out / "model.safetensors.index.json").exists()
+
+
+def test_round_trip_through_dcp_quantized_reader(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
+    out = tmp_path / "ckpt"
+    data = _write(out)
+    state = {name: torch.empty(w.shape, dtype=torch.float32) for name, (w, _, _) in data.items()}
+    dcp.load(state, storage_reader=QuantizedHuggingFaceStorageReader(str(out)), no_dist=True)
+    for name, (w, q, s) in data.items():
+        assert torch.equal(state[name], dequantize_blockfp8(q, s, dtype=torch.float32))
+        assert ((state[name] - w.float()).abs() <= e4m3_error_bound(s, tuple(w.shape)) * (1 + 1e-5)).all()
