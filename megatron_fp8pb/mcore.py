@@ -1,6 +1,7 @@
 """The one importer of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -144,10 +145,27 @@ def num_local_experts(d: Dims, layout: Layout) -> int:
     return d.num_experts // layout.ep_size if d.num_experts else 0
 
 
+@contextlib.contextmanager
+def _cpu_safe_cuda_sync():
+    """dist_checkpointing calls torch.cuda.synchronize() and puts a status flag on torch.cuda.current_device()
+    unconditionally; on a CPU-only run there is nothing to wait for and the flag lives on the CPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
 def save_dist_checkpoint(model, path: str) -> None:
     from megatron.core import dist_checkpointing
     os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), path)
+    with _cpu_safe_cuda_sync():
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), path)
 
 
 def load_dist_checkpoint(model, path: str) -> None:
@@ -156,7 +174,8 @@ def load_dist_checkpoint(model, path: str) -> None:
     m = unwrap(model)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
-    state = dist_checkpointing.load(m.sharded_state_dict(), path)
+    with _cpu_safe_cuda_sync():
+        state = dist_checkpointing.load(m.sharded_state_dict(), path)
     missing, unexpected = m.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:

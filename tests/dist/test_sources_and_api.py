@@ -1,0 +1,35 @@
+"""The other two ways in: a Megatron distributed checkpoint saved at one layout and exported at another, and the
+in-process API called from inside a Megatron job."""
+import json
+
+import transformers as tf
+
+from helpers import mismatches, torchrun, write_hf_source
+
+RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=80, max_position_embeddings=256)
+
+
+def test_megatron_checkpoint_resharded(tmp_path):
+    src = tmp_path / "src"
+    state = write_hf_source(src, tf.LlamaConfig(**RAGGED))
+    ckpt = tmp_path / "mcore"
+    r = torchrun(2, ["save", str(src), str(ckpt), "2", "1"], script="tests/dist/worker.py")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    r = torchrun(2, ["source.kind=megatron", f"source.path={ckpt}", f"source.hf_config={src}/config.json",
+                     "parallel.pp=2", f"output.dir={out}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert mismatches(out, state) == []
+    assert json.loads((out / "generation_config.json").read_text()) == {"max_new_tokens": 7}
+
+
+def test_in_process_api_matches_reference(tmp_path):
+    src = tmp_path / "src"
+    state = write_hf_source(src, tf.Qwen3Config(tie_word_embeddings=True, **RAGGED))
+    out = tmp_path / "out"
+    r = torchrun(2, ["api", str(src), str(out), "2", "1"], script="tests/dist/worker.py")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "API_EXPORT_OK" in r.stdout
+    assert mismatches(out, state) == []
+    assert len([f for f in out.iterdir() if f.suffix == ".safetensors"]) > 1

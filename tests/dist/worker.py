@@ -1,0 +1,33 @@
+"""torchrun worker for tests: build a Megatron model from an HF checkpoint, then either save it as a Megatron
+distributed checkpoint (``save``) or export it with the in-process API (``api``)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from megatron_fp8pb import collectives as coll, export, mcore  # noqa: E402
+from megatron_fp8pb.config import load_config  # noqa: E402
+from megatron_fp8pb.sources import build_source  # noqa: E402
+
+
+def main(mode: str, src: str, dst: str, tp: int, pp: int) -> None:
+    mcore.init_distributed("gloo", 120)
+    mcore.initialize_parallel(tp, pp)
+    layout, _ = mcore.layout_and_groups()
+    cfg = load_config(None, ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}"])
+    source = build_source(cfg, layout, on_gpu=False)
+    if mode == "save":
+        mcore.save_dist_checkpoint(source.model, dst)
+    else:
+        result = export(source.model, source.hf_config, dst, max_shard_size="200KB")
+        if coll.rank() == 0:
+            print(f"API_EXPORT_OK tensors={result.num_tensors} bytes={result.bytes_written}")
+    coll.barrier()
+    mcore.destroy_parallel()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
