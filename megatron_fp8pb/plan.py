@@ -173,7 +173,10 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         length = max(0, min(n, shape[dim] - offset))   # 0: a vocab shard made only of padding
         name = _fill(hf, layer, expert)
         is_linear = rule.linear or (rule.fusion == "duplicate" and h == 1)
-        q = is_linear and len(shape) == 2 and quant.quantizes(hf_module(name))
+        # q/k/v and gate/up are fused by servers: excluding one member keeps the whole group unquantized
+        group = [hf_module(_fill(x, layer, expert)) for x in rule.hf] if rule.fusion in (QKV, GATED) else \
+            [hf_module(name)]
+        q = is_linear and len(shape) == 2 and all(quant.quantizes(m) for m in group)
         axis = ("etp" if is_expert else "tp") if q else None
         plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
                                  (unit, k, -1 if expert is None else expert, h)))
