@@ -14,9 +14,10 @@ import yaml
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "tiny"              # tiny | hf | megatron
+    kind: str = "tiny"              # tiny | hf | megatron | random
     path: str | None = None         # HF checkpoint dir (hf) or Megatron dist checkpoint dir (megatron)
-    arch: str = "qwen3"             # tiny: llama | mistral | qwen2 | qwen3 | qwen3_moe | mixtral
+    arch: str = "qwen3"             # tiny: llama | mistral | qwen2 | qwen3 | qwen3_moe | mixtral; random: a preset
+    num_layers: int = 0             # tiny / random: keep this many layers (0: the model's own count)
     hf_config: str | None = None    # megatron: an HF config.json (or its directory) describing the architecture
     seed: int = 0                   # tiny: weights seed
     tie_embeddings: bool = False    # tiny: tie embeddings and lm_head
@@ -60,7 +61,7 @@ class ExportConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"source.kind": ("tiny", "hf", "megatron"), "parallel.backend": ("auto", "gloo", "nccl"),
+_CHOICES = {"source.kind": ("tiny", "hf", "megatron", "random"), "parallel.backend": ("auto", "gloo", "nccl"),
             "parallel.device": ("auto", "cpu", "cuda")}
 
 

@@ -17,7 +17,7 @@ from . import collectives as coll
 from . import realign
 from .archs import Dims, rules_for
 from .archs.base import hf_module
-from .blockfp8 import BLOCK, check_finite
+from .blockfp8 import BLOCK, check_finite, quantize_blockfp8
 from .hf_output import config_json, quantization_config
 from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
@@ -95,6 +95,10 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
     payload: dict[int, tuple] = {}
     for axis in ("tp", "etp"):
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
+        if todo and coll.group_size(getattr(groups, axis)) == 1:
+            for k, p, t in todo:   # whole tensors on one rank: the fused single-pass quantizer
+                payload[k] = quantize_blockfp8(t, BLOCK, p.hf_name)
+            continue
         grids = []
         for _, p, t in todo:
             grid = torch.zeros(_grid_shape(p), dtype=torch.float32, device=t.device)

@@ -27,9 +27,15 @@ class Source:
 def source_config(cfg: ExportConfig):
     """The HF config of the configured source (read before any weight)."""
     s = cfg.source
-    if s.kind == "tiny":
+    if s.kind in ("tiny", "random"):
+        from .presets import PRESETS, preset_hf_config
         from .tiny import tiny_hf_config
-        return tiny_hf_config(s.arch, s.tie_embeddings)
+        if s.arch in PRESETS:
+            return preset_hf_config(s.arch, s.num_layers)
+        cfg = tiny_hf_config(s.arch, s.tie_embeddings)
+        if s.num_layers:
+            cfg.num_hidden_layers = s.num_layers
+        return cfg
     if s.kind == "hf":
         if not s.path:
             raise ValueError("source.kind=hf needs source.path=<HF checkpoint directory>")
@@ -55,6 +61,21 @@ def load_hf_weights(model, reader, d: Dims, layout: Layout) -> None:
             p.copy_(local.to(p.dtype))
 
 
+def fill_random(model, seed: int) -> None:
+    """Seeded N(0, 0.02) weights (norms near 1) generated where each parameter lives; the same layout and seed
+    give the same model. Used for benchmarks at real shapes without a checkpoint."""
+    import zlib
+    from megatron.core import parallel_state as ps
+    where = f"{ps.get_tensor_model_parallel_rank()}/{ps.get_pipeline_model_parallel_rank()}/" \
+            f"{ps.get_expert_model_parallel_rank()}"
+    with torch.no_grad():
+        for name, p in mcore.local_params(model):
+            gen = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(f"{where}/{name}".encode()))
+            p.normal_(0.0, 0.02, generator=gen)
+            if "norm" in name:
+                p.add_(1.0)
+
+
 def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
     s = cfg.source
     hfc = source_config(cfg)
@@ -63,6 +84,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
         from .tiny import random_hf_state
         reader, extra = DictReader(random_hf_state(hfc, s.seed)), {}
         dtype = torch.bfloat16
+    elif s.kind == "random":
+        reader, extra, dtype = None, {}, torch.bfloat16
     elif s.kind == "hf":
         reader, extra = HFReader(s.path), source_side_files(s.path)
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
@@ -73,6 +96,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
     model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu)
     if reader is not None:
         load_hf_weights(model, reader, d, layout)
+    elif s.kind == "random":
+        fill_random(model, s.seed)
     else:
         mcore.load_dist_checkpoint(model, s.path)
     return Source(model, hfc, d, dtype, reader, extra)

@@ -39,7 +39,7 @@ def test_export_byte_identical(tmp_path, name, make, tp, pp):
     state = write_hf_source(src, make())
     out = tmp_path / "out"
     r = torchrun(tp * pp, ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                           f"output.dir={out}", "output.max_shard_size=1MB", "output.verify=false"])
+                           f"output.dir={out}", "output.max_shard_size=1MB"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert mismatches(out, state) == []
     cfg = json.loads((out / "config.json").read_text())
