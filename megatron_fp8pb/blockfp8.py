@@ -46,13 +46,20 @@ def quantize_blockfp8(w: torch.Tensor, block_size: int = BLOCK,
     amax in float32 per 128x128 block, scale = amax/448 (1.0 for an all-zero block), q = clamp(w/scale, +-448) cast
     with round-to-nearest-even. NaN/Inf -> ValueError naming ``name`` and the first bad index.
     """
+    _check_2d(w, name)
+    check_finite(w, name)
+    return quantize_checked(w, block_size)
+
+
+def quantize_checked(w: torch.Tensor, block_size: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_blockfp8 for a 2-D weight already known to be finite: the Triton kernel on CUDA, else the
+    reference math."""
     if w.is_cuda:
         from . import blockfp8_triton
         if blockfp8_triton.available():
-            _check_2d(w, name)
-            check_finite(w, name)
             return blockfp8_triton.quantize(w, block_size)
-    return quantize_blockfp8_reference(w, block_size, name)
+    scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size))
+    return quantize_piece(w, scale_inv, 0, 0, block_size), scale_inv
 
 
 def dequantize_blockfp8(qdata: torch.Tensor, scale_inv: torch.Tensor, block_size: int = BLOCK,

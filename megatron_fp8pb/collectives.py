@@ -66,6 +66,7 @@ def send_tensor(t: torch.Tensor, dst: int, traffic: Traffic, device: torch.devic
 
 def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, traffic: Traffic,
                 device: torch.device) -> torch.Tensor:
+    """Receive a tensor sent with send_tensor; it stays on ``device``."""
     n = 1
     for s in shape:
         n *= s
@@ -73,7 +74,7 @@ def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, traffic: T
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dist.recv(buf, src=src)
     traffic.p2p_received += nbytes
-    return buf.cpu().view(dtype).reshape(shape)
+    return buf.view(dtype).reshape(shape)
 
 
 def gather_objects(obj, dst: int = 0) -> list | None:

@@ -17,12 +17,13 @@ from . import collectives as coll
 from . import realign
 from .archs import Dims, rules_for
 from .archs.base import hf_module
-from .blockfp8 import BLOCK, check_finite, quantize_blockfp8
+from .blockfp8 import BLOCK, check_finite, quantize_checked
 from .hf_output import config_json, quantization_config
 from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
 from .shards import pieces_of
-from .writer import CheckpointWriter, TensorSpec
+from .staging import SlabPool
+from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
 
 SCALE = ".weight_scale_inv"
 
@@ -97,7 +98,7 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
         if todo and coll.group_size(getattr(groups, axis)) == 1:
             for k, p, t in todo:   # whole tensors on one rank: the fused single-pass quantizer
-                payload[k] = quantize_blockfp8(t, BLOCK, p.hf_name)
+                payload[k] = quantize_checked(t, BLOCK)
             continue
         grids = []
         for _, p, t in todo:
@@ -130,27 +131,36 @@ def write_specs(by_name: dict[str, list[Piece]], out_dtype: torch.dtype) -> list
 
 
 class _Assembler:
-    """Rank 0: builds each full HF tensor from its pieces (local or received) and writes it."""
+    """Rank 0: builds each full HF tensor in a staging slab from its pieces (local or received) and hands it to the
+    background writer; straddling scale rows from different ranks must agree."""
 
-    def __init__(self, writer: CheckpointWriter, traffic: coll.Traffic, device: torch.device, out_dtype):
-        self.writer, self.traffic, self.device, self.out_dtype = writer, traffic, device, out_dtype
+    def __init__(self, writer, traffic: coll.Traffic, device: torch.device, out_dtype, pool: SlabPool):
+        self.writer, self.traffic, self.device, self.out_dtype, self.pool = writer, traffic, device, out_dtype, pool
 
     def tensor(self, ps: list[Piece], local: dict[tuple, tuple]) -> None:
         p0 = ps[0]
         name = p0.hf_name
         dtype = torch.float8_e4m3fn if p0.quantize else self.out_dtype
-        full = torch.empty(p0.full_shape, dtype=dtype)
+        full, slab = self.pool.take(p0.full_shape, dtype, check=getattr(self.writer, "check", None))
         scale = torch.full(_grid_shape(p0), float("nan")) if p0.quantize else None
-        for p in ps:
-            got = local.get((p.hf_name, p.offset)) if p.src == 0 else self._recv(p, dtype)
-            full.narrow(p.dim, p.offset, p.length).copy_(got[0])
-            if p.quantize:
-                self._place_scale(scale, p, got[1])
+        on_cuda = False
+        try:
+            for p in ps:
+                got = local.get((p.hf_name, p.offset)) if p.src == 0 else self._recv(p, dtype)
+                on_cuda |= got[0].is_cuda
+                full.narrow(p.dim, p.offset, p.length).copy_(got[0], non_blocking=got[0].is_cuda)
+                if p.quantize:
+                    self._place_scale(scale, p, got[1])
+        except BaseException:
+            self.pool.give_back(slab)
+            raise
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.writer.submit(name, full, event, lambda: self.pool.give_back(slab))
         if p0.quantize:
-            self.writer.write(name, full)
-            self.writer.write(name[:-len(".weight")] + SCALE, scale)
-        else:
-            self.writer.write(name, full)
+            self.writer.submit(name[:-len(".weight")] + SCALE, scale)
 
     def _recv(self, p: Piece, dtype) -> tuple:
         shape = list(p.full_shape)
@@ -204,7 +214,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
             by_name = check_coverage([p for ps in all_pieces for p in ps], expected_tensors(rules_for(d), d, untie))
             specs = write_specs(by_name, out_dtype)
             if out_dir is not None:
-                writer = CheckpointWriter(out_dir, specs, max_shard_size, overwrite)
+                writer = BackgroundWriter(CheckpointWriter(out_dir, specs, max_shard_size, overwrite))
         except (ValueError, OSError) as e:
             error = str(e)
     _agree(error)
@@ -248,7 +258,11 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> Non
                 for t in payload if p.length else ():
                     coll.send_tensor(t, 0, traffic, groups.device)
         return
-    asm = _Assembler(writer, traffic, groups.device, out_dtype) if writer is not None else None
+    asm = None
+    if writer is not None:
+        largest = max(s.nbytes for s in writer.writer.specs.values())
+        cuda = groups.device.type == "cuda" or any(t.is_cuda for _, t in mine)
+        asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(largest, 3, pinned=cuda))
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
         by_unit.setdefault(ps[0].order[0], []).append(ps)

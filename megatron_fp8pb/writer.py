@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,10 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (any device; copied to host) at its planned place."""
+        self._check(name, tensor)
+        self._pwrite(name, memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+
+    def _check(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
         if spec is None:
             raise KeyError(f"tensor {name!r} is not in the write plan")
@@ -152,8 +158,10 @@ class CheckpointWriter:
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} "
                              f"{spec.shape}")
+
+    def _pwrite(self, name: str, data: memoryview) -> None:
+        spec = self.specs[name]
         k, off = self.where[name]
-        data = memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
         fd = self._fds.get(k)
         if fd is None:
             fd = self._fds[k] = os.open(self.files[k], os.O_WRONLY)
@@ -208,3 +216,66 @@ class CheckpointWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class BackgroundWriter:
+    """Runs a CheckpointWriter's disk writes on one thread, so assembling the next tensor overlaps writing this one.
+
+    ``submit`` hands over a host tensor (and a callback run once its bytes are written, e.g. returning a staging
+    slab); an optional CUDA event is waited on first, so device-to-host copies may still be in flight. A failure on
+    the thread is raised on the next call.
+    """
+
+    def __init__(self, writer: CheckpointWriter):
+        self.writer = writer
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fp8pb-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def bytes_written(self) -> int:
+        return self.writer.bytes_written
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            name, tensor, event, done = item
+            try:
+                if self._error is None:
+                    if event is not None:
+                        event.synchronize()
+                    self.writer._pwrite(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            except BaseException as e:  # surfaced to the caller on its next call
+                self._error = e
+            finally:
+                if done is not None:
+                    done()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, name: str, tensor: torch.Tensor, event=None, done=None) -> None:
+        self.check()
+        self.writer._check(name, tensor)
+        self._q.put((name, tensor, event, done))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.submit(name, tensor.detach().contiguous().cpu())
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def finish(self, extra_files: dict) -> Path:
+        self._drain()
+        self.check()
+        return self.writer.finish(extra_files)
+
+    def abort(self) -> None:
+        self._drain()
+        self.writer.abort()

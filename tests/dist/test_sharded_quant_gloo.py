@@ -11,6 +11,7 @@ from megatron_fp8pb import collectives as coll
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
 from megatron_fp8pb.pipeline import _Assembler, quantize_unit
 from megatron_fp8pb.plan import Piece
+from megatron_fp8pb.staging import SlabPool
 
 
 class _Groups:
@@ -24,8 +25,10 @@ class _Sink:
     def __init__(self):
         self.got = {}
 
-    def write(self, name, t):
+    def submit(self, name, t, event=None, done=None):
         self.got[name] = t.clone()
+        if done is not None:
+            done()
 
 
 def _worker(rank, world, port, lengths, dim, result_path):
@@ -45,7 +48,7 @@ def _worker(rank, world, port, lengths, dim, result_path):
             coll.send_tensor(t, 0, traffic, torch.device("cpu"))
     else:
         sink = _Sink()
-        asm = _Assembler(sink, traffic, torch.device("cpu"), torch.bfloat16)
+        asm = _Assembler(sink, traffic, torch.device("cpu"), torch.bfloat16, SlabPool(w.numel(), 1))
         asm.tensor(pieces, {("x.weight", 0): payload})
         q, s = quantize_blockfp8_reference(w)
         ok = torch.equal(sink.got["x.weight"].view(torch.uint8), q.view(torch.uint8)) and torch.equal(
