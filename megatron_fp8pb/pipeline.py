@@ -118,6 +118,22 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
     return [payload[k] for k in range(len(items))]
 
 
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _cuda_event():
+    """An event after the device-to-host copies queued so far (None without CUDA): the writer thread waits on it."""
+    if not torch.cuda.is_available():
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def write_specs(by_name: dict[str, list[Piece]], out_dtype: torch.dtype) -> list[TensorSpec]:
     specs = []
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
@@ -141,26 +157,36 @@ class _Assembler:
         p0 = ps[0]
         name = p0.hf_name
         dtype = torch.float8_e4m3fn if p0.quantize else self.out_dtype
-        full, slab = self.pool.take(p0.full_shape, dtype, check=getattr(self.writer, "check", None))
         scale = torch.full(_grid_shape(p0), float("nan")) if p0.quantize else None
-        on_cuda = False
+        whole = _nbytes(p0.full_shape, dtype) <= self.pool.slab_bytes
+        if whole:
+            full, slab = self.pool.take(p0.full_shape, dtype, check=self.writer.check)
         try:
             for p in ps:
                 got = local.get((p.hf_name, p.offset)) if p.src == 0 else self._recv(p, dtype)
-                on_cuda |= got[0].is_cuda
-                full.narrow(p.dim, p.offset, p.length).copy_(got[0], non_blocking=got[0].is_cuda)
+                if whole:
+                    full.narrow(p.dim, p.offset, p.length).copy_(got[0], non_blocking=got[0].is_cuda)
+                else:   # larger than a slab (dim-0 pieces only): streamed in row chunks
+                    self._stream_rows(name, got[0], p.offset, dtype)
                 if p.quantize:
                     self._place_scale(scale, p, got[1])
         except BaseException:
-            self.pool.give_back(slab)
+            if whole:
+                self.pool.give_back(slab)
             raise
-        event = None
-        if on_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self.writer.submit(name, full, event, lambda: self.pool.give_back(slab))
+        if whole:
+            self.writer.submit(name, full, _cuda_event(), lambda: self.pool.give_back(slab))
         if p0.quantize:
             self.writer.submit(name[:-len(".weight")] + SCALE, scale)
+
+    def _stream_rows(self, name: str, piece: torch.Tensor, row0: int, dtype) -> None:
+        row_bytes = max(_nbytes(piece.shape[1:], dtype), 1)
+        step = max(self.pool.slab_bytes // row_bytes, 1)
+        for r in range(0, piece.shape[0], step):
+            rows = piece[r:r + step]
+            buf, slab = self.pool.take(tuple(rows.shape), dtype, check=self.writer.check)
+            buf.copy_(rows, non_blocking=rows.is_cuda)
+            self.writer.submit(name, buf, _cuda_event(), lambda s=slab: self.pool.give_back(s), row0=row0 + r)
 
     def _recv(self, p: Piece, dtype) -> tuple:
         shape = list(p.full_shape)
@@ -249,6 +275,20 @@ def _is_linear(hf_name: str, d: Dims) -> bool:
     return hf_name == "lm_head.weight"
 
 
+SLAB_MIN = 64 << 20
+
+
+def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
+    """Slabs hold whole tensors, except tensors made only of row (dim-0) pieces, which can be streamed in chunks:
+    so the largest tensor with a column-sharded piece, and at least 64 MiB."""
+    need = SLAB_MIN
+    for ps in by_name.values():
+        if any(p.dim != 0 for p in ps):
+            dtype = torch.float8_e4m3fn if ps[0].quantize else out_dtype
+            need = max(need, _nbytes(ps[0].full_shape, dtype))
+    return need
+
+
 def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> None:
     me = coll.rank()
     units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
@@ -260,9 +300,8 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> Non
         return
     asm = None
     if writer is not None:
-        largest = max(s.nbytes for s in writer.writer.specs.values())
         cuda = groups.device.type == "cuda" or any(t.is_cuda for _, t in mine)
-        asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(largest, 3, pinned=cuda))
+        asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda))
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
         by_unit.setdefault(ps[0].order[0], []).append(ps)

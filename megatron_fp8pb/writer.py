@@ -142,6 +142,7 @@ class CheckpointWriter:
             for s in shard:
                 self.where[s.name] = (k, offsets[s.name])
         self.written: set[str] = set()
+        self._partial: dict[str, int] = {}
         self.bytes_written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -149,25 +150,38 @@ class CheckpointWriter:
         self._check(name, tensor)
         self._pwrite(name, memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
-    def _check(self, name: str, tensor: torch.Tensor) -> None:
+    def _check(self, name: str, tensor: torch.Tensor, row0: int | None = None) -> None:
+        """A whole tensor (``row0`` None) or rows ``[row0, row0 + len)`` of it, matching the plan."""
         spec = self.specs.get(name)
         if spec is None:
             raise KeyError(f"tensor {name!r} is not in the write plan")
         if name in self.written:
             raise ValueError(f"tensor {name!r} written twice")
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} "
-                             f"{spec.shape}")
+        want = spec.shape if row0 is None else (tensor.shape[0],) + spec.shape[1:]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(want) or (
+                row0 is not None and row0 + tensor.shape[0] > spec.shape[0]):
+            raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)} at row {row0 or 0}, planned "
+                             f"{spec.dtype} {spec.shape}")
 
-    def _pwrite(self, name: str, data: memoryview) -> None:
+    def _pwrite(self, name: str, data: memoryview, row0: int = 0) -> None:
+        """Write a tensor's bytes, or the bytes of its rows from ``row0`` on; it counts as written once all of its
+        bytes are."""
         spec = self.specs[name]
         k, off = self.where[name]
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+        off += row0 * row_bytes
         fd = self._fds.get(k)
         if fd is None:
             fd = self._fds[k] = os.open(self.files[k], os.O_WRONLY)
+        got = len(data)
         while len(data):
             n = os.pwrite(fd, data, off)
             data, off = data[n:], off + n
+        done = self._partial.get(name, 0) + got
+        if done < spec.nbytes:
+            self._partial[name] = done
+            return
+        self._partial.pop(name, None)
         self.written.add(name)
         self.bytes_written += spec.nbytes
         self.remaining[k] -= 1
@@ -242,12 +256,12 @@ class BackgroundWriter:
             item = self._q.get()
             if item is None:
                 return
-            name, tensor, event, done = item
+            name, tensor, event, done, row0 = item
             try:
                 if self._error is None:
                     if event is not None:
                         event.synchronize()
-                    self.writer._pwrite(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                    self.writer._pwrite(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), row0 or 0)
             except BaseException as e:  # surfaced to the caller on its next call
                 self._error = e
             finally:
@@ -258,10 +272,11 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def submit(self, name: str, tensor: torch.Tensor, event=None, done=None) -> None:
+    def submit(self, name: str, tensor: torch.Tensor, event=None, done=None, row0: int | None = None) -> None:
+        """Queue a host tensor (or rows from ``row0`` of a planned tensor) for writing."""
         self.check()
-        self.writer._check(name, tensor)
-        self._q.put((name, tensor, event, done))
+        self.writer._check(name, tensor, row0)
+        self._q.put((name, tensor, event, done, row0))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.submit(name, tensor.detach().contiguous().cpu())

@@ -108,3 +108,17 @@ def test_round_trip_through_dcp_quantized_reader(tmp_path):
     for name, (w, q, s) in data.items():
         assert torch.equal(state[name], dequantize_blockfp8(q, s, dtype=torch.float32))
         assert ((state[name] - w.float()).abs() <= e4m3_error_bound(s, tuple(w.shape)) * (1 + 1e-5)).all()
+
+
+def test_background_writer_row_chunks(tmp_path):
+    from megatron_fp8pb.writer import BackgroundWriter
+    w = torch.randn(300, 70).to(torch.bfloat16)
+    out = tmp_path / "ckpt"
+    bw = BackgroundWriter(CheckpointWriter(out, [TensorSpec("a.weight", torch.bfloat16, (300, 70))], "1GB"))
+    for r in (200, 0, 100):   # any order
+        bw.submit("a.weight", w[r:r + 100].clone(), row0=r)
+    with pytest.raises(ValueError, match="a.weight"):
+        bw.submit("a.weight", w[:10, :5].clone(), row0=0)
+    bw.finish({})
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as fh:
+        assert torch.equal(fh.get_tensor("a.weight"), w)
