@@ -19,6 +19,7 @@ from .archs import Dims, rules_for
 from .archs.base import hf_module
 from .blockfp8 import BLOCK, check_finite, quantize_checked
 from .hf_output import config_json, quantization_config
+from .faults import stage
 from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
 from .shards import pieces_of
@@ -225,7 +226,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
              "tie_word_embeddings=false")
     plans, error = [], None
     try:
-        plans = make_plans(params, d, layout, quant, layer_of_local or {}, num_local_experts, untie)
+        with stage("plan"):
+            plans = make_plans(params, d, layout, quant, layer_of_local or {}, num_local_experts, untie)
     except (ValueError, TypeError) as e:
         error = str(e)
     _agree(error)
@@ -245,10 +247,10 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
             error = str(e)
     _agree(error)
     try:
-        _transfer(mine, by_name, groups, traffic, writer, out_dtype, d)
+        with stage("transfer"):
+            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d)
         if me == 0:
-            linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].full_shape and len(
-                ps[0].full_shape) == 2 and _is_linear(n, d)})
+            linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].linear})
             result.quantized = sorted(hf_module(n) for n, ps in by_name.items() if ps[0].quantize)
             result.not_converted = [m for m in linear_modules if m not in set(result.quantized)]
             if result.tie_word_embeddings and "lm_head" not in result.not_converted:
@@ -258,7 +260,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype,
                                                     quantization_config(result.not_converted, bool(result.quantized)))}
                 files.update(extra_files or {})
-                writer.finish(files)
+                with stage("write"):
+                    writer.finish(files)
                 result.bytes_written = writer.bytes_written
     except BaseException:
         if writer is not None:
@@ -266,13 +269,6 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         raise
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _is_linear(hf_name: str, d: Dims) -> bool:
-    for r in rules_for(d):
-        if r.linear and any(hf_name.endswith(h.rsplit("}", 1)[-1]) for h in r.hf):
-            return True
-    return hf_name == "lm_head.weight"
 
 
 SLAB_MIN = 64 << 20

@@ -63,6 +63,7 @@ class Piece:
     axis: str | None        # "tp" / "etp": the group whose ranks share its 128-blocks; None: not quantized
     order: tuple            # global write order, the same for every layout
     src: int = 0            # global rank holding it (set on rank 0)
+    linear: bool = False    # a linear layer's weight (listed in modules_to_not_convert when not quantized)
 
 
 @dataclass
@@ -179,7 +180,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         q = is_linear and len(shape) == 2 and all(quant.quantizes(m) for m in group)
         axis = ("etp" if is_expert else "tp") if q else None
         plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
-                                 (unit, k, -1 if expert is None else expert, h)))
+                                 (unit, k, -1 if expert is None else expert, h), linear=is_linear and len(shape) == 2))
     if exporting and not (rule.shard == REPLICATED and rank != 0):
         plan.pieces = list(plan.slices)
     return plan

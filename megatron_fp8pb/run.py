@@ -34,7 +34,17 @@ def preflight(cfg: ExportConfig, world: int):
     return hfc, d
 
 
+def _exit_on_sigterm() -> None:
+    """torchrun stops the surviving ranks with SIGTERM when one fails: unwind, so a partial output is removed."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(config_path: str | None, overrides: list[str]) -> int:
+    _exit_on_sigterm()
     cfg = load_config(config_path, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     preflight(cfg, world)

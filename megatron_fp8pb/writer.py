@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .faults import ExportError, inject
+
 SCALE_SUFFIX = "_scale_inv"
 _DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
            torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
@@ -261,6 +263,7 @@ class BackgroundWriter:
                 if self._error is None:
                     if event is not None:
                         event.synchronize()
+                    inject("write")
                     self.writer._pwrite(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), row0 or 0)
             except BaseException as e:  # surfaced to the caller on its next call
                 self._error = e
@@ -270,7 +273,8 @@ class BackgroundWriter:
 
     def check(self) -> None:
         if self._error is not None:
-            raise self._error
+            e = self._error
+            raise ExportError(f"rank 0, stage write: {type(e).__name__}: {e}") from e
 
     def submit(self, name: str, tensor: torch.Tensor, event=None, done=None, row0: int | None = None) -> None:
         """Queue a host tensor (or rows from ``row0`` of a planned tensor) for writing."""

@@ -1,0 +1,55 @@
+"""Named export stages, and fault injection at them for the reliability tests.
+
+``FP8PB_INJECT_FAULT="<rank>:<stage>:<kind>"`` makes global rank ``<rank>`` fail on entering ``<stage>``
+(plan, transfer, write) with ``<kind>``: ``raise`` (an exception), ``kill`` (SIGKILL itself), ``hang`` (sleep
+forever, so its peers hit the collective timeout) or ``enospc`` (an OSError "no space left" from the disk write).
+Unset, it does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+
+from . import collectives as coll
+
+ENV = "FP8PB_INJECT_FAULT"
+
+
+class ExportError(RuntimeError):
+    """An export failure that names the rank and the stage."""
+
+
+def inject(stage: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    rank, where, kind = spec.split(":")
+    if int(rank) != coll.rank() or where != stage:
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    raise RuntimeError(f"injected failure at stage {stage!r}")
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Run a stage; any failure is re-raised as ExportError naming this rank and the stage."""
+    try:
+        inject(name)
+        yield
+    except ExportError:
+        raise
+    except (ValueError, TypeError, FileExistsError, PermissionError) as e:
+        raise type(e)(f"rank {coll.rank()}, stage {name}: {e}") from e
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ExportError(f"rank {coll.rank()}, stage {name}: {type(e).__name__}: {e}") from e
