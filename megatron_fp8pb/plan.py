@@ -226,6 +226,16 @@ def expected_tensors(rules: list[Rule], d: Dims, untie_lm_head: bool = False) ->
     return out
 
 
+def linear_weights(rules: list[Rule], d: Dims, untie_lm_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """The HF weights of linear layers (the FP8 candidates), with full shapes."""
+    linear = {_fill(h, i, e) for r in rules if r.linear for h in r.hf
+              for i in (range(d.num_layers) if r.scope != GLOBAL else [None])
+              for e in (range(d.num_experts) if r.scope == EXPERT else [None])}
+    if untie_lm_head:
+        linear.add("lm_head.weight")
+    return {n: s for n, s in expected_tensors(rules, d, untie_lm_head).items() if n in linear and len(s) == 2}
+
+
 def check_coverage(pieces: list[Piece], expected: dict[str, tuple[int, ...]]) -> dict[str, list[Piece]]:
     """All ranks' pieces -> pieces per HF name sorted by offset; raises unless each tensor is covered exactly once."""
     by_name: dict[str, list[Piece]] = {}

@@ -34,6 +34,23 @@ def preflight(cfg: ExportConfig, world: int):
     return hfc, d
 
 
+def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, ...]:
+    """Modules a server at ``serve_tp`` would refuse in FP8 (with their fusion groups): kept unquantized."""
+    from .archs import rules_for
+    from .archs.base import hf_module
+    from .plan import linear_weights
+    from .serve_check import layers_to_keep_unquantized
+    if not serve_tp or not quant.enabled:
+        return ()
+    mods = {hf_module(n): s for n, s in linear_weights(rules_for(d), d, quant.lm_head and d.tie_embeddings).items()
+            if quant.quantizes(hf_module(n))}
+    keep = layers_to_keep_unquantized(mods, serve_tp, num_kv_heads=d.num_query_groups)
+    if keep:
+        log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that vLLM/SGLang accept the "
+             f"checkpoint at tp={serve_tp}, e.g. {keep[:4]}")
+    return tuple(keep)
+
+
 def _exit_on_sigterm() -> None:
     """torchrun stops the surviving ranks with SIGTERM when one fails: unwind, so a partial output is removed."""
     import signal
@@ -59,9 +76,11 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
+    quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head)
+    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head)
     result = run_export(
         mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
-        quant=QuantChoice(q.enabled, tuple(q.exclude), q.lm_head), max_shard_size=cfg.output.max_shard_size,
+        quant=quant, max_shard_size=cfg.output.max_shard_size,
         overwrite=cfg.output.overwrite, out_dtype=src.dtype, layer_of_local=mcore.layer_numbers(src.model),
         num_local_experts=mcore.num_local_experts(src.dims, layout), extra_files=src.extra_files)
     ok = True
@@ -73,7 +92,8 @@ def run(config_path: str | None, overrides: list[str]) -> int:
              f"not converted: {result.not_converted}")
         if cfg.output.verify:
             from .verify import verify_checkpoint
-            report = verify_checkpoint(result.out_dir, source=src.truth)
+            report = verify_checkpoint(result.out_dir, source=src.truth,
+                                       serve_tp=(q.serve_tp,) if q.serve_tp else ())
             log0("verification:\n" + report.table())
             ok = report.ok
     ok = coll.broadcast_object(ok)

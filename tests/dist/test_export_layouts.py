@@ -76,3 +76,21 @@ def test_tied_model_with_quantized_lm_head_is_untied(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     assert "lm_head" not in cfg["quantization_config"]["modules_to_not_convert"]
+
+
+def test_serve_tp_keeps_refused_layers_unquantized(tmp_path):
+    src = tmp_path / "src"
+    state = write_hf_source(src, _llama())
+    out = tmp_path / "out"
+    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
+                     "quant.serve_tp=1"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "quant.serve_tp=1: keeping" in r.stdout
+    skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
+    for i in range(2):
+        # q (320 rows), k/v (160), gate/up (704) are refused at tp=1; o_proj/down_proj only split inputs at tp>1
+        assert {f"model.layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")} <= skip
+        assert {f"model.layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj")} <= skip
+        assert f"model.layers.{i}.self_attn.o_proj" not in skip and f"model.layers.{i}.mlp.down_proj" not in skip
+    assert mismatches(out, state) == []
+    assert "serve tp=1           OK (required)" in r.stdout
