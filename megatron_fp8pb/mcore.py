@@ -174,8 +174,14 @@ def load_dist_checkpoint(model, path: str) -> None:
     m = unwrap(model)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
-    with _cpu_safe_cuda_sync():
-        state = dist_checkpointing.load(m.sharded_state_dict(), path)
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        with _cpu_safe_cuda_sync():
+            state = dist_checkpointing.load(m.sharded_state_dict(), path)
+    except (CheckpointingException, CheckpointException) as e:
+        raise ValueError(f"Megatron checkpoint {path} does not fit the architecture of source.hf_config ({e}); it "
+                         f"was saved from a different model: point source.hf_config at that model's config") from e
     missing, unexpected = m.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:

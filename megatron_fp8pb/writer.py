@@ -106,10 +106,14 @@ def prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output.dir {out} exists and is not empty; choose another output.dir or set "
                               f"output.overwrite=true")
-    if not out.parent.exists():
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"output.dir parent {out.parent} is not writable; choose a writable output.dir")
+        probe = out.parent / f".{out.name}.write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output.dir parent {out.parent} is not a writable directory ({e.strerror}); choose a "
+                              f"writable output.dir") from e
     stale = partial_dir(out)
     if stale.exists():
         shutil.rmtree(stale)

@@ -78,3 +78,10 @@ def test_output_inside_source_refused(src):
     r = _run(src, src / "fp8")
     assert r.returncode != 0 and "inside source.path" in r.stderr
     assert not (src / "fp8").exists()
+
+
+def test_unwritable_output_parent_refused(src, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = _run(src, blocker / "out")
+    assert r.returncode != 0 and "not a writable directory" in r.stderr

@@ -33,3 +33,20 @@ def test_in_process_api_matches_reference(tmp_path):
     assert "API_EXPORT_OK" in r.stdout
     assert mismatches(out, state) == []
     assert len([f for f in out.iterdir() if f.suffix == ".safetensors"]) > 1
+
+
+def test_megatron_checkpoint_of_another_architecture(tmp_path):
+    src = tmp_path / "src"
+    write_hf_source(src, tf.LlamaConfig(**RAGGED))
+    ckpt = tmp_path / "mcore"
+    r = torchrun(2, ["save", str(src), str(ckpt), "2", "1"], script="tests/dist/worker.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    other = tmp_path / "other"
+    other.mkdir()
+    tf.LlamaConfig(**dict(RAGGED, intermediate_size=768)).save_pretrained(str(other))
+    out = tmp_path / "out"
+    r = torchrun(2, ["source.kind=megatron", f"source.path={ckpt}", f"source.hf_config={other}", "parallel.tp=2",
+                     f"output.dir={out}"])
+    assert r.returncode != 0
+    assert "does not fit the architecture of source.hf_config" in r.stderr and "linear_fc1" in r.stderr
+    assert not out.exists()
