@@ -19,7 +19,7 @@ from .archs import Dims, rules_for
 from .archs.base import hf_module
 from .blockfp8 import BLOCK, check_finite, quantize_checked
 from .hf_output import config_json, quantization_config
-from .faults import stage
+from .faults import ExportError, stage
 from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
 from .shards import pieces_of
@@ -246,6 +246,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         except (ValueError, OSError) as e:
             error = str(e)
     _agree(error)
+    finish_error = None
     try:
         with stage("transfer"):
             _transfer(mine, by_name, groups, traffic, writer, out_dtype, d)
@@ -260,13 +261,18 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype,
                                                     quantization_config(result.not_converted, bool(result.quantized)))}
                 files.update(extra_files or {})
-                with stage("write"):
-                    writer.finish(files)
-                result.bytes_written = writer.bytes_written
+                try:
+                    with stage("write"):
+                        writer.finish(files)
+                    result.bytes_written = writer.bytes_written
+                except (ExportError, OSError, ValueError) as e:
+                    writer.abort()
+                    writer, finish_error = None, str(e)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    _agree(finish_error)     # every rank learns whether the checkpoint was written
     result.seconds = time.perf_counter() - t0
     return result
 
