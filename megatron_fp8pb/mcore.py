@@ -84,7 +84,9 @@ def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool
     if d.num_experts:
         kw.update(num_moe_experts=d.num_experts, moe_ffn_hidden_size=d.moe_ffn_hidden, moe_router_topk=d.moe_top_k,
                   expert_model_parallel_size=layout.ep_size, expert_tensor_parallel_size=layout.etp_size,
-                  moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_router_load_balancing_type="none",
+                  # the alltoall dispatcher needs CUDA streams; the export never runs tokens through either
+                  moe_token_dispatcher_type="alltoall" if on_gpu else "allgather", moe_grouped_gemm=False,
+                  moe_router_load_balancing_type="none",
                   moe_aux_loss_coeff=0.0, moe_router_pre_softmax=False, moe_permute_fusion=False)
         if d.shared_expert_ffn:
             kw.update(moe_shared_expert_intermediate_size=d.shared_expert_ffn,

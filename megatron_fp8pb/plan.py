@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims,
                          Rule, hf_module)
 
-DEFAULT_EXCLUDE = ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate", "*.shared_expert_gate")
+DEFAULT_EXCLUDE = ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate", "*.block_sparse_moe.gate",
+                   "*.shared_expert_gate")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT_RES = (re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$"),
                re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$"))
