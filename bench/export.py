@@ -2,7 +2,9 @@
 run, plus the disk floor (writing the same bytes with fsync). Prints a table and one summary line.
 
   python bench/export.py --quick            # CPU, tp=2, llama-200m shapes, < 5 minutes on 2 cores
-  python bench/export.py --gpu              # one GPU, tp=1, Llama-3-8B shapes at 8 and 32 layers
+  python bench/export.py --gpu              # one GPU, tp=1, Llama-3-8B shapes at 4 and 16 layers
+  python bench/export.py --moe              # CPU, ep=2, a 16-expert Qwen3-MoE (qwen3-moe-300m shapes)
+  python bench/export.py --moe --gpu        # one GPU, Qwen3-30B-A3B shapes (fewer layers)
 """
 from __future__ import annotations
 
@@ -83,14 +85,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="CPU, tp=2, llama-200m shapes")
     ap.add_argument("--gpu", action="store_true", help="one GPU, tp=1, Llama-3-8B shapes")
+    ap.add_argument("--moe", action="store_true", help="a mixture-of-experts model under expert parallelism")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", default=None, help="comma-separated layer counts (model sizes)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
-    if args.gpu:
+    if args.moe and args.gpu:
+        nproc, base = 1, ["source.kind=random", "source.arch=qwen3-30b-a3b", "parallel.tp=1", "output.max_shard_size=5GB"]
+        layers = [int(x) for x in (args.layers or "4").split(",")]
+    elif args.moe:
+        nproc, base = 2, ["source.kind=random", "source.arch=qwen3-moe-300m", "parallel.ep=2", "parallel.device=cpu",
+                          "output.max_shard_size=200MB"]
+        layers = [int(x) for x in (args.layers or "8").split(",")]
+    elif args.gpu:
         nproc, base = 1, ["source.kind=random", "source.arch=llama3-8b", "parallel.tp=1", "output.max_shard_size=5GB"]
-        layers = [int(x) for x in (args.layers or "8,32").split(",")]
+        layers = [int(x) for x in (args.layers or "4,16").split(",")]
     else:
         nproc, base = 2, ["source.kind=random", "source.arch=llama-200m", "parallel.tp=2", "parallel.device=cpu",
                           "output.max_shard_size=200MB"]

@@ -4,6 +4,10 @@ from __future__ import annotations
 PRESETS = {
     "llama-200m": ("llama", dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                                  num_attention_heads=16, num_key_value_heads=4)),
+    "qwen3-moe-300m": ("qwen3_moe", dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                                         moe_intermediate_size=704, num_hidden_layers=8, num_attention_heads=16,
+                                         num_key_value_heads=4, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                                         norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1)),
     "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)),
     "llama3-70b": ("llama", dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,

@@ -57,3 +57,19 @@ def test_coverage_fails_closed():
 def test_exclusion_keeps_fused_groups_whole():
     plan = _plan("decoder.layers.0.self_attention.linear_qkv.weight", (320, 384), exclude=("*.v_proj",))
     assert not any(p.quantize for p in plan.pieces)
+
+
+def test_expert_names_sequential_and_grouped_become_global():
+    from megatron_fp8pb.archs import dims_from_hf as dims
+    d = dims(tiny_hf_config("qwen3_moe"))       # 4 experts, moe_intermediate 384
+    rules = rules_for(d)
+    layout = Layout(ep_size=2, ep_rank=1, etp_size=2, etp_rank=1)
+    for name in ("decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight",
+                 "decoder.layers.1.mlp.experts.linear_fc1.weight1"):
+        plan = plan_param(name, (384, 384), rules, d, layout, QuantChoice(), {1: 1}, 2)
+        got = [(p.hf_name, p.offset, p.length, p.axis) for p in plan.pieces]
+        assert got == [("model.layers.1.mlp.experts.3.gate_proj.weight", 192, 192, "etp"),
+                       ("model.layers.1.mlp.experts.3.up_proj.weight", 192, 192, "etp")]
+    router = plan_param("decoder.layers.0.mlp.router.weight", (4, 384), rules, d, layout, QuantChoice(), {0: 0}, 2)
+    assert [(p.hf_name, p.quantize, p.linear) for p in router.pieces] == [("model.layers.0.mlp.gate.weight", False,
+                                                                           True)]
