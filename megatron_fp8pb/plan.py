@@ -10,7 +10,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims,
+from .archs.base import (EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims,
                          Rule, hf_module)
 
 DEFAULT_EXCLUDE = ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate", "*.block_sparse_moe.gate",

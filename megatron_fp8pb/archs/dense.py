@@ -1,7 +1,7 @@
 """The Llama family (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norms) as a Megatron <-> HF table."""
 from __future__ import annotations
 
-from .base import (COLWISE, GATED, GLOBAL, LAYER, PLAIN, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims, Rule)
+from .base import (COLWISE, GATED, GLOBAL, PLAIN, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims, Rule)
 
 ATTN = "model.layers.{i}.self_attn."
 MLP = "model.layers.{i}.mlp."
