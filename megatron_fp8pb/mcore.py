@@ -94,9 +94,27 @@ def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool
     return TransformerConfig(**kw)
 
 
+def checkpoint_padded_vocab(path: str, tp_size: int) -> int | None:
+    """The padded vocabulary a Megatron dist checkpoint was saved with (its embedding's global rows), which the
+    export layout must reuse to load it; None when the checkpoint holds no embedding."""
+    from megatron.core import dist_checkpointing
+    with _cpu_safe_cuda_sync():
+        meta = dist_checkpointing.load_tensors_metadata(path)
+    emb = meta.get("embedding.word_embeddings.weight") or meta.get("output_layer.weight")
+    if emb is None:
+        return None
+    rows = int(emb.global_shape[0])
+    if rows % tp_size:
+        raise ValueError(f"Megatron checkpoint {path} has a padded vocabulary of {rows} rows, which tp({tp_size}) "
+                         f"does not divide ({rows} % {tp_size} = {rows % tp_size}); choose a tp that divides it")
+    return rows
+
+
 def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = False, vocab_divisible_by: int = 128,
-              grouped_experts: bool = False):
-    """A megatron-core GPTModel for this pipeline stage, weights uninitialized (a loader fills them)."""
+              grouped_experts: bool = False, vocab_rows: int | None = None):
+    """A megatron-core GPTModel for this pipeline stage, weights uninitialized (a loader fills them).
+
+    ``vocab_rows``: the padded vocabulary to build with (default: Megatron's padding of the real one for this tp)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -106,7 +124,7 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
     cfg = transformer_config(d, dtype, layout, on_gpu)
     spec = get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=grouped_experts,
                                     qk_layernorm=d.qk_norm)
-    kw = dict(vocab_size=padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
+    kw = dict(vocab_size=vocab_rows or padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
               max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),
               post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=d.tie_embeddings,
               position_embedding_type="rope", rotary_base=int(d.rope_theta))

@@ -93,7 +93,15 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
     else:
         reader, extra = None, source_side_files(s.hf_config)
         dtype = config_dtype(hfc)
-    model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu)
+    rows = None
+    if s.kind == "megatron":
+        if not __import__("os").path.isdir(s.path):
+            raise FileNotFoundError(f"source.path {s.path} is not a Megatron distributed checkpoint directory")
+        rows = mcore.checkpoint_padded_vocab(s.path, layout.tp_size)
+        if rows is not None and rows < d.vocab:
+            raise ValueError(f"Megatron checkpoint {s.path} has {rows} vocabulary rows but source.hf_config says "
+                             f"vocab_size={d.vocab}; the config describes another model")
+    model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu, vocab_rows=rows)
     if reader is not None:
         load_hf_weights(model, reader, d, layout)
     elif s.kind == "random":

@@ -50,3 +50,18 @@ def test_megatron_checkpoint_of_another_architecture(tmp_path):
     assert r.returncode != 0
     assert "does not fit the architecture of source.hf_config" in r.stderr and "linear_fc1" in r.stderr
     assert not out.exists()
+
+
+def test_megatron_checkpoint_keeps_its_vocab_padding(tmp_path):
+    """Saved at tp=2 the vocabulary of 1100 pads to 1280 rows; exported at tp=1 Megatron would pad to 1152. The
+    export reuses the checkpoint's padding and still strips it."""
+    src = tmp_path / "src"
+    state = write_hf_source(src, tf.LlamaConfig(**dict(RAGGED, vocab_size=1100)))
+    ckpt = tmp_path / "mcore"
+    r = torchrun(2, ["save", str(src), str(ckpt), "2", "1"], script="tests/dist/worker.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    r = torchrun(1, ["source.kind=megatron", f"source.path={ckpt}", f"source.hf_config={src}", f"output.dir={out}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert mismatches(out, state) == []
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1100
