@@ -94,3 +94,13 @@ def test_serve_tp_keeps_refused_layers_unquantized(tmp_path):
         assert f"model.layers.{i}.self_attn.o_proj" not in skip and f"model.layers.{i}.mlp.down_proj" not in skip
     assert mismatches(out, state) == []
     assert "serve tp=1           OK (required)" in r.stdout
+
+
+def test_data_parallel_replicas_write_once(tmp_path):
+    """World 4 at tp=2: two data-parallel replicas; only the first one's shards are written."""
+    src = tmp_path / "src"
+    state = write_hf_source(src, _llama())
+    out = tmp_path / "out"
+    r = torchrun(4, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert mismatches(out, state) == []
