@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# One node, no Slurm: runs torchrun with as many processes as the config's layout needs.
+# One node, no Slurm: torchrun with as many processes as the config's layout needs (launch/nproc.py).
 #   launch/export_local.sh [--config FILE.yaml] [dotted.key=value ...]
+#   launch/export_local.sh --config configs/tiny-qwen3-tp2.yaml parallel.backend=gloo parallel.device=cpu
+# Environment:
+#   FP8PB_NPROC_PER_NODE  processes to start (default: from the layout and the file's "# gpus_per_node:")
+#   FP8PB_PYTHON          python to run (default: the repository's .venv, else python3)
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-PY=${PYTHON:-python3}
-[ -x "$here/../.venv/bin/python" ] && PY=${PYTHON:-$here/../.venv/bin/python}
-nproc=$("$PY" "$here/nproc.py" --nodes 1 "$@")
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/export.py" "$@"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+PY=${FP8PB_PYTHON:-python3}
+[ -z "${FP8PB_PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ] && PY=$repo/.venv/bin/python
+nproc=${FP8PB_NPROC_PER_NODE:-$("$PY" "$repo/launch/nproc.py" --nodes 1 "$@")}
+echo "export_local: $nproc process(es) on this node" >&2
+exec "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" "$repo/launch/export.py" "$@"

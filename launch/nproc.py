@@ -1,11 +1,13 @@
-"""Prints the processes per node a config needs: ``python launch/nproc.py [--config F] [--nodes N] [k=v ...]``.
+"""Prints the processes per node a config needs: ``python launch/nproc.py [--nodes N] [--config F] [k=v ...]``.
 
-World size is tp * pp * dp, and for MoE a multiple of pp * ep * etp; a config file may name ``# nodes:`` and
-``# gpus_per_node:`` in its comments, which win when present.
+The layout needs a world size that is a multiple of tp*pp and of pp*ep*etp. A config file written for a machine
+names it in comments (``# nodes: 2``, ``# gpus_per_node: 8``); that world size is kept while the layout divides it,
+spread over ``--nodes`` (default: the file's ``# nodes:``, else 1).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -14,33 +16,48 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def header(path: str | None, key: str) -> int | None:
+    """The integer of a ``# key: N`` comment line of a config file, or None."""
     if not path:
         return None
-    m = re.search(rf"^#\s*{key}:\s*(\d+)\s*$", open(path).read(), re.MULTILINE)
+    with open(path) as f:
+        m = re.search(rf"^#\s*{key}:\s*(\d+)\s*$", f.read(), re.MULTILINE)
     return int(m.group(1)) if m else None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def min_world(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """The smallest world size the layout fits: lcm(tp*pp, pp*ep*etp)."""
+    return math.lcm(tp * pp, pp * ep * (etp or tp))
+
+
+def per_node(need: int, nodes: int, header_nodes: int | None = None, header_gpus: int | None = None) -> int:
+    """Processes per node on ``nodes`` nodes for a layout needing a multiple of ``need`` ranks."""
+    if nodes < 1:
+        raise ValueError(f"nodes={nodes} must be >= 1")
+    world = need
+    if header_nodes and header_gpus and (header_nodes * header_gpus) % need == 0:
+        world = header_nodes * header_gpus
+    if world % nodes:
+        raise ValueError(f"world size {world} (a multiple of lcm(tp*pp, pp*ep*etp) = {need}) % nodes({nodes}) = "
+                         f"{world % nodes} != 0: use a node count that divides it, or set FP8PB_NPROC_PER_NODE")
+    return world // nodes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config")
     ap.add_argument("--nodes", type=int, default=None)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from megatron_fp8pb.config import load_config
-    cfg = load_config(args.config, args.overrides)
-    p = cfg.parallel
-    world = p.tp * p.pp
-    if p.ep > 1:
-        moe = p.pp * p.ep * (p.etp or p.tp)
-        world = world * moe // __import__("math").gcd(world, moe)
-    nodes = args.nodes or header(args.config, "nodes") or 1
-    per_node = header(args.config, "gpus_per_node") if args.nodes is None else None
-    if per_node is None:
-        if world % nodes:
-            raise SystemExit(f"world size {world} (tp*pp, ep) is not divisible by nodes={nodes}")
-        per_node = world // nodes
-    print(per_node)
+    p = load_config(args.config, args.overrides).parallel
+    hn, hg = header(args.config, "nodes"), header(args.config, "gpus_per_node")
+    try:
+        print(per_node(min_world(p.tp, p.pp, p.ep, p.etp), args.nodes or hn or 1, hn, hg))
+    except ValueError as e:
+        print(f"nproc: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -111,10 +111,12 @@ def checkpoint_padded_vocab(path: str, tp_size: int) -> int | None:
 
 
 def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = False, vocab_divisible_by: int = 128,
-              grouped_experts: bool = False, vocab_rows: int | None = None):
+              vocab_rows: int | None = None):
     """A megatron-core GPTModel for this pipeline stage, weights uninitialized (a loader fills them).
 
-    ``vocab_rows``: the padded vocabulary to build with (default: Megatron's padding of the real one for this tp)."""
+    ``vocab_rows``: the padded vocabulary to build with (default: Megatron's padding of the real one for this tp).
+    Experts are built as SequentialMLP (``mlp.experts.local_experts.{x}.linear_fc1/fc2.weight``): it needs neither
+    TransformerEngine nor grouped_gemm, and a dist checkpoint saved from TEGroupedMLP or GroupedMLP loads into it."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -122,7 +124,7 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
         from megatron.core import tensor_parallel
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
     cfg = transformer_config(d, dtype, layout, on_gpu)
-    spec = get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=grouped_experts,
+    spec = get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=False,
                                     qk_layernorm=d.qk_norm)
     kw = dict(vocab_size=vocab_rows or padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
               max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),

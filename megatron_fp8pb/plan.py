@@ -148,6 +148,11 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
     else:
         rel, scope = mcore_name, GLOBAL
     hit = _match(rules, rel, scope)
+    if hit is None and rel in ("mlp.experts.weight1", "mlp.experts.weight2"):
+        raise ValueError(f"{mcore_name} (shape {tuple(local_shape)}): the legacy GroupedMLP packs all local experts "
+                         f"into one tensor, which the export does not split; build the experts as SequentialMLP or "
+                         f"TEGroupedMLP, or save a dist checkpoint and export it with source.kind=megatron (it "
+                         f"loads into SequentialMLP)")
     if hit is None:
         raise ValueError(f"Megatron parameter {mcore_name!r} (shape {tuple(local_shape)}) matches no rule of "
                          f"architecture {d.model_type!r}; the export refuses to drop it. Check that the model and "

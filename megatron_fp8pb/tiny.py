@@ -15,7 +15,7 @@ _COMMON = dict(vocab_size=1003, hidden_size=384, num_hidden_layers=2, num_attent
 
 
 def tiny_hf_config(arch: str, tie_embeddings: bool = False):
-    """A small transformers config of ``arch`` (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral)."""
+    """A small transformers config of ``arch`` (llama, mistral, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral)."""
     import transformers as tf
     kw = dict(_COMMON, tie_word_embeddings=tie_embeddings, intermediate_size=1152)
     if arch == "llama":
@@ -29,11 +29,15 @@ def tiny_hf_config(arch: str, tie_embeddings: bool = False):
     if arch == "qwen3_moe":
         return tf.Qwen3MoeConfig(head_dim=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=384,
                                  decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **kw)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=384,
+                                 shared_expert_intermediate_size=384, decoder_sparse_step=1, mlp_only_layers=[],
+                                 norm_topk_prob=False, **kw)
     if arch == "mixtral":
         kw["intermediate_size"] = 384
         return tf.MixtralConfig(head_dim=64, num_local_experts=4, num_experts_per_tok=2, **kw)
-    raise ValueError(f"source.arch={arch!r} has no tiny model; choose llama, mistral, qwen2, qwen3, qwen3_moe or "
-                     f"mixtral")
+    raise ValueError(f"source.arch={arch!r} has no tiny model; choose llama, mistral, qwen2, qwen3, qwen3_moe, "
+                     f"qwen2_moe or mixtral")
 
 
 def random_hf_state(hf_config, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

@@ -31,7 +31,8 @@ def check_layout(d: Dims, world: int, tp: int, pp: int, ep: int = 1, etp: int | 
         if d.moe_ffn_hidden % etp:
             errs.append(f"moe_intermediate_size({d.moe_ffn_hidden}) % etp({etp}) = {d.moe_ffn_hidden % etp} != 0")
         if d.shared_expert_ffn and d.shared_expert_ffn % tp:
-            errs.append(f"shared_expert_intermediate_size({d.shared_expert_ffn}) % tp({tp}) != 0")
+            errs.append(f"shared_expert_intermediate_size({d.shared_expert_ffn}) % tp({tp}) = "
+                        f"{d.shared_expert_ffn % tp} != 0")
         if world % (pp * ep * etp):
             errs.append(f"world size({world}) % (pp({pp}) * ep({ep}) * etp({etp})) = {world % (pp * ep * etp)} != 0")
     elif ep != 1:

@@ -1,63 +1,66 @@
-"""Mixture-of-experts export under expert parallelism: byte for byte against the single-process reference for
-layouts whose per-rank expert sizes are not multiples of 128, every expert once, transformers loading the result."""
+"""Mixture-of-experts export under expert parallelism through the real CLI (torchrun + gloo + megatron-core
+GPTModel with SequentialMLP experts): byte for byte against the single-process reference for layouts whose per-rank
+expert sizes are not multiples of 128, every expert exactly once, and transformers loading every per-expert FP8
+tensor of Qwen3-MoE, Qwen2-MoE (shared expert) and Mixtral with logits that match the source."""
 import json
+import re
 
 import pytest
+import torch
 import transformers as tf
 
-from helpers import mismatches, torchrun, write_hf_source
+from helpers import mismatches, read_output, torchrun, write_hf_source
+from megatron_fp8pb.blockfp8 import dequantize_blockfp8
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
-RAGGED = dict(vocab_size=1003, hidden_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=80, max_position_embeddings=256)
+
+def _ragged_qwen3_moe():
+    """hidden 320, moe_intermediate 320: 160 gate/up rows and down columns per rank at etp=2; q 160 rows at tp=2."""
+    return tf.Qwen3MoeConfig(vocab_size=1003, hidden_size=320, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=80, max_position_embeddings=256, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=320, intermediate_size=640,
+                             mlp_only_layers=[], decoder_sparse_step=1)
 
 
-def _qwen3_moe():   # moe_intermediate 320: 160 rows per rank at etp=2
-    return tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=320, intermediate_size=640,
-                             mlp_only_layers=[], decoder_sparse_step=1, **RAGGED)
-
-
-def _mixtral():
-    return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, intermediate_size=320, **RAGGED)
-
-
-LAYOUTS = [(1, 2, 1, 1), (2, 2, 1, 1), (1, 2, 2, 1), (1, 2, 1, 2)]   # (tp, ep, etp, pp)
-
-
-@pytest.mark.parametrize("tp,ep,etp,pp", LAYOUTS, ids=[f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d in LAYOUTS])
-def test_qwen3_moe_byte_identical(tmp_path, tp, ep, etp, pp):
-    src = tmp_path / "src"
-    state = write_hf_source(src, _qwen3_moe())
-    out = tmp_path / "out"
-    world = max(tp, ep * etp) * pp
-    r = torchrun(world, ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.ep={ep}",
-                         f"parallel.etp={etp}", f"parallel.pp={pp}", f"output.dir={out}", "output.max_shard_size=1MB"])
+def _export(tmp_path, cfg, world, args):
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, cfg)
+    r = torchrun(world, ["source.kind=hf", f"source.path={src}", f"output.dir={out}", *args])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return src, out, state
+
+
+def _experts_per_layer(names) -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    for n in names:
+        m = re.match(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.[a-z0-9_]+\.weight$", n)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    return {i: sorted(e) for i, e in sorted(found.items())}
+
+
+LAYOUTS = [(1, 2, 1, 1, 2), (2, 2, 1, 1, 4), (1, 2, 2, 1, 4), (1, 2, 1, 2, 4)]   # (tp, ep, etp, pp, world)
+
+
+@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=[f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS])
+def test_qwen3_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
+    """(2,2,1,1) at world 4 has two data-parallel and two expert-data-parallel replicas: each expert written once."""
+    _, out, state = _export(tmp_path, _ragged_qwen3_moe(), world, [
+        f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}", f"parallel.pp={pp}",
+        "output.max_shard_size=1MB"])
     assert mismatches(out, state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    for i in range(2):
-        experts = sorted({int(n.split(".")[5]) for n in index if n.startswith(f"model.layers.{i}.mlp.experts.")})
-        assert experts == [0, 1, 2, 3]
+    assert _experts_per_layer(index) == {i: [e for e in range(4) for _ in range(3)] for i in range(2)}
     skip = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
-    assert "model.layers.0.mlp.gate" in skip and index["model.layers.0.mlp.gate.weight"]
-
-
-def test_mixtral_names_and_bytes(tmp_path):
-    src = tmp_path / "src"
-    state = write_hf_source(src, _mixtral())
-    out = tmp_path / "out"
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.ep=2", "parallel.etp=1", f"output.dir={out}"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert mismatches(out, state) == []
-    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
-    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight_scale_inv" in names
+    assert {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate"} <= set(skip)
+    assert index["model.layers.0.mlp.gate.weight"] and "model.layers.0.mlp.gate.weight_scale_inv" not in index
 
 
 def test_missing_expert_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
     src = tmp_path / "src"
-    write_hf_source(src, _qwen3_moe())
+    write_hf_source(src, _ragged_qwen3_moe())
     index = json.loads((src / "model.safetensors.index.json").read_text())
     name = "model.layers.1.mlp.experts.2.down_proj.weight"
     f = src / index["weight_map"][name]
@@ -69,13 +72,53 @@ def test_missing_expert_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_transformers_loads_moe_logits(tmp_path, arch):
-    src = tmp_path / "src"
-    write_hf_source(src, tiny_hf_config(arch))
-    out = tmp_path / "out"
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.ep=2", f"output.dir={out}"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+EXPERT_LEAVES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                 "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                 "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def _check_transformers_loads_every_expert(out, arch: str) -> None:
+    """transformers fuses the per-expert tensors into ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``
+    [E, H, I] at load time: nothing may be missing or unexpected, and each fused slice must be exactly the
+    dequantization of that expert's FP8 weight with its own weight_scale_inv."""
+    model, info = tf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, device_map="cpu",
+                                                          output_loading_info=True)
+    assert not any(info.values()), info
+    got, params = read_output(out), dict(model.named_parameters())
+    block, gate, up, down = EXPERT_LEAVES[arch]
+
+    def deq(i, e, leaf):
+        w = f"model.layers.{i}.{block}.experts.{e}.{leaf}.weight"
+        return dequantize_blockfp8(got[w], got[w + "_scale_inv"], dtype=torch.float32)
+
+    for i in range(2):
+        fused = params[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        for e in range(4):
+            assert torch.equal(fused[e], torch.cat([deq(i, e, gate), deq(i, e, up)])), (i, e)
+            assert torch.equal(params[f"model.layers.{i}.mlp.experts.down_proj"][e], deq(i, e, down)), (i, e)
+
+
+TRANSFORMERS_CASES = [  # (arch, parallel overrides): world 2 each
+    ("qwen3_moe", ["parallel.ep=2"]),
+    ("qwen2_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),   # shared expert split along tp
+    ("mixtral", ["parallel.ep=2", "parallel.etp=1"]),
+]
+
+
+@pytest.mark.parametrize("arch,args", TRANSFORMERS_CASES, ids=[c[0] for c in TRANSFORMERS_CASES])
+def test_transformers_loads_moe(tmp_path, arch, args):
+    src, out, state = _export(tmp_path, tiny_hf_config(arch), 2, args)
+    assert mismatches(out, state) == []
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    block, gate, up, down = EXPERT_LEAVES[arch]
+    assert f"model.layers.1.{block}.experts.3.{down}.weight_scale_inv" in index
+    skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
+    assert {f"model.layers.{i}.{block}.gate" for i in range(2)} <= skip
+    if arch == "qwen2_moe":
+        assert {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)} <= skip
+        assert "model.layers.0.mlp.shared_expert.up_proj.weight_scale_inv" in index
+    _check_transformers_loads_every_expert(out, arch)
     report = verify_checkpoint(out, source=src, logits=True)
     assert report.ok, report.table()
     assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
+    assert report.logits["rel_err"] > 0.0
