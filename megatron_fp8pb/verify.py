@@ -6,8 +6,9 @@ first, then one tensor (or a block of 128-row chunks of one) at a time, never th
 - config.json ``quantization_config`` exactly as FORMAT.md; without one, no FP8 tensor anywhere;
 - ``model.safetensors.index.json`` complete and true (every tensor listed, every listed tensor present, total_size);
 - every F8_E4M3 ``<m>.weight`` [N, K] has a float32 ``<m>.weight_scale_inv`` [ceil(N/128), ceil(K/128)] in the
-  same file, finite and > 0; no ``input_scale`` / ``weight_scale``; every linear not matched by
-  ``modules_to_not_convert`` (transformers' matching rule) is FP8 and every matched one is not;
+  same file, finite and > 0 (a power of two under ``scale_fmt: ue8m0``); no ``input_scale`` / ``weight_scale``;
+  every linear not matched by ``modules_to_not_convert`` (transformers' matching rule) is FP8 and every matched one
+  is not;
 - ``vocab_size`` and ``tie_word_embeddings`` agree with the tensors;
 - against a source: FP8 tensors byte-identical to ``blockfp8.quantize_blockfp8_reference`` of the source tensor,
   or within the e4m3 dequantization bound; the rest equal to the source cast to the output dtype;
@@ -159,6 +160,8 @@ class VerifyReport:
                  f"  exact                {c['exact'] if self.compared else '-'}  ({vs})",
                  f"  within e4m3 bound    {c['within_bound'] if self.compared else '-'}",
                  f"  failed               {c['failed']}"]
+        if self.scale_fmt != "amax":
+            lines.append(f"  scale_fmt            {self.scale_fmt} (every block scale a power of two)")
         for tp in sorted(self.serve):
             probs = self.serve[tp]
             tag = " (required)" if tp in self.serve_required else ""
