@@ -40,10 +40,11 @@ def test_cli_export_ue8m0_byte_identical(tmp_path, tp, pp):
 
 
 def test_in_process_api_ue8m0(tmp_path):
+    """pp=2 at tp=1: whole tensors on one rank go through the fused single-pass quantizer."""
     src = tmp_path / "src"
     state = write_hf_source(src, tf.LlamaConfig(**RAGGED))
     out = tmp_path / "out"
-    r = torchrun(2, ["api", str(src), str(out), "2", "1", "ue8m0"], script="tests/dist/worker.py")
+    r = torchrun(2, ["api", str(src), str(out), "1", "2", "ue8m0"], script="tests/dist/worker.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_ue8m0_output(out, state)
 

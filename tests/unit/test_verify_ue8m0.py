@@ -113,3 +113,11 @@ def test_unknown_scale_fmt_is_an_error(tiny, tmp_path, value):
     (bad / "config.json").write_text(json.dumps(cfg))
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if "quantization_config.scale_fmt" in e and json.dumps(value) in e]
+
+
+def test_ue8m0_checkpoint_loads_in_transformers(tiny):
+    """transformers reads quantization_config (scale_fmt included) and dequantizes our float32 power-of-two scales;
+    its logits match the source's."""
+    _, _, src, out = tiny
+    rep = verify_checkpoint(out, source=src, logits=True)
+    assert rep.ok and rep.logits["ok"], rep.logits
