@@ -374,11 +374,12 @@ def check_quant_config(cfg: dict, rep: VerifyReport) -> list[str] | None:
             rep.error(f"config.json quantization_config.{key} = {json.dumps(qc.get(key))}, FORMAT.md requires "
                       f"{json.dumps(want)}")
     fmt = qc.get("scale_fmt", "amax")
+    fmt = "amax" if fmt == "float" else fmt      # transformers writes "float" for float32 amax/448 scales
     if fmt in SCALE_FMTS:
         rep.scale_fmt = fmt
     else:
-        rep.error(f"config.json quantization_config.scale_fmt = {json.dumps(fmt)} is unknown: FORMAT.md defines "
-                  f"\"ue8m0\" (power-of-two block scales) or no key (amax/448)")
+        rep.error(f"config.json quantization_config.scale_fmt = {json.dumps(qc.get('scale_fmt'))} is unknown: "
+                  f"FORMAT.md defines \"ue8m0\" (power-of-two block scales) or no key (amax/448)")
     extra = sorted(set(qc) - KNOWN_QC_KEYS)
     if extra:
         rep.warn(f"config.json quantization_config has keys FORMAT.md does not define: {extra}")

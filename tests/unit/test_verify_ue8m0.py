@@ -105,6 +105,17 @@ def test_ue8m0_scales_without_the_key_are_compared_as_amax(tiny, tmp_path):
     assert rep.tensors[Q].scales_differing > 0 and rep.tensors[Q].status != "exact"
 
 
+def test_transformers_float_scale_fmt_means_amax(tiny, tmp_path):
+    """transformers writes "scale_fmt": "float" for float32 amax/448 scales: compared as the default format."""
+    cfg, state, src, _ = tiny
+    out = _write(cfg, state, tmp_path / "float", "amax")
+    conf = json.loads((out / "config.json").read_text())
+    conf["quantization_config"]["scale_fmt"] = "float"
+    (out / "config.json").write_text(json.dumps(conf))
+    rep = verify_checkpoint(out, source=src)
+    assert rep.ok and rep.scale_fmt == "amax" and rep.counts()["exact"] == 25, rep.table()
+
+
 @pytest.mark.parametrize("value", ["e8m0", None, "UE8M0"])
 def test_unknown_scale_fmt_is_an_error(tiny, tmp_path, value):
     bad = Path(shutil.copytree(tiny[3], tmp_path / "bad"))
