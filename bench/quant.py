@@ -1,7 +1,7 @@
 """Block-FP8 quantizer throughput vs a plain device copy of the same tensor, measured in the same run.
 
 GB/s counts bytes read + written: quantizer = input + fp8 output + float32 scales; copy = 2 x input.
-CPU: the torch reference path. CUDA: the fused Triton kernel, the two-pass Triton path (block_amax + quantize_rows,
+CPU: the torch reference path. CUDA: the fused Triton kernel (amax/448 and ue8m0 power-of-two scales), the two-pass Triton path (block_amax + quantize_rows,
 as used on distributed pieces; nominal bytes, it reads the input twice) and the torch reference on the GPU.
 
     python3 bench/quant.py [--quick]
@@ -34,6 +34,10 @@ def torch_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def triton_two_pass(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = realign.scale_inv_from_amax(bt.block_amax(w, 0))
     return bt.quantize_rows(w, s, 0), s
+
+
+def triton_fused_ue8m0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return bt.quantize(w, scale_fmt="ue8m0")
 
 
 def time_cpu(fn, reps: int) -> float:
@@ -96,7 +100,8 @@ def main() -> None:
         gpu_name = torch.cuda.get_device_name()
         paths = {"torch reference": torch_reference}
         if bt.available():
-            paths = {"triton fused": bt.quantize, "triton 2-pass": triton_two_pass, **paths}
+            paths = {"triton fused": bt.quantize, "triton fused ue8m0": triton_fused_ue8m0,
+                     "triton 2-pass": triton_two_pass, **paths}
         gpu_sizes = GPU_SIZES[:2] if args.quick else GPU_SIZES
         rows += bench("cuda", paths, gpu_sizes, torch.bfloat16, 10 if args.quick else 30)
 

@@ -12,13 +12,16 @@ from .plan import QuantChoice
 
 def export(model, hf_config, out_dir: str, *, quantize: bool = True, exclude: tuple[str, ...] = (),
            quantize_lm_head: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False,
-           extra_files: dict | None = None, out_dtype: torch.dtype | None = None) -> ExportResult:
+           extra_files: dict | None = None, out_dtype: torch.dtype | None = None,
+           scale_fmt: str = "amax") -> ExportResult:
     """Write ``model`` (a megatron-core GPTModel chunk of this rank, parallel_state initialized) as an HF block-FP8
-    checkpoint at ``out_dir``. ``hf_config``: the transformers config of the architecture (real vocab size)."""
+    checkpoint at ``out_dir``. ``hf_config``: the transformers config of the architecture (real vocab size).
+    ``scale_fmt``: "amax" (block scale amax/448) or "ue8m0" (rounded up to a power of two; quantization_config
+    says ``"scale_fmt": "ue8m0"``)."""
     d = dims_from_hf(hf_config)
     layout, groups = mcore.layout_and_groups()
     return run_export(
         mcore.local_params(model), d, layout, groups, hf_config, out_dir,
-        quant=QuantChoice(quantize, tuple(exclude), quantize_lm_head), max_shard_size=max_shard_size,
+        quant=QuantChoice(quantize, tuple(exclude), quantize_lm_head, scale_fmt), max_shard_size=max_shard_size,
         overwrite=overwrite, out_dtype=out_dtype or config_dtype(hf_config), layer_of_local=mcore.layer_numbers(model),
         num_local_experts=mcore.num_local_experts(d, layout), extra_files=extra_files)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .realign import FP8_MAX, num_blocks, partial_block_amax, quantize_piece, scale_inv_from_amax
+from .realign import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece,
+                      scale_inv_from_amax)
 
 BLOCK = 128
 
@@ -30,35 +31,42 @@ def _check_2d(w: torch.Tensor, name: str) -> None:
                         f"dtype {w.dtype}; exclude it from quantization (quant.exclude)")
 
 
-def quantize_blockfp8_reference(w: torch.Tensor, block_size: int = BLOCK,
-                                name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch reference. w [N, K] -> qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/b), ceil(K/b)]."""
+def quantize_blockfp8_reference(w: torch.Tensor, block_size: int = BLOCK, name: str = "tensor",
+                                scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch reference. w [N, K] -> qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/b), ceil(K/b)].
+
+    scale_fmt "amax": scale = amax/448; "ue8m0": that rounded up to a power of two (``realign.scale_inv_from_amax``).
+    """
+    check_scale_fmt(scale_fmt)
     _check_2d(w, name)
     check_finite(w, name)
-    scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size))
+    scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size), scale_fmt)
     return quantize_piece(w, scale_inv, 0, 0, block_size), scale_inv
 
 
-def quantize_blockfp8(w: torch.Tensor, block_size: int = BLOCK,
-                      name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockfp8(w: torch.Tensor, block_size: int = BLOCK, name: str = "tensor",
+                      scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] (any float dtype) -> qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/128), ceil(K/128)].
 
     amax in float32 per 128x128 block, scale = amax/448 (1.0 for an all-zero block), q = clamp(w/scale, +-448) cast
-    with round-to-nearest-even. NaN/Inf -> ValueError naming ``name`` and the first bad index.
+    with round-to-nearest-even. NaN/Inf -> ValueError naming ``name`` and the first bad index. scale_fmt "ue8m0":
+    every scale rounded up to a power of two, 2^ceil(log2(amax/448)).
     """
+    check_scale_fmt(scale_fmt)
     _check_2d(w, name)
     check_finite(w, name)
-    return quantize_checked(w, block_size)
+    return quantize_checked(w, block_size, scale_fmt)
 
 
-def quantize_checked(w: torch.Tensor, block_size: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_checked(w: torch.Tensor, block_size: int = BLOCK,
+                     scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_blockfp8 for a 2-D weight already known to be finite: the Triton kernel on CUDA, else the
     reference math."""
     if w.is_cuda:
         from . import blockfp8_triton
         if blockfp8_triton.available():
-            return blockfp8_triton.quantize(w, block_size)
-    scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size))
+            return blockfp8_triton.quantize(w, block_size, scale_fmt)
+    scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size), scale_fmt)
     return quantize_piece(w, scale_inv, 0, 0, block_size), scale_inv
 
 
@@ -85,4 +93,4 @@ def e4m3_error_bound(scale_inv: torch.Tensor, shape: tuple[int, int], block_size
 
 
 __all__ = ["quantize_blockfp8", "quantize_blockfp8_reference", "dequantize_blockfp8", "check_finite",
-           "e4m3_error_bound", "FP8_MAX", "BLOCK"]
+           "e4m3_error_bound", "FP8_MAX", "BLOCK", "SCALE_FMTS"]

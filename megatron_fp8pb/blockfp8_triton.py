@@ -3,7 +3,9 @@
 One kernel, one program per 128x128 block, in three modes:
   amax      x [n, K] -> max|x| per block (``realign.partial_block_amax``),
   quantize  x [n, K], scale per block -> e4m3fn (``realign.quantize_piece``),
-  fused     x [N, K] -> amax, scale = amax/448 (1.0 for a zero block), e4m3fn, in one pass over x.
+  fused     x [N, K] -> amax, scale = amax/448 (1.0 for a zero block), e4m3fn, in one pass over x; with
+            POW2 (scale_fmt "ue8m0") the scale is rounded up to a power of two by exponent-bit arithmetic, as
+            ``realign.pow2_ceil``.
 A piece may start ``lead`` rows into its first block (row ``i`` of the piece is row ``lead + i`` of the block grid).
 Divisions are IEEE round-to-nearest (``div_rn``); the e4m3fn cast is round-to-nearest-even after the clamp to +-448,
 as torch's ``.to(torch.float8_e4m3fn)``. Triton is imported on first use, so this module imports without it.
@@ -15,7 +17,7 @@ import functools
 
 import torch
 
-from .realign import FP8_MAX, num_blocks
+from .realign import FP8_MAX, check_scale_fmt, num_blocks
 
 _AMAX, _QUANT, _FUSED = 0, 1, 2
 _NUM_WARPS = 8
@@ -37,7 +39,7 @@ def _kernel():
 
     @triton.jit
     def block_kernel(x_ptr, q_ptr, s_ptr, n, k, stride_x, lead, n_bcols,
-                     MODE: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
+                     MODE: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
         pid = tl.program_id(0)
         bi = pid // n_bcols
         bj = pid % n_bcols
@@ -53,7 +55,18 @@ def _kernel():
             if MODE == 0:
                 tl.store(s_ptr + pid, amax)
             else:
-                scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, FP8_MAX))
+                scale = tl.math.div_rn(amax, FP8_MAX)
+                if POW2:
+                    # realign.pow2_ceil: least power of two >= scale by exponent bits; a subnormal scale through
+                    # its integer mantissa m (exact as a float32): the least power of two >= m has its result's bits
+                    bits = scale.to(tl.int32, bitcast=True)
+                    normal = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23)
+                    m = (bits & 0x7FFFFF).to(tl.float32).to(tl.int32, bitcast=True)
+                    sub = tl.where((m & 0x7FFFFF) == 0, m, ((m >> 23) + 1) << 23)
+                    sub = sub.to(tl.float32, bitcast=True).to(tl.int32)
+                    sub = tl.where(bits == 0, 1, sub)     # 0 (an underflowed amax/448) -> 2^-149
+                    scale = tl.where((bits >> 23) == 0, sub, normal).to(tl.float32, bitcast=True)
+                scale = tl.where(amax == 0.0, 1.0, scale)
                 tl.store(s_ptr + pid, scale)
         if MODE != 0:
             q = tl.math.div_rn(x, tl.broadcast_to(scale, (BLOCK, BLOCK)))
@@ -76,14 +89,15 @@ def _grid_shape(x: torch.Tensor, lead: int, block: int) -> tuple[int, int]:
     return (num_blocks(lead + n, block) if n else 0), num_blocks(k, block)
 
 
-def _launch(mode: int, x: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor, lead: int, block: int) -> None:
+def _launch(mode: int, x: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor, lead: int, block: int,
+            pow2: bool = False) -> None:
     n, k = x.shape
     if s.numel() == 0:
         return
     stride = x.stride(0) if n > 1 else k
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _kernel()[(s.numel(),)](x, s if q is None else q, s, n, k, stride, lead, s.shape[1],
-                                MODE=mode, BLOCK=block, FP8_MAX=FP8_MAX, num_warps=_NUM_WARPS)
+                                MODE=mode, BLOCK=block, FP8_MAX=FP8_MAX, POW2=pow2, num_warps=_NUM_WARPS)
 
 
 def block_amax(x: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
@@ -114,15 +128,17 @@ def quantize_rows(x: torch.Tensor, scale_rows: torch.Tensor, lead: int, block: i
     return q
 
 
-def quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, block: int = 128, scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/block), ceil(K/block)]) in one pass.
 
-    scale_inv = amax/448 per block (1.0 for an all-zero block), as ``realign.scale_inv_from_amax``.
+    scale_inv = amax/448 per block (1.0 for an all-zero block), rounded up to a power of two for scale_fmt "ue8m0",
+    as ``realign.scale_inv_from_amax(amax, scale_fmt)``.
     """
+    check_scale_fmt(scale_fmt)
     w = _prep(w, 0, block)
     scale_inv = torch.empty(_grid_shape(w, 0, block), dtype=torch.float32, device=w.device)
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-    _launch(_FUSED, w, q, scale_inv, 0, block)
+    _launch(_FUSED, w, q, scale_inv, 0, block, scale_fmt == "ue8m0")
     return q, scale_inv
 
 

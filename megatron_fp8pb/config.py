@@ -40,6 +40,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
     lm_head: bool = False           # quantize lm_head (unties tied embeddings)
     serve_tp: int | None = None     # keep unquantized the layers a server at this TP would refuse
+    scale_fmt: str = "amax"         # block scales: amax (amax/448) | ue8m0 (rounded up to a power of two)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class ExportConfig:
 
 
 _CHOICES = {"source.kind": ("tiny", "hf", "megatron", "random"), "parallel.backend": ("auto", "gloo", "nccl"),
-            "parallel.device": ("auto", "cpu", "cuda")}
+            "parallel.device": ("auto", "cpu", "cuda"), "quant.scale_fmt": ("amax", "ue8m0")}
 
 
 def _coerce(key: str, value, typ):

@@ -11,11 +11,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-def quantization_config(not_converted: list[str], quantized_any: bool) -> dict | None:
+def quantization_config(not_converted: list[str], quantized_any: bool, scale_fmt: str = "amax") -> dict | None:
+    """FORMAT.md's quantization_config; ``"scale_fmt": "ue8m0"`` only in that mode (amax/448 scales write no key)."""
     if not quantized_any:
         return None
-    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-            "modules_to_not_convert": list(not_converted), "ignored_layers": list(not_converted)}
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+          "modules_to_not_convert": list(not_converted), "ignored_layers": list(not_converted)}
+    if scale_fmt != "amax":
+        qc["scale_fmt"] = scale_fmt
+    return qc
 
 
 def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None) -> bytes:

@@ -99,7 +99,7 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
         if todo and coll.group_size(getattr(groups, axis)) == 1:
             for k, p, t in todo:   # whole tensors on one rank: the fused single-pass quantizer
-                payload[k] = quantize_checked(t, BLOCK)
+                payload[k] = quantize_checked(t, BLOCK, p.scale_fmt)
             continue
         grids = []
         for _, p, t in todo:
@@ -110,7 +110,7 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
             grids.append(grid)
         grids = coll.allreduce_amax(grids, getattr(groups, axis), traffic, groups.device)
         for (k, p, t), amax in zip(todo, grids):
-            scale_inv = realign.scale_inv_from_amax(amax)
+            scale_inv = realign.scale_inv_from_amax(amax, p.scale_fmt)
             _, rows = realign.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             payload[k] = (_quantize(t, scale_inv, p), rows)
     for k, (p, t) in enumerate(items):
@@ -258,8 +258,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 result.not_converted.append("lm_head")
             result.num_tensors = sum(2 if ps[0].quantize else 1 for ps in by_name.values())
             if writer is not None:
-                files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype,
-                                                    quantization_config(result.not_converted, bool(result.quantized)))}
+                qc = quantization_config(result.not_converted, bool(result.quantized), quant.scale_fmt)
+                files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype, qc)}
                 files.update(extra_files or {})
                 try:
                     with stage("write"):

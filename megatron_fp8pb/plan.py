@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .archs.base import (EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims,
                          Rule, hf_module)
+from .realign import check_scale_fmt
 
 DEFAULT_EXCLUDE = ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate", "*.block_sparse_moe.gate",
                    "*.shared_expert_gate")
@@ -44,6 +45,10 @@ class QuantChoice:
     enabled: bool = True
     exclude: tuple[str, ...] = ()
     lm_head: bool = False
+    scale_fmt: str = "amax"     # block scales: "amax" (amax/448) or "ue8m0" (rounded up to a power of two)
+
+    def __post_init__(self):
+        check_scale_fmt(self.scale_fmt, "quant.scale_fmt")
 
     def quantizes(self, module: str) -> bool:
         pats = DEFAULT_EXCLUDE + tuple(self.exclude)
@@ -65,6 +70,7 @@ class Piece:
     order: tuple            # global write order, the same for every layout
     src: int = 0            # global rank holding it (set on rank 0)
     linear: bool = False    # a linear layer's weight (listed in modules_to_not_convert when not quantized)
+    scale_fmt: str = "amax"  # of a quantized piece: how its block scales are made (QuantChoice.scale_fmt)
 
 
 @dataclass
@@ -186,7 +192,8 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         q = is_linear and len(shape) == 2 and all(quant.quantizes(m) for m in group)
         axis = ("etp" if is_expert else "tp") if q else None
         plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
-                                 (unit, k, -1 if expert is None else expert, h), linear=is_linear and len(shape) == 2))
+                                 (unit, k, -1 if expert is None else expert, h), linear=is_linear and len(shape) == 2,
+                                 scale_fmt=quant.scale_fmt if q else "amax"))
     if exporting and not (rule.shard == REPLICATED and rank != 0):
         plan.pieces = list(plan.slices)
     return plan

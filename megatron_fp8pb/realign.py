@@ -9,6 +9,16 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0
+SCALE_FMTS = ("amax", "ue8m0")   # block scale = amax/448, or that rounded up to a power of two
+_MANT = 0x7FFFFF
+
+
+def check_scale_fmt(fmt: str, what: str = "scale_fmt") -> str:
+    """``fmt`` if it is a known scale format, else ValueError naming ``what`` and the choices."""
+    if fmt not in SCALE_FMTS:
+        raise ValueError(f"{what}={fmt!r} is not a known scale format: choose one of {', '.join(SCALE_FMTS)} "
+                         f"(amax: scale = amax/448; ue8m0: that rounded up to a power of two)")
+    return fmt
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -44,11 +54,41 @@ def partial_block_amax(piece: torch.Tensor, dim: int, offset: int, block: int = 
     return _to_dim0(amax, dim)
 
 
-def scale_inv_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """Dequant multiplier per block: ``amax / 448`` in float32; an all-zero block gets 1.0."""
+def scale_inv_from_amax(amax: torch.Tensor, scale_fmt: str = "amax") -> torch.Tensor:
+    """Dequant multiplier per block: ``amax / 448`` in float32; an all-zero block gets 1.0.
+
+    scale_fmt "ue8m0": ``amax / 448`` (float32, as above) rounded up to a power of two, ``2^ceil(log2(amax/448))``;
+    a nonzero amax below 448 * 2^-150, whose float32 quotient underflows to 0, gets 2^-149 (the least float32 power
+    of two, and the ceiling of the exact quotient).
+    """
+    check_scale_fmt(scale_fmt)
     amax = amax.float()
     scale = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale = pow2_ceil(scale)
     return torch.where(amax == 0, torch.ones_like(scale), scale)
+
+
+def _pow2_ceil_normal_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bits of a positive normal float32 -> bits of the least power of two >= it (exponent + 1, mantissa cleared,
+    unless the mantissa is already zero)."""
+    return torch.where(bits & _MANT == 0, bits, ((bits >> 23) + 1) << 23)
+
+
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """float32 x > 0 (finite; subnormals included) -> the least power of two >= x, exactly, by exponent-bit
+    arithmetic (no log2): a power of two stays itself, anything above it goes to the next; 0 gives 2^-149, the
+    least float32 power of two.
+
+    A subnormal x is its mantissa m times 2^-149; the least power of two >= m (an integer < 2^23, exact as a float32)
+    has the same bits as the subnormal result, 2^23 giving 2^-126, the smallest normal.
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    normal = _pow2_ceil_normal_bits(bits)
+    m = (bits & _MANT).float().view(torch.int32)                       # m as a (normal) float32, m > 0
+    sub = _pow2_ceil_normal_bits(m).view(torch.float32).to(torch.int32)
+    sub = torch.where(bits == 0, torch.ones_like(sub), sub)
+    return torch.where(bits >> 23 == 0, sub, normal).view(torch.float32)
 
 
 def expand_scale(scale_rows: torch.Tensor, n: int, k: int, lead: int, block: int) -> torch.Tensor:

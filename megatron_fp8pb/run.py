@@ -76,8 +76,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
-    quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head)
-    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head)
+    quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head, q.scale_fmt)
+    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head,
+                        q.scale_fmt)
     result = run_export(
         mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
         quant=quant, max_shard_size=cfg.output.max_shard_size,

@@ -6,8 +6,9 @@ first, then one tensor (or a block of 128-row chunks of one) at a time, never th
 - config.json ``quantization_config`` exactly as FORMAT.md; without one, no FP8 tensor anywhere;
 - ``model.safetensors.index.json`` complete and true (every tensor listed, every listed tensor present, total_size);
 - every F8_E4M3 ``<m>.weight`` [N, K] has a float32 ``<m>.weight_scale_inv`` [ceil(N/128), ceil(K/128)] in the
-  same file, finite and > 0; no ``input_scale`` / ``weight_scale``; every linear not matched by
-  ``modules_to_not_convert`` (transformers' matching rule) is FP8 and every matched one is not;
+  same file, finite and > 0 (a power of two under ``scale_fmt: ue8m0``); no ``input_scale`` / ``weight_scale``;
+  every linear not matched by ``modules_to_not_convert`` (transformers' matching rule) is FP8 and every matched one
+  is not;
 - ``vocab_size`` and ``tie_word_embeddings`` agree with the tensors;
 - against a source: FP8 tensors byte-identical to ``blockfp8.quantize_blockfp8_reference`` of the source tensor,
   or within the e4m3 dequantization bound; the rest equal to the source cast to the output dtype;
@@ -32,7 +33,8 @@ from pathlib import Path
 import torch
 
 from . import serve_check
-from .blockfp8 import BLOCK, dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8_reference
+from .blockfp8 import BLOCK, SCALE_FMTS, dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8_reference
+from .realign import pow2_ceil
 
 INDEX = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
@@ -41,7 +43,7 @@ FORBIDDEN_SUFFIXES = (".input_scale", ".weight_scale", ".activation_scale")
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_LEAVES = ("w1", "w2", "w3")
 REQUIRED_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-KNOWN_QC_KEYS = set(REQUIRED_QC) | {"modules_to_not_convert", "ignored_layers"}
+KNOWN_QC_KEYS = set(REQUIRED_QC) | {"modules_to_not_convert", "ignored_layers", "scale_fmt"}
 DEFAULT_INFO_TP = (1, 2, 4, 8)
 CHUNK_ELEMENTS = 1 << 25
 BOUND_SLACK = 1e-5          # float32 division in the quantizer may land a hair past a rounding tie
@@ -120,6 +122,7 @@ class VerifyReport:
     transformers: list[serve_check.Problem] = field(default_factory=list)
     logits: dict | None = None
     compared: bool = False
+    scale_fmt: str = "amax"     # quantization_config.scale_fmt ("ue8m0": every block scale a power of two)
 
     @property
     def ok(self) -> bool:
@@ -157,6 +160,8 @@ class VerifyReport:
                  f"  exact                {c['exact'] if self.compared else '-'}  ({vs})",
                  f"  within e4m3 bound    {c['within_bound'] if self.compared else '-'}",
                  f"  failed               {c['failed']}"]
+        if self.scale_fmt != "amax":
+            lines.append(f"  scale_fmt            {self.scale_fmt} (every block scale a power of two)")
         for tp in sorted(self.serve):
             probs = self.serve[tp]
             tag = " (required)" if tp in self.serve_required else ""
@@ -178,7 +183,8 @@ class VerifyReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "out_dir": self.out_dir, "source": self.source, "counts": self.counts(),
+        return {"ok": self.ok, "out_dir": self.out_dir, "source": self.source, "scale_fmt": self.scale_fmt,
+                "counts": self.counts(),
                 "errors": list(self.errors), "warnings": list(self.warnings),
                 "tensors": [asdict(r) for r in self.tensors.values()],
                 "serve": {str(tp): {"required": tp in self.serve_required, "ok": not probs,
@@ -367,6 +373,13 @@ def check_quant_config(cfg: dict, rep: VerifyReport) -> list[str] | None:
         if qc.get(key) != want:
             rep.error(f"config.json quantization_config.{key} = {json.dumps(qc.get(key))}, FORMAT.md requires "
                       f"{json.dumps(want)}")
+    fmt = qc.get("scale_fmt", "amax")
+    fmt = "amax" if fmt == "float" else fmt      # transformers writes "float" for float32 amax/448 scales
+    if fmt in SCALE_FMTS:
+        rep.scale_fmt = fmt
+    else:
+        rep.error(f"config.json quantization_config.scale_fmt = {json.dumps(qc.get('scale_fmt'))} is unknown: "
+                  f"FORMAT.md defines \"ue8m0\" (power-of-two block scales) or no key (amax/448)")
     extra = sorted(set(qc) - KNOWN_QC_KEYS)
     if extra:
         rep.warn(f"config.json quantization_config has keys FORMAT.md does not define: {extra}")
@@ -500,6 +513,13 @@ def _check_scale_values(scale: torch.Tensor, sname: str, name: str, rep: VerifyR
         idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
         rep.fail(name, f"tensor {sname!r}: {int(bad.sum())} block scale(s) not finite and > 0, first at block {idx} "
                        f"= {scale[idx].item()}; every block scale must be amax/448 (1.0 for an all-zero block)")
+    elif rep.scale_fmt == "ue8m0":
+        bad = pow2_ceil(scale) != scale
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            rep.fail(name, f"tensor {sname!r}: {int(bad.sum())} block scale(s) not a power of two, first at block "
+                           f"{idx} = {scale[idx].item()!r}, but quantization_config.scale_fmt is \"ue8m0\"; every "
+                           f"block scale must be 2^ceil(log2(amax/448)): re-export with quant.scale_fmt=ue8m0")
 
 
 def scan_fp8_nan(ck: Checkpoint, rep: VerifyReport) -> None:
@@ -633,7 +653,7 @@ def _compare_fp8(ck: Checkpoint, reader, name: str, dtype: torch.dtype, rep: Ver
     try:
         for a, n in row_chunks(t.shape):
             src = _read_rows(reader, name, a, n, t.shape[0]).to(dtype)
-            q_ref, s_ref = quantize_blockfp8_reference(src, name=name)
+            q_ref, s_ref = quantize_blockfp8_reference(src, name=name, scale_fmt=rep.scale_fmt)
             q = ck.read(name, a, a + n)
             s = ck.read(sname, a // BLOCK, -(-(a + n) // BLOCK))
             db = int((q.view(torch.uint8) != q_ref.view(torch.uint8)).sum())

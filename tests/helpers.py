@@ -57,7 +57,8 @@ def read_output(out: Path) -> dict[str, torch.Tensor]:
     return got
 
 
-def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = True) -> list[str]:
+def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = True,
+               scale_fmt: str = "amax") -> list[str]:
     """Names whose bytes differ from the single-process reference quantization (or the source when unquantized)."""
     from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
     got = read_output(out)
@@ -65,11 +66,11 @@ def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = Tru
     for name, t in got.items():
         if name.endswith(".weight_scale_inv"):
             w = name[:-len("_scale_inv")]
-            _, s = quantize_blockfp8_reference(source[w])
+            _, s = quantize_blockfp8_reference(source[w], scale_fmt=scale_fmt)
             if not torch.equal(t, s):
                 bad.append(name)
         elif t.dtype == torch.float8_e4m3fn:
-            q, _ = quantize_blockfp8_reference(source[name])
+            q, _ = quantize_blockfp8_reference(source[name], scale_fmt=scale_fmt)
             if not torch.equal(t.view(torch.uint8), q.view(torch.uint8)):
                 bad.append(name)
         elif name not in source or not torch.equal(t, source[name]):

@@ -12,7 +12,7 @@ from megatron_fp8pb.config import load_config  # noqa: E402
 from megatron_fp8pb.sources import build_source  # noqa: E402
 
 
-def main(mode: str, src: str, dst: str, tp: int, pp: int) -> None:
+def main(mode: str, src: str, dst: str, tp: int, pp: int, scale_fmt: str = "amax") -> None:
     mcore.init_distributed("gloo", 120)
     mcore.initialize_parallel(tp, pp)
     layout, _ = mcore.layout_and_groups()
@@ -21,7 +21,7 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int) -> None:
     if mode == "save":
         mcore.save_dist_checkpoint(source.model, dst)
     else:
-        result = export(source.model, source.hf_config, dst, max_shard_size="200KB")
+        result = export(source.model, source.hf_config, dst, max_shard_size="200KB", scale_fmt=scale_fmt)
         if coll.rank() == 0:
             print(f"API_EXPORT_OK tensors={result.num_tensors} bytes={result.bytes_written}")
     coll.barrier()
@@ -30,4 +30,4 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:7])

@@ -1,4 +1,5 @@
-"""The Triton block-FP8 path is byte-identical to the plain torch reference (run on CPU copies).
+"""The Triton block-FP8 path is byte-identical to the plain torch reference (run on CPU copies), in both scale
+formats (amax/448, and ue8m0: rounded up to a power of two).
 
 Runs under pytest, or as ``python3 tests/gpu/test_blockfp8_triton.py`` where pytest is missing.
 """
@@ -61,9 +62,9 @@ def _assert_f32_equal(s: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert torch.equal(s, ref), f"{what}: {(s != ref).sum().item()} float32 values differ"
 
 
-def _check_full(w: torch.Tensor, what: str) -> None:
-    rq, rs = quantize_blockfp8_reference(w.cpu())
-    q, s = bt.quantize(w.cuda())
+def _check_full(w: torch.Tensor, what: str, scale_fmt: str = "amax") -> None:
+    rq, rs = quantize_blockfp8_reference(w.cpu(), scale_fmt=scale_fmt)
+    q, s = bt.quantize(w.cuda(), scale_fmt=scale_fmt)
     _assert_f32_equal(s, rs, f"{what} scale_inv")
     _assert_q_equal(q, rq, f"{what} qdata")
 
@@ -159,6 +160,92 @@ def test_pieces(lead):
             assert f == first
             _assert_q_equal(bt.quantize_rows(piece.cuda(), rows.cuda(), lead),
                             realign.quantize_piece(piece, scale_inv, 0, offset), f"{what} quantize_rows")
+
+
+# ---- scale_fmt "ue8m0" ------------------------------------------------------------------------------------------
+
+def _assert_pow2(s: torch.Tensor, what: str) -> None:
+    m, _ = torch.frexp(s.cpu().double())
+    assert bool((m == 0.5).all()), f"{what}: a scale is not a power of two"
+
+
+@_params("shape", [(1, 1), (127, 129), (320, 704), (1003, 384), (4096, 4096), (129, 1)])
+def test_ue8m0_random(shape):
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        w = _randn(shape, dtype, ("ue8m0", shape, dtype))
+        _check_full(w, f"ue8m0 {dtype} {shape}", "ue8m0")
+        _assert_pow2(bt.quantize(w.cuda(), scale_fmt="ue8m0")[1], f"ue8m0 {dtype} {shape}")
+
+
+@_params("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_ue8m0_extreme_values_and_zero_blocks(dtype):
+    w = _extreme(dtype, ("ue8m0 extreme", dtype))
+    _check_full(w, f"ue8m0 extreme {dtype}", "ue8m0")
+    _check_full(-w, f"ue8m0 extreme negated {dtype}", "ue8m0")
+    z = _randn((300, 400), dtype, ("ue8m0 zero", dtype))
+    z[:128, :128] = 0
+    z[128:256, 128:256] = -0.0
+    _check_full(z, f"ue8m0 zero blocks {dtype}", "ue8m0")
+    _check_full(torch.zeros(200, 130, dtype=dtype), f"ue8m0 all zero {dtype}", "ue8m0")
+
+
+def _pow2_edges(dtype, underflow: bool = True) -> torch.Tensor:
+    """Blocks whose amax is 448 * 2^k, the next value up and the next down, for several k; in float32 also blocks
+    whose amax/448 is subnormal and (``underflow``) one where it underflows to 0 (ue8m0 scale 2^-149; in the amax
+    format its scale is 0 and the block's bytes are NaN in the reference, so that block is left out there)."""
+    ks = [-20, -3, 0, 1, 7] + ([30, -100, -130] if dtype == torch.float32 else [])
+    w = torch.zeros(128 * 3, 128 * (len(ks) + 1))
+    fill = torch.linspace(-1, 1, 128 * 128).reshape(128, 128) * 0.5
+    for j, k in enumerate(ks):
+        at = torch.tensor(448.0 * 2.0 ** k, dtype=dtype)
+        up = torch.nextafter(at, torch.tensor(float("inf"), dtype=dtype))
+        down = torch.nextafter(at, torch.tensor(0.0, dtype=dtype))
+        for i, v in enumerate((at, up, down)):
+            w[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)] = fill * float(v)
+            w[128 * i + 3, 128 * j + 5] = -float(v)
+    if dtype == torch.float32:
+        j = 128 * len(ks)
+        w[0, j] = 2.0 ** -149 if underflow else 0.0   # amax/448 underflows: ue8m0 scale 2^-149
+        w[128:256, j:j + 128] = fill * 1e-39        # subnormal amax
+        w[256:384, j:j + 128] = fill * 3e-37        # normal amax, subnormal amax/448
+    return w.to(dtype)
+
+
+@_params("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_ue8m0_power_of_two_edges(dtype):
+    w = _pow2_edges(dtype)
+    _check_full(w, f"ue8m0 edges {dtype}", "ue8m0")
+    _check_full(_pow2_edges(dtype, underflow=False), f"amax edges {dtype}")
+
+
+def test_ue8m0_public_dispatch():
+    w = _randn((257, 300), torch.bfloat16, "ue8m0 dispatch")
+    rq, rs = quantize_blockfp8_reference(w, scale_fmt="ue8m0")
+    q, s = quantize_blockfp8(w.cuda(), scale_fmt="ue8m0")
+    _assert_f32_equal(s, rs, "quantize_blockfp8 ue8m0 scale_inv")
+    _assert_q_equal(q, rq, "quantize_blockfp8 ue8m0 qdata")
+
+
+@_params("lead", LEADS)
+def test_ue8m0_pieces(lead):
+    """The sharded-piece path in ue8m0: block_amax on the GPU, scale_inv_from_amax(..., "ue8m0") on the GPU grid,
+    quantize_rows; equal to the reference's scales and bytes."""
+    for dtype in (torch.bfloat16, torch.float32):
+        full = _randn((1200, 333), dtype, ("ue8m0 pieces", lead, dtype))
+        rq, rs = quantize_blockfp8_reference(full, scale_fmt="ue8m0")
+        grid = torch.zeros(rs.shape, dtype=torch.float32, device="cuda")
+        cuts = [(0, 128 + lead), (128 + lead, 300), (428 + lead, 1), (429 + lead, 1200 - 429 - lead)]
+        for off, n in cuts:
+            a = bt.block_amax(full[off:off + n].cuda(), off % 128)
+            first, last = realign.block_span(off, n, 128)
+            grid[first:last] = torch.maximum(grid[first:last], a)
+        scale_inv = realign.scale_inv_from_amax(grid, "ue8m0")
+        _assert_f32_equal(scale_inv, rs, f"ue8m0 lead {lead} {dtype} scales from GPU amax")
+        qs = []
+        for off, n in cuts:
+            _, rows = realign.scale_rows_of_piece(scale_inv, 0, off, n)
+            qs.append(bt.quantize_rows(full[off:off + n].cuda(), rows, off % 128))
+        _assert_q_equal(torch.cat(qs), rq, f"ue8m0 lead {lead} {dtype} quantize_rows")
 
 
 if __name__ == "__main__":

@@ -16,19 +16,20 @@ def _cuts(lengths):
 
 @pytest.mark.parametrize("lengths", [[320], [176, 200], [320, 176, 200], [200, 200, 176, 320], [1, 127, 129, 63]])
 @pytest.mark.parametrize("dim", [0, 1])
-def test_pieces_concatenate_to_reference(lengths, dim):
+@pytest.mark.parametrize("scale_fmt", ["amax", "ue8m0"])
+def test_pieces_concatenate_to_reference(lengths, dim, scale_fmt):
     total = sum(lengths)
     other = 300
     shape = (total, other) if dim == 0 else (other, total)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(total + dim)).to(torch.bfloat16)
-    ref_q, ref_s = quantize_blockfp8_reference(w)
+    ref_q, ref_s = quantize_blockfp8_reference(w, scale_fmt=scale_fmt)
     grid = torch.zeros_like(ref_s)
     for off, n in _cuts(lengths):
         part = realign.partial_block_amax(w.narrow(dim, off, n), dim, off)
         first, last = realign.block_span(off, n, 128)
         g = grid[first:last] if dim == 0 else grid[:, first:last]
         g.copy_(torch.maximum(g, part))
-    scale = realign.scale_inv_from_amax(grid)
+    scale = realign.scale_inv_from_amax(grid, scale_fmt)
     assert torch.equal(scale, ref_s)
     qs = [realign.quantize_piece(w.narrow(dim, off, n), scale, dim, off) for off, n in _cuts(lengths)]
     assert torch.equal(torch.cat(qs, dim).view(torch.uint8), ref_q.view(torch.uint8))
