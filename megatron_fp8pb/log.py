@@ -20,3 +20,16 @@ def log0(msg: str) -> None:
             _logger.propagate = False
         _logger.info(msg)
         sys.stdout.flush()
+
+
+# megatron-core warnings that say nothing about an export: optional fused kernels (TransformerEngine, Apex) are
+# missing, so its local implementations are used; a CUDA-graph option we never set is deprecated.
+KNOWN_HARMLESS = (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                  r"full scope is deprecated")
+
+
+def quiet_known_warnings() -> None:
+    """Silence KNOWN_HARMLESS (call before megatron.core is imported); every other warning still shows."""
+    import warnings
+    for pattern in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=pattern)

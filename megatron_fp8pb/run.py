@@ -10,6 +10,7 @@ from . import collectives as coll
 from . import mcore
 from .archs import dims_from_hf
 from .config import ExportConfig, load_config
+from .errors import agree, is_expected, message, refuse_everywhere
 from .log import log0
 from .pipeline import run_export
 from .plan import QuantChoice
@@ -18,7 +19,9 @@ from .validate import check_layout
 
 
 def preflight(cfg: ExportConfig, world: int):
-    """Everything that can be refused before a process group or a weight is touched."""
+    """Everything that can be refused before a process group or a weight is touched (the same verdict on every
+    rank: it reads only the config and the source's config.json)."""
+    check_source_paths(cfg)
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
     p = cfg.parallel
@@ -27,11 +30,32 @@ def preflight(cfg: ExportConfig, world: int):
     for src in (cfg.source.path,):
         if src and (out == os.path.realpath(src) or out.startswith(os.path.realpath(src) + os.sep)):
             raise ValueError(f"output.dir {cfg.output.dir} lies inside source.path {src}; write elsewhere")
-    from .writer import parse_size, prepare_output
+    from .writer import parse_size
     parse_size(cfg.output.max_shard_size)
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_output(cfg.output.dir, cfg.output.overwrite)
     return hfc, d
+
+
+def check_source_paths(cfg: ExportConfig) -> None:
+    """A source path that is not there is named as such (before anything looks inside it)."""
+    s = cfg.source
+    what = {"hf": "an HF checkpoint directory", "megatron": "a Megatron distributed checkpoint directory"}
+    if s.kind in what and s.path and not os.path.exists(s.path):
+        raise FileNotFoundError(f"source.path {s.path} does not exist; point it at {what[s.kind]}")
+    if s.kind == "megatron" and s.hf_config and not os.path.exists(s.hf_config):
+        raise FileNotFoundError(f"source.hf_config {s.hf_config} does not exist; point it at the HF config.json "
+                                f"(or its directory) describing the architecture")
+
+
+def check_output_on_rank0(cfg: ExportConfig) -> None:
+    """Collective: rank 0 (the writer) checks output.dir; every rank learns its verdict at once."""
+    from .writer import prepare_output
+    error = None
+    if coll.rank() == 0:
+        try:
+            prepare_output(cfg.output.dir, cfg.output.overwrite)
+        except (OSError, ValueError) as e:
+            error = message(e)
+    agree(error, name_rank=False)
 
 
 def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, ...]:
@@ -62,17 +86,28 @@ def _exit_on_sigterm() -> None:
 
 def run(config_path: str | None, overrides: list[str]) -> int:
     _exit_on_sigterm()
-    cfg = load_config(config_path, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    preflight(cfg, world)
+    try:
+        cfg = load_config(config_path, overrides)
+        preflight(cfg, world)
+    except Exception as e:
+        if is_expected(e):
+            raise refuse_everywhere(e) from e
+        raise
     p = cfg.parallel
     on_gpu = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
     backend = p.backend if p.backend != "auto" else ("nccl" if on_gpu else "gloo")
     mcore.init_distributed(backend, p.timeout_s)
+    check_output_on_rank0(cfg)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
-    src = build_source(cfg, layout, on_gpu)
+    src, error = None, None
+    try:
+        src = build_source(cfg, layout, on_gpu)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        error = message(e)
+    agree(error)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
@@ -101,3 +136,4 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     mcore.destroy_parallel()
     torch.distributed.destroy_process_group()
     return 0 if ok else 1
+
