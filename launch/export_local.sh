@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One node, no Slurm: torchrun with as many processes as the config's layout needs (launch/nproc.py).
+# One node, no Slurm: torchrun with as many processes as the resolved layout (file + overrides) needs (launch/nproc.py).
 #   launch/export_local.sh [--config FILE.yaml] [dotted.key=value ...]
 #   launch/export_local.sh --config configs/tiny-qwen3-tp2.yaml parallel.backend=gloo parallel.device=cpu
 # Environment:
