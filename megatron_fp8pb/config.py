@@ -82,7 +82,7 @@ def describe_keys(cls=ExportConfig, prefix: str = "") -> list[tuple[str, str, st
         meaning = comments.get(f.name, "")
         if key in _CHOICES and "|" not in meaning:
             meaning = f"{meaning} (one of {', '.join(_CHOICES[key])})".strip()
-        shown = default if isinstance(default, str) else json.dumps(
+        shown = default if isinstance(default, str) else "none" if default is None else json.dumps(
             list(default) if isinstance(default, tuple) else default)
         out.append((key, shown, meaning))
     return out

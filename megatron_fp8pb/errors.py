@@ -80,9 +80,10 @@ def exit_code_for(e: BaseException) -> int:
     return EXIT_REFUSED
 
 
-def agree(error: str | None, name_rank: bool = True) -> None:
+def agree(error: str | None, name_rank: bool = True, cause: BaseException | None = None) -> None:
     """Collective: every rank learns whether any rank failed a check, and all raise the first failure (naming its
-    rank unless ``name_rank`` is false) as an everywhere-Refusal. ``error``: this rank's message, or None."""
+    rank unless ``name_rank`` is false) as an everywhere-Refusal. ``error``: this rank's message, or None; ``cause``:
+    this rank's exception, chained (``from``) to the Refusal so that ``FP8PB_DEBUG=1`` shows where it arose."""
     from . import collectives as coll
     errors = coll.gather_objects(error)
     first = None
@@ -94,7 +95,7 @@ def agree(error: str | None, name_rank: bool = True) -> None:
             first = msg if plain else f"rank {r}: {msg}"
     first = coll.broadcast_object(first)
     if first:
-        raise Refusal(first, everywhere=True)
+        raise Refusal(first, everywhere=True) from cause
 
 
 def cli(fn, *args) -> int:

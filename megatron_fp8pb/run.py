@@ -49,13 +49,13 @@ def check_source_paths(cfg: ExportConfig) -> None:
 def check_output_on_rank0(cfg: ExportConfig) -> None:
     """Collective: rank 0 (the writer) checks output.dir; every rank learns its verdict at once."""
     from .writer import prepare_output
-    error = None
+    error = cause = None
     if coll.rank() == 0:
         try:
             prepare_output(cfg.output.dir, cfg.output.overwrite)
         except (OSError, ValueError) as e:
-            error = message(e)
-    agree(error, name_rank=False)
+            error, cause = message(e), e
+    agree(error, name_rank=False, cause=cause)
 
 
 def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, ...]:
@@ -102,12 +102,12 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
-    src, error = None, None
+    src = error = cause = None
     try:
         src = build_source(cfg, layout, on_gpu)
     except (ValueError, TypeError, KeyError, OSError) as e:
-        error = message(e)
-    agree(error)
+        error, cause = message(e), e
+    agree(error, cause=cause)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
