@@ -170,6 +170,23 @@ def _dotted(overrides: list[str]) -> dict:
     return out
 
 
+def serve_targets(value: str | None) -> tuple[tuple[int, ...], bool]:
+    """quant.serve_tp -> (vLLM/SGLang TP sizes, whether transformers is a target): "4" -> ((4,), False),
+    "transformers" -> ((), True), "2,8,transformers" -> ((2, 8), True), None -> ((), False)."""
+    if value is None or str(value).strip() in ("", "none", "null"):
+        return (), False
+    tps, tf = [], False
+    for item in (v.strip() for v in str(value).split(",")):
+        if item == "transformers":
+            tf = True
+        elif item.isdigit() and int(item) >= 1:
+            tps.append(int(item))
+        elif item:
+            raise ValueError(f"config key quant.serve_tp={value!r}: {item!r} is neither a TP size >= 1 nor "
+                             f"'transformers'; e.g. quant.serve_tp=4 or quant.serve_tp=4,transformers")
+    return tuple(tps), tf
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExportConfig:
     """Defaults, then the YAML file (a diff), then dotted ``key=value`` overrides."""
     cfg = ExportConfig()
@@ -178,4 +195,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(data, dict):
             raise TypeError(f"config file {path} must hold a mapping")
         cfg = _merge(cfg, data)
-    return _merge(cfg, _dotted(list(overrides)))
+    cfg = _merge(cfg, _dotted(list(overrides)))
+    serve_targets(cfg.quant.serve_tp)
+    return cfg

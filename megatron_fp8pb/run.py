@@ -9,9 +9,9 @@ import torch
 from . import collectives as coll
 from . import mcore
 from .archs import dims_from_hf
-from .config import ExportConfig, load_config
+from .config import ExportConfig, load_config, serve_targets
 from .errors import agree, is_expected, message, refuse_everywhere
-from .log import log0
+from .log import log0, warn0
 from .pipeline import run_export
 from .plan import QuantChoice
 from .sources import build_source, source_config
@@ -58,20 +58,37 @@ def check_output_on_rank0(cfg: ExportConfig) -> None:
     agree(error, name_rank=False, cause=cause)
 
 
-def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, ...]:
-    """Modules a server at ``serve_tp`` would refuse in FP8 (with their fusion groups): kept unquantized."""
+def serve_exclusions(d, quant: QuantChoice, serve_tp: str | None, dtype_name: str = "bfloat16") -> tuple[str, ...]:
+    """Modules a target of ``quant.serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
+    fusion groups: kept unquantized. A loud warning when that is most of the linears."""
     from .archs import rules_for
     from .archs.base import hf_module
     from .plan import linear_weights
-    from .serve_check import layers_to_keep_unquantized
-    if not serve_tp or not quant.enabled:
+    from .serve_check import layers_for_transformers, layers_to_keep_unquantized
+    tps, for_transformers = serve_targets(serve_tp)
+    if not (tps or for_transformers) or not quant.enabled:
         return ()
     mods = {hf_module(n): s for n, s in linear_weights(rules_for(d), d, quant.lm_head and d.tie_embeddings).items()
             if quant.quantizes(hf_module(n))}
-    keep = layers_to_keep_unquantized(mods, serve_tp, num_kv_heads=d.num_query_groups)
+    kv = d.num_query_groups
+    keep = set(layers_to_keep_unquantized(mods, tps, num_kv_heads=kv)) if tps else set()
+    if for_transformers:
+        keep |= set(layers_for_transformers(mods))
+    keep = sorted(keep)
     if keep:
-        log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that vLLM/SGLang accept the "
-             f"checkpoint at tp={serve_tp}, e.g. {keep[:4]}")
+        targets = ([f"vLLM/SGLang at tp={','.join(map(str, tps))}"] if tps else []) + \
+            (["transformers"] if for_transformers else [])
+        log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that {' and '.join(targets)} "
+             f"load the checkpoint right, e.g. {keep[:4]}")
+    if mods and 2 * len(keep) > len(mods):
+        fine = [t for t in (1, 2, 4, 8, 16) if not layers_to_keep_unquantized(mods, t, num_kv_heads=kv)]
+        tf_note = ""
+        if for_transformers and layers_for_transformers(mods):
+            tf_note = f" ({len(layers_for_transformers(mods))} of them only for transformers)"
+        warn0(f"quant.serve_tp={serve_tp} keeps {len(keep)} of {len(mods)} quantizable linears unquantized"
+              f"{tf_note}: the checkpoint is mostly {dtype_name}, not FP8. Serving TP sizes at which every linear "
+              f"stays quantized: {', '.join(map(str, fine)) or 'none up to 16'} (this model's shapes are not "
+              f"multiples of 128 per rank at the others).")
     return tuple(keep)
 
 
@@ -112,7 +129,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
     quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head)
-    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head)
+    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp, str(src.dtype).replace('torch.', '')), q.lm_head)
     result = run_export(
         mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
         quant=quant, max_shard_size=cfg.output.max_shard_size,
@@ -128,7 +145,8 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         if cfg.output.verify:
             from .verify import verify_checkpoint
             report = verify_checkpoint(result.out_dir, source=src.truth,
-                                       serve_tp=(q.serve_tp,) if q.serve_tp else ())
+                                       serve_tp=serve_targets(q.serve_tp)[0],
+                                       serve_transformers=serve_targets(q.serve_tp)[1])
             log0("verification:\n" + report.table())
             ok = report.ok
     ok = coll.broadcast_object(ok)

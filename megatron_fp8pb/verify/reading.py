@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..blockfp8 import BLOCK
-from .report import CHUNK_ELEMENTS, FP8, INDEX, SCALE_SUFFIX, TensorInfo, TensorResult, VerifyReport
+from .report import CHUNK_ELEMENTS, FP8, INDEX, SINGLE, SCALE_SUFFIX, TensorInfo, TensorResult, VerifyReport
 
 _DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2,
                 "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
@@ -89,10 +89,22 @@ def _load_json(path: Path, rep: VerifyReport, what: str) -> dict | None:
 
 
 def check_index(out: Path, rep: VerifyReport) -> dict[str, TensorInfo]:
-    """Headers of every shard, and the index checked against them. Returns name -> TensorInfo of what is there
-    (natural order) and starts a per-tensor result for every tensor but the scales."""
-    index = _load_json(out / INDEX, rep, "write the index {\"metadata\": {\"total_size\"}, \"weight_map\"} (re-export)")
-    weight_map = _weight_map(index, rep)
+    """Headers of every shard, and the index checked against them (a lone ``model.safetensors`` needs none, as
+    ``save_pretrained`` writes it for a small model). Returns name -> TensorInfo of what is there (natural order) and
+    starts a per-tensor result for every tensor but the scales."""
+    if not (out / INDEX).exists() and (out / SINGLE).is_file():
+        index, weight_map = None, {}
+        extra = sorted(p.name for p in out.glob("*.safetensors") if p.name != SINGLE)
+        if extra:
+            rep.error(f"{out} holds {SINGLE} and {extra} but no {INDEX}; loaders read only {SINGLE}: write the index "
+                      f"or remove the other files")
+    elif not (out / INDEX).exists() and not list(out.glob("*.safetensors")):
+        rep.error(f"{out} holds neither {INDEX} nor {SINGLE}; pass the directory of an HF safetensors checkpoint")
+        index, weight_map = None, {}
+    else:
+        index = _load_json(out / INDEX, rep,
+                           "write the index {\"metadata\": {\"total_size\"}, \"weight_map\"} (re-export)")
+        weight_map = _weight_map(index, rep)
     files = sorted(set(weight_map.values()) | {p.name for p in out.glob("*.safetensors")})
     tensors: dict[str, TensorInfo] = {}
     for file in files:

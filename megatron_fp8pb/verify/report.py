@@ -1,11 +1,13 @@
 """The verify report: per-tensor results, errors and warnings, the human table and the JSON form."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from .. import serve_check
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
 FP8 = "F8_E4M3"
 
@@ -51,6 +53,9 @@ class VerifyReport:
     transformers: list[serve_check.Problem] = field(default_factory=list)
     logits: dict | None = None
     compared: bool = False
+    tolerance: str = "exact"                # "exact": a differing fp8 byte fails; "bound": within e4m3 bound passes
+    transformers_load: dict | None = None   # the meta-device load: {"missing", "unexpected", "mismatched", "error"}
+    transformers_required: bool = False     # quant.serve_tp=transformers: its dequantize problems are errors
 
     @property
     def ok(self) -> bool:
@@ -77,8 +82,9 @@ class VerifyReport:
                 "within_bound": sum(r.status == "within-bound" for r in rs),
                 "failed": sum(r.status == "FAIL" for r in rs)}
 
-    def table(self, max_lines: int = 20) -> str:
-        """A short human summary: tensor counts, serve-check per TP, transformers-check, logits, first errors."""
+    def table(self, max_lines: int = 20, json_path: str | None = None) -> str:
+        """A short human summary: tensor counts, serve-check per TP, transformers, logits, then warnings and errors
+        grouped across layers, and the fix."""
         c = self.counts()
         head = "OK" if self.ok else f"FAILED ({len(self.errors)} error(s))"
         vs = "against source" if self.compared else "no --source"
@@ -86,7 +92,8 @@ class VerifyReport:
                  f"  tensors checked      {c['checked']}",
                  f"  quantized (fp8)      {c['quantized']}",
                  f"  exact                {c['exact'] if self.compared else '-'}  ({vs})",
-                 f"  within e4m3 bound    {c['within_bound'] if self.compared else '-'}",
+                 f"  within e4m3 bound    {c['within_bound'] if self.compared else '-'}"
+                 f"{'  (allowed: --tolerance bound)' if self.tolerance == 'bound' else ''}",
                  f"  failed               {c['failed']}"]
         for tp in sorted(self.serve):
             probs = self.serve[tp]
@@ -95,18 +102,35 @@ class VerifyReport:
             lines.append(f"  serve tp={tp:<3}         {verdict}{tag}")
         if self.fused_partial:
             lines.append(f"  fused modules        {len(self.fused_partial)} partly quantized (refused at any tp)")
-        tf = "OK" if not self.transformers else f"{len(self.transformers)} layer(s) with dims not multiples of 128"
-        lines.append(f"  transformers load    {tf}")
+        lines.append(f"  transformers load    {_load_line(self.transformers_load)}")
+        if self.transformers_load is not None:
+            tf = "OK" if not self.transformers else (
+                f"{len(self.transformers)} quantized weight(s) with rows/cols not multiples of 128 dequantized wrong "
+                f"or refused (vLLM/SGLang are fine), e.g. {self.transformers[0].module}")
+            lines.append(f"  transformers dequant {tf}{' (required)' if self.transformers_required else ''}")
         if self.logits is not None:
             lines.append(f"  logits               {_logits_line(self.logits)}")
+        more = f"all of them in {json_path}" if json_path else "--json REPORT.json writes all of them"
         other = [w for w in self.warnings if not w.startswith(("serve-check", "transformers-check"))]
-        lines += [f"  warning: {w}" for w in other[:max_lines]]
-        if len(other) > max_lines:
-            lines.append(f"  ... and {len(other) - max_lines} more warning(s) (see the JSON report)")
-        lines += [f"  error: {e}" for e in self.errors[:max_lines]]
-        if len(self.errors) > max_lines:
-            lines.append(f"  ... and {len(self.errors) - max_lines} more error(s) (see the JSON report)")
+        lines += _grouped("warning", other, max_lines, more)
+        lines += _grouped("error", self.errors, max_lines, more)
+        fixes = self.fixes()
+        if fixes:
+            lines.append(f"  fix: {'; '.join(fixes)}")
         return "\n".join(lines)
+
+    def fixes(self) -> list[str]:
+        """What to do about the errors that share one remedy (other errors say their own fix)."""
+        out = []
+        if any(e.startswith("serve-check:") for e in self.errors) and self.serve_required:
+            out.append(f"re-export with quant.serve_tp={','.join(map(str, self.serve_required))}"
+                       f"{',transformers' if self.transformers_required else ''}")
+        elif any(e.startswith("transformers-check:") for e in self.errors):
+            out.append("re-export with quant.serve_tp=transformers")
+        if any("within the e4m3 bound" in e for e in self.errors):
+            out.append("re-export with this tool for byte-exact tensors, or pass --tolerance bound for a checkpoint "
+                       "made by a tool that rounds differently")
+        return out
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "out_dir": self.out_dir, "source": self.source, "counts": self.counts(),
@@ -116,12 +140,43 @@ class VerifyReport:
                                     "problems": [p.to_json() for p in probs]} for tp, probs in self.serve.items()},
                 "fused_partial": [p.to_json() for p in self.fused_partial],
                 "transformers": [p.to_json() for p in self.transformers],
+                "transformers_load": self.transformers_load, "tolerance": self.tolerance,
                 "logits": self.logits}
+
+
+_LAYER = re.compile(r"\.(layers|experts)\.\d+\.")
+
+
+def _grouped(kind: str, messages: list[str], max_lines: int, more: str) -> list[str]:
+    """One line per distinct message once layer and expert numbers are replaced by ``*``, with how many it stands
+    for: ``error: (36x) serve-check: model.layers.*.self_attn.k_proj at tp=2: ...``."""
+    groups: dict[str, int] = {}
+    for m in messages:
+        key = _LAYER.sub(lambda g: f".{g.group(1)}.*.", m)
+        groups[key] = groups.get(key, 0) + 1
+    lines = [f"  {kind}: {'(%dx) ' % n if n > 1 else ''}{m}" for m, n in list(groups.items())[:max_lines]]
+    if len(groups) > max_lines:
+        rest = sum(list(groups.values())[max_lines:])
+        lines.append(f"  ... and {rest} more {kind}(s) ({more})")
+    return lines
+
+
+def _load_line(ld: dict | None) -> str:
+    if ld is None:
+        return "-  (not checked)"
+    if ld.get("error"):
+        return f"FAILED: {ld['error']}"
+    bad = {k: ld[k] for k in ("missing", "unexpected", "mismatched") if ld.get(k)}
+    if not bad:
+        return f"OK  (every tensor maps to a parameter of {ld.get('model', 'the model')}, built on the meta device)"
+    return "FAILED: " + ", ".join(f"{len(v)} {k} key(s), e.g. {v[:2]}" for k, v in bad.items())
 
 
 def _logits_line(lg: dict) -> str:
     if "error" in lg:
         return f"FAILED: {lg['error']}"
     verdict = "OK" if lg["ok"] else "FAILED"
-    return (f"rel err {lg['rel_err']:.4g} (max {lg['max_rel_err']}), top-1 agreement {lg['top1']:.3f} "
-            f"(min {lg['min_top1']}): {verdict}")
+    line = (f"W8A16 rel err {lg['rel_err']:.4g}, top-1 {lg['top1']:.3f}")
+    if "w8a8_rel_err" in lg:
+        line += f"; W8A8 rel err {lg['w8a8_rel_err']:.4g}, top-1 {lg['w8a8_top1']:.3f}"
+    return f"{line} (max rel err {lg['max_rel_err']}, min top-1 {lg['min_top1']}): {verdict}"

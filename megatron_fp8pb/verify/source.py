@@ -136,9 +136,11 @@ def _compare_fp8(ck: Checkpoint, reader, name: str, dtype: torch.dtype, rep: Ver
     detail = (f"{nbytes} of {math.prod(t.shape)} fp8 byte(s) and {nscales} block scale(s) differ from the reference "
               f"quantization of the source; max |dequant - source| = {ratio:.3g} x the e4m3 bound (16 x block scale) "
               f"at element {list(where)}")
-    if ratio <= 1.0 + BOUND_SLACK:
+    if ratio <= 1.0 + BOUND_SLACK and rep.tolerance == "bound":
         res.status, res.detail = "within-bound", detail
         rep.warn(f"tensor {name!r}: {detail}")
+    elif ratio <= 1.0 + BOUND_SLACK:
+        rep.fail(name, f"tensor {name!r}: {detail}: within the e4m3 bound, but not the reference quantization")
     else:
         rep.fail(name, f"tensor {name!r}: {detail}; the tensor is corrupt or wrongly scaled, re-export it")
 
