@@ -82,13 +82,17 @@ def serve_exclusions(d, quant: QuantChoice, serve_tp: str | None, dtype_name: st
              f"load the checkpoint right, e.g. {keep[:4]}")
     if mods and 2 * len(keep) > len(mods):
         fine = [t for t in (1, 2, 4, 8, 16) if not layers_to_keep_unquantized(mods, t, num_kv_heads=kv)]
-        tf_note = ""
-        if for_transformers and layers_for_transformers(mods):
-            tf_note = f" ({len(layers_for_transformers(mods))} of them only for transformers)"
-        warn0(f"quant.serve_tp={serve_tp} keeps {len(keep)} of {len(mods)} quantizable linears unquantized"
-              f"{tf_note}: the checkpoint is mostly {dtype_name}, not FP8. Serving TP sizes at which every linear "
-              f"stays quantized: {', '.join(map(str, fine)) or 'none up to 16'} (this model's shapes are not "
-              f"multiples of 128 per rank at the others).")
+        msg = (f"quant.serve_tp={serve_tp} keeps {len(keep)} of {len(mods)} quantizable linears unquantized: the "
+               f"checkpoint is mostly {dtype_name}, not FP8.")
+        if tps:
+            msg += (f" vLLM/SGLang keep every linear quantized at tp={','.join(map(str, fine))}" if fine else
+                    " vLLM/SGLang keep every linear quantized at no tp up to 16") + \
+                " (the per-rank rows/columns of the others are not multiples of 128)."
+        if for_transformers:
+            msg += (f" {len(layers_for_transformers(mods))} of them because transformers' dequantize needs rows and "
+                    f"columns in multiples of 128: leave transformers out of quant.serve_tp where only vLLM/SGLang "
+                    f"serve it.")
+        warn0(msg)
     return tuple(keep)
 
 
