@@ -40,7 +40,7 @@ class QuantConfig:
     enabled: bool = True            # false: write the source dtype, byte-identical to the source
     exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
     lm_head: bool = False           # quantize lm_head (unties tied embeddings)
-    serve_tp: str | None = None     # keep unquantized what a target would refuse: a vLLM/SGLang TP size (4), transformers, or both (4,transformers)
+    serve_tp: str | None = None     # targets whose refusals stay unquantized: TP size (4), transformers or 4,transformers
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,8 @@ def run(config_path: str | None, overrides: list[str]) -> int:
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
     quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head)
-    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp, str(src.dtype).replace('torch.', '')), q.lm_head)
+    kept = serve_exclusions(src.dims, quant, q.serve_tp, str(src.dtype).replace("torch.", ""))
+    quant = QuantChoice(q.enabled, tuple(q.exclude) + kept, q.lm_head)
     result = run_export(
         mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
         quant=quant, max_shard_size=cfg.output.max_shard_size,
