@@ -110,7 +110,8 @@ class VerifyReport:
             lines.append(f"  transformers dequant {tf}{' (required)' if self.transformers_required else ''}")
         if self.logits is not None:
             lines.append(f"  logits               {_logits_line(self.logits)}")
-        more = f"all of them in {json_path}" if json_path else "--json REPORT.json writes all of them"
+        more = (f"all of them in {json_path}" if json_path else
+                "megatron-fp8pb-verify --json REPORT.json lists all of them")
         other = [w for w in self.warnings if not w.startswith(("serve-check", "transformers-check"))]
         lines += _grouped("warning", other, max_lines, more)
         lines += _grouped("error", self.errors, max_lines, more)

@@ -77,7 +77,7 @@ def test_errors_are_grouped_across_layers_and_end_with_the_fix(tiny, capsys):
     assert table.splitlines()[-1] == "  fix: re-export with quant.serve_tp=2"
     assert "JSON" not in table
     short = rep.table(max_lines=1)
-    assert "more error(s) (--json REPORT.json writes all of them)" in short
+    assert "more error(s) (megatron-fp8pb-verify --json REPORT.json lists all of them)" in short
     assert main([str(out), "--serve-tp", "2", "--no-load"]) == 1
     assert "fix: re-export with quant.serve_tp=2" in capsys.readouterr().out
 
