@@ -191,7 +191,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Defaults, then the YAML file (a diff), then dotted ``key=value`` overrides."""
     cfg = ExportConfig()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--config {path} does not exist; name a YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise TypeError(f"config file {path} must hold a mapping")
         cfg = _merge(cfg, data)
