@@ -116,3 +116,15 @@ def test_export_local_counts_processes_from_the_resolved_layout(tmp_path):
     assert r.returncode != 0
     assert _errors(r.stderr) == [f"error: source.path {tmp_path / 'no-such-ckpt'} does not exist; point it at an "
                                  f"HF checkpoint directory"]
+
+
+def test_a_normal_run_shows_no_known_harmless_warnings(tmp_path):
+    from helpers import free_port
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "launch/export.py", "parallel.tp=2",
+                        f"output.dir={tmp_path / 'out'}", "output.verify=false"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stderr and "Apex" not in r.stderr, r.stderr      # megatron-core's 14 at import
