@@ -116,6 +116,9 @@ def test_export_local_counts_processes_from_the_resolved_layout(tmp_path):
     assert r.returncode != 0
     assert _errors(r.stderr) == [f"error: source.path {tmp_path / 'no-such-ckpt'} does not exist; point it at an "
                                  f"HF checkpoint directory"]
+    # launch/torchrun.py ends with one line instead of torchrun's traceback and failure table
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    assert r.stderr.splitlines()[-1].endswith("failed: rank 0 exited with code 2; its message is above")
 
 
 def test_a_normal_run_shows_no_known_harmless_warnings(tmp_path):
