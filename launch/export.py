@@ -8,13 +8,28 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+def parser() -> argparse.ArgumentParser:
+    from megatron_fp8pb.config import keys_help
+    return argparse.ArgumentParser(
+        prog="launch/export.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a Megatron-core model to a Hugging Face block-FP8 checkpoint.",
+        epilog="config keys (key=default, meaning); set them in the YAML file or as key=value:\n" + keys_help() +
+               "\n\nAn expected refusal prints one line and exits 2; FP8PB_DEBUG=1 shows its traceback.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Export a Megatron-core model to an HF block-FP8 checkpoint.")
+    argv = sys.argv[1:] if argv is None else argv
+    if int(os.environ.get("RANK", "0")) != 0 and any(a in ("-h", "--help") for a in argv):
+        return 0      # under torchrun the help is printed once, by rank 0
+    ap = parser()
     ap.add_argument("--config", help="YAML file: a diff over the defaults")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
+    from megatron_fp8pb.errors import cli
+    from megatron_fp8pb.log import quiet_known_warnings
+    quiet_known_warnings()
     from megatron_fp8pb.run import run
-    return run(args.config, args.overrides)
+    return cli(run, args.config, args.overrides)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Prints the processes per node a config needs: ``python launch/nproc.py [--nodes N] [--config F] [k=v ...]``.
 
 The layout needs a world size that is a multiple of tp*pp and of pp*ep*etp. A config file written for a machine
-names it in comments (``# nodes: 2``, ``# gpus_per_node: 8``); that world size is kept while the layout divides it,
-spread over ``--nodes`` (default: the file's ``# nodes:``, else 1).
+names it in comments (``# nodes: 2``, ``# gpus_per_node: 8``); that world size is kept while the layout divides it
+and no override changes the file's layout (else the resolved layout's smallest world size is used), spread over
+``--nodes`` (default: the file's ``# nodes:``, else 1).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_fp8pb.config import load_config
     p = load_config(args.config, args.overrides).parallel
     hn, hg = header(args.config, "nodes"), header(args.config, "gpus_per_node")
+    if p != load_config(args.config).parallel:
+        hg = None     # the overrides changed the layout: the file's GPU count was sized for another one
     try:
         print(per_node(min_world(p.tp, p.pp, p.ep, p.etp), args.nodes or hn or 1, hn, hg))
     except ValueError as e:

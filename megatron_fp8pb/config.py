@@ -5,6 +5,7 @@ Unknown keys and wrong types are refused with the key's full dotted name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,9 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
+    tp: int = 1                     # tensor parallel size of the export
+    pp: int = 1                     # pipeline parallel size
+    ep: int = 1                     # expert parallel size (mixture-of-experts models)
     etp: int | None = None          # expert tensor parallel; default: tp
     backend: str = "auto"           # auto (nccl with CUDA, else gloo) | gloo | nccl
     timeout_s: float = 300.0        # collective timeout
@@ -36,18 +37,18 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    enabled: bool = True
+    enabled: bool = True            # false: write the source dtype, byte-identical to the source
     exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
     lm_head: bool = False           # quantize lm_head (unties tied embeddings)
-    serve_tp: int | None = None     # keep unquantized the layers a server at this TP would refuse
+    serve_tp: str | None = None     # targets whose refusals stay unquantized: TP size (4), transformers or 4,transformers
     scale_fmt: str = "amax"         # block scales: amax (amax/448) | ue8m0 (rounded up to a power of two)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = "out/tiny-qwen3-fp8"
-    max_shard_size: str = "5GB"
-    overwrite: bool = False
+    dir: str = "out/tiny-qwen3-fp8"  # where the checkpoint appears (written in <dir>.partial, renamed at the end)
+    max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
+    overwrite: bool = False         # replace a non-empty output.dir
     verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
 
 
@@ -64,6 +65,35 @@ class ExportConfig:
 
 _CHOICES = {"source.kind": ("tiny", "hf", "megatron", "random"), "parallel.backend": ("auto", "gloo", "nccl"),
             "parallel.device": ("auto", "cpu", "cuda"), "quant.scale_fmt": ("amax", "ue8m0")}
+
+
+def describe_keys(cls=ExportConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) of every config key, read from the dataclasses and the comment beside each
+    field, so that the list cannot go stale."""
+    import inspect
+    import re
+    comments = dict(re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+?)\s*$", inspect.getsource(cls), re.MULTILINE))
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(default):
+            out += describe_keys(type(default), key + ".")
+            continue
+        meaning = comments.get(f.name, "")
+        if key in _CHOICES and "|" not in meaning:
+            meaning = f"{meaning} (one of {', '.join(_CHOICES[key])})".strip()
+        shown = default if isinstance(default, str) else "none" if default is None else json.dumps(
+            list(default) if isinstance(default, tuple) else default)
+        out.append((key, shown, meaning))
+    return out
+
+
+def keys_help() -> str:
+    """The --help text of the config keys: one line per key with its default and meaning."""
+    rows = describe_keys()
+    width = max(len(k) + len(d) for k, d, _ in rows) + 3
+    return "\n".join(f"  {f'{k}={d}':<{width}} {m}" for k, d, m in rows)
 
 
 def _coerce(key: str, value, typ):
@@ -141,12 +171,36 @@ def _dotted(overrides: list[str]) -> dict:
     return out
 
 
+def serve_targets(value: str | None) -> tuple[tuple[int, ...], bool]:
+    """quant.serve_tp -> (vLLM/SGLang TP sizes, whether transformers is a target): "4" -> ((4,), False),
+    "transformers" -> ((), True), "2,8,transformers" -> ((2, 8), True), None -> ((), False)."""
+    if value is None or str(value).strip() in ("", "none", "null"):
+        return (), False
+    tps, tf = [], False
+    for item in (v.strip() for v in str(value).split(",")):
+        if item == "transformers":
+            tf = True
+        elif item.isdigit() and int(item) >= 1:
+            tps.append(int(item))
+        elif item:
+            raise ValueError(f"config key quant.serve_tp={value!r}: {item!r} is neither a TP size >= 1 nor "
+                             f"'transformers'; e.g. quant.serve_tp=4 or quant.serve_tp=4,transformers")
+    return tuple(tps), tf
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExportConfig:
     """Defaults, then the YAML file (a diff), then dotted ``key=value`` overrides."""
     cfg = ExportConfig()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--config {path} does not exist; name a YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise TypeError(f"config file {path} must hold a mapping")
         cfg = _merge(cfg, data)
-    return _merge(cfg, _dotted(list(overrides)))
+    cfg = _merge(cfg, _dotted(list(overrides)))
+    serve_targets(cfg.quant.serve_tp)
+    return cfg

@@ -14,6 +14,7 @@ import signal
 import time
 
 from . import collectives as coll
+from .errors import Refusal, message
 
 ENV = "FP8PB_INJECT_FAULT"
 
@@ -41,14 +42,15 @@ def inject(stage: str) -> None:
 
 @contextlib.contextmanager
 def stage(name: str):
-    """Run a stage; any failure is re-raised as ExportError naming this rank and the stage."""
+    """Run a stage; a failure is re-raised naming this rank and the stage: bad values as a Refusal, anything else as
+    an ExportError (both ``from`` the original)."""
     try:
         inject(name)
         yield
-    except ExportError:
+    except (ExportError, Refusal):
         raise
-    except (ValueError, TypeError, FileExistsError, PermissionError) as e:
-        raise type(e)(f"rank {coll.rank()}, stage {name}: {e}") from e
+    except (ValueError, TypeError, KeyError, FileExistsError, PermissionError) as e:
+        raise Refusal(f"rank {coll.rank()}, stage {name}: {message(e)}") from e
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

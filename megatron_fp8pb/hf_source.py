@@ -118,8 +118,8 @@ def hf_config(path: str | os.PathLike):
     if p.is_file():
         p = p.parent
     if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{p} has no config.json; source.hf_config must name an HF config.json or its "
-                                f"directory")
+        raise FileNotFoundError(f"{p} has no config.json; an HF checkpoint directory (source.path with "
+                                f"source.kind=hf) or source.hf_config (source.kind=megatron) must hold one")
     return AutoConfig.from_pretrained(str(p))
 
 

@@ -20,3 +20,23 @@ def log0(msg: str) -> None:
             _logger.propagate = False
         _logger.info(msg)
         sys.stdout.flush()
+
+
+def warn0(msg: str) -> None:
+    """A warning on global rank 0 only, to stderr, set off so that it is not missed among the progress lines."""
+    if collectives.rank() == 0:
+        bar = "!" * 100
+        print(f"{bar}\n[fp8pb] WARNING: {msg}\n{bar}", file=sys.stderr, flush=True)
+
+
+# megatron-core warnings that say nothing about an export: optional fused kernels (TransformerEngine, Apex) are
+# missing, so its local implementations are used; a CUDA-graph option we never set is deprecated.
+KNOWN_HARMLESS = (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                  r"full scope is deprecated")
+
+
+def quiet_known_warnings() -> None:
+    """Silence KNOWN_HARMLESS (call before megatron.core is imported); every other warning still shows."""
+    import warnings
+    for pattern in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=pattern)

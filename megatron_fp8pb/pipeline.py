@@ -17,8 +17,9 @@ from . import collectives as coll
 from . import realign
 from .archs import Dims, rules_for
 from .archs.base import hf_module
-from .blockfp8 import BLOCK, check_finite, quantize_checked
+from .blockfp8 import BLOCK, quantize_checked
 from .hf_output import config_json, quantization_config
+from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
@@ -43,14 +44,7 @@ class ExportResult:
 
 def _agree(error: str | None) -> None:
     """All ranks learn whether any rank failed a check; everyone raises the first failure."""
-    errors = coll.gather_objects(error)
-    first = None
-    if errors is not None:
-        bad = [(r, e) for r, e in enumerate(errors) if e]
-        first = f"rank {bad[0][0]}: {bad[0][1]}" if bad else None
-    first = coll.broadcast_object(first)
-    if first:
-        raise ValueError(first)
+    agree(error)
 
 
 def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_local: dict[int, int],
@@ -58,10 +52,25 @@ def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_loc
     rules = rules_for(d)
     out = []
     for name, p in params:
-        check_finite(p.detach(), f"{name} (rank {coll.rank()})")
-        out.append((plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts,
-                               untie), p.detach()))
+        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts, untie)
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+            for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), d)):
+                check_piece_finite(piece, t, name)
+        out.append((plan, p.detach()))
     return out
+
+
+def check_piece_finite(piece: Piece, t: torch.Tensor, mcore_name: str) -> None:
+    """Raise ValueError naming the HF tensor and the index in it of the first NaN/Inf of ``t`` (this rank's rows or
+    columns ``piece`` of it), then the Megatron parameter that holds it."""
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return
+    idx = [int(i) for i in bad.nonzero()[0].tolist()]
+    value = t[tuple(idx)].item()
+    idx[piece.dim if len(idx) > 1 else 0] += piece.offset
+    raise ValueError(f"HF tensor {piece.hf_name!r} {list(piece.full_shape)} holds {value} at index {idx} (Megatron "
+                     f"parameter {mcore_name}); fix the source weights (an FP8 scale of NaN/Inf would serve garbage)")
 
 
 def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:

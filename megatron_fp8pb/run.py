@@ -9,8 +9,9 @@ import torch
 from . import collectives as coll
 from . import mcore
 from .archs import dims_from_hf
-from .config import ExportConfig, load_config
-from .log import log0
+from .config import ExportConfig, load_config, serve_targets
+from .errors import agree, is_expected, message, refuse_everywhere
+from .log import log0, warn0
 from .pipeline import run_export
 from .plan import QuantChoice
 from .sources import build_source, source_config
@@ -18,7 +19,9 @@ from .validate import check_layout
 
 
 def preflight(cfg: ExportConfig, world: int):
-    """Everything that can be refused before a process group or a weight is touched."""
+    """Everything that can be refused before a process group or a weight is touched (the same verdict on every
+    rank: it reads only the config and the source's config.json)."""
+    check_source_paths(cfg)
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
     p = cfg.parallel
@@ -27,27 +30,69 @@ def preflight(cfg: ExportConfig, world: int):
     for src in (cfg.source.path,):
         if src and (out == os.path.realpath(src) or out.startswith(os.path.realpath(src) + os.sep)):
             raise ValueError(f"output.dir {cfg.output.dir} lies inside source.path {src}; write elsewhere")
-    from .writer import parse_size, prepare_output
+    from .writer import parse_size
     parse_size(cfg.output.max_shard_size)
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_output(cfg.output.dir, cfg.output.overwrite)
     return hfc, d
 
 
-def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, ...]:
-    """Modules a server at ``serve_tp`` would refuse in FP8 (with their fusion groups): kept unquantized."""
+def check_source_paths(cfg: ExportConfig) -> None:
+    """A source path that is not there is named as such (before anything looks inside it)."""
+    s = cfg.source
+    what = {"hf": "an HF checkpoint directory", "megatron": "a Megatron distributed checkpoint directory"}
+    if s.kind in what and s.path and not os.path.exists(s.path):
+        raise FileNotFoundError(f"source.path {s.path} does not exist; point it at {what[s.kind]}")
+    if s.kind == "megatron" and s.hf_config and not os.path.exists(s.hf_config):
+        raise FileNotFoundError(f"source.hf_config {s.hf_config} does not exist; point it at the HF config.json "
+                                f"(or its directory) describing the architecture")
+
+
+def check_output_on_rank0(cfg: ExportConfig) -> None:
+    """Collective: rank 0 (the writer) checks output.dir; every rank learns its verdict at once."""
+    from .writer import prepare_output
+    error = cause = None
+    if coll.rank() == 0:
+        try:
+            prepare_output(cfg.output.dir, cfg.output.overwrite)
+        except (OSError, ValueError) as e:
+            error, cause = message(e), e
+    agree(error, name_rank=False, cause=cause)
+
+
+def serve_exclusions(d, quant: QuantChoice, serve_tp: str | None, dtype_name: str = "bfloat16") -> tuple[str, ...]:
+    """Modules a target of ``quant.serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
+    fusion groups: kept unquantized. A loud warning when that is most of the linears."""
     from .archs import rules_for
     from .archs.base import hf_module
     from .plan import linear_weights
-    from .serve_check import layers_to_keep_unquantized
-    if not serve_tp or not quant.enabled:
+    from .serve_check import layers_for_transformers, layers_to_keep_unquantized
+    tps, for_transformers = serve_targets(serve_tp)
+    if not (tps or for_transformers) or not quant.enabled:
         return ()
     mods = {hf_module(n): s for n, s in linear_weights(rules_for(d), d, quant.lm_head and d.tie_embeddings).items()
             if quant.quantizes(hf_module(n))}
-    keep = layers_to_keep_unquantized(mods, serve_tp, num_kv_heads=d.num_query_groups)
+    kv = d.num_query_groups
+    keep = set(layers_to_keep_unquantized(mods, tps, num_kv_heads=kv)) if tps else set()
+    if for_transformers:
+        keep |= set(layers_for_transformers(mods))
+    keep = sorted(keep)
     if keep:
-        log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that vLLM/SGLang accept the "
-             f"checkpoint at tp={serve_tp}, e.g. {keep[:4]}")
+        targets = ([f"vLLM/SGLang at tp={','.join(map(str, tps))}"] if tps else []) + \
+            (["transformers"] if for_transformers else [])
+        log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that {' and '.join(targets)} "
+             f"load the checkpoint right, e.g. {keep[:4]}")
+    if mods and 2 * len(keep) > len(mods):
+        fine = [t for t in (1, 2, 4, 8, 16) if not layers_to_keep_unquantized(mods, t, num_kv_heads=kv)]
+        msg = (f"quant.serve_tp={serve_tp} keeps {len(keep)} of {len(mods)} quantizable linears unquantized: the "
+               f"checkpoint is mostly {dtype_name}, not FP8.")
+        if tps:
+            msg += (f" vLLM/SGLang keep every linear quantized at tp={','.join(map(str, fine))}" if fine else
+                    " vLLM/SGLang keep every linear quantized at no tp up to 16") + \
+                " (the per-rank rows/columns of the others are not multiples of 128)."
+        if for_transformers:
+            msg += (f" {len(layers_for_transformers(mods))} of them because transformers' dequantize needs rows and "
+                    f"columns in multiples of 128: leave transformers out of quant.serve_tp where only vLLM/SGLang "
+                    f"serve it.")
+        warn0(msg)
     return tuple(keep)
 
 
@@ -62,23 +107,34 @@ def _exit_on_sigterm() -> None:
 
 def run(config_path: str | None, overrides: list[str]) -> int:
     _exit_on_sigterm()
-    cfg = load_config(config_path, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    preflight(cfg, world)
+    try:
+        cfg = load_config(config_path, overrides)
+        preflight(cfg, world)
+    except Exception as e:
+        if is_expected(e):
+            raise refuse_everywhere(e) from e
+        raise
     p = cfg.parallel
     on_gpu = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
     backend = p.backend if p.backend != "auto" else ("nccl" if on_gpu else "gloo")
     mcore.init_distributed(backend, p.timeout_s)
+    check_output_on_rank0(cfg)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
-    src = build_source(cfg, layout, on_gpu)
+    src = error = cause = None
+    try:
+        src = build_source(cfg, layout, on_gpu)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        error, cause = message(e), e
+    agree(error, cause=cause)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
     quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head, q.scale_fmt)
-    quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head,
-                        q.scale_fmt)
+    kept = serve_exclusions(src.dims, quant, q.serve_tp, str(src.dtype).replace("torch.", ""))
+    quant = QuantChoice(q.enabled, tuple(q.exclude) + kept, q.lm_head, q.scale_fmt)
     result = run_export(
         mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
         quant=quant, max_shard_size=cfg.output.max_shard_size,
@@ -94,7 +150,8 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         if cfg.output.verify:
             from .verify import verify_checkpoint
             report = verify_checkpoint(result.out_dir, source=src.truth,
-                                       serve_tp=(q.serve_tp,) if q.serve_tp else ())
+                                       serve_tp=serve_targets(q.serve_tp)[0],
+                                       serve_transformers=serve_targets(q.serve_tp)[1])
             log0("verification:\n" + report.table())
             ok = report.ok
     ok = coll.broadcast_object(ok)
@@ -102,3 +159,4 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     mcore.destroy_parallel()
     torch.distributed.destroy_process_group()
     return 0 if ok else 1
+

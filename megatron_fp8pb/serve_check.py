@@ -118,16 +118,34 @@ def serve_problems(modules: dict[str, tuple[int, int]], tp: int, block: int = BL
 
 
 def transformers_problems(modules: dict[str, tuple[int, int]], block: int = BLOCK) -> list[Problem]:
-    """Quantized modules whose full N or K is not a multiple of ``block``: transformers' FP8 loader refuses them
-    (vLLM and SGLang accept them)."""
+    """Quantized modules whose full N or K is not a multiple of ``block``: transformers' dequantizer (used on CPU, and
+    with ``dequantize=True``) takes the block size as ``rows // scale_rows`` and ``cols // scale_cols``, so such a
+    weight is silently dequantized wrong when that divides (192 rows, 2 scale rows -> block 96) and refused when it
+    does not (576 rows, 5 scale rows). vLLM and SGLang handle them."""
     out = []
     for module, (n, k) in modules.items():
         bad = [f"{what} {v} % {block} = {v % block}" for what, v in (("N", n), ("K", k)) if v % block]
-        if bad:
-            out.append(Problem(module, None, "transformers_dims",
-                               f"weight [{n}, {k}]: {', '.join(bad)}; transformers' FP8 dequantizer needs both dims "
-                               f"multiples of {block} (keep the module unquantized to load it there)"))
+        if not bad:
+            continue
+        grid = (-(-n // block), -(-k // block))
+        if n % grid[0] == 0 and k % grid[1] == 0:
+            effect = (f"transformers' dequantize takes the block as {n}//{grid[0]} x {k}//{grid[1]} = "
+                      f"{n // grid[0]} x {k // grid[1]}: silently wrong values")
+        else:
+            effect = (f"transformers' dequantize refuses it ({n} x {k} is not divisible by the scale grid "
+                      f"{grid[0]} x {grid[1]})")
+        out.append(Problem(module, None, "transformers_dims",
+                           f"weight [{n}, {k}]: {', '.join(bad)}; {effect}; vLLM/SGLang are fine (keep it "
+                           f"unquantized with quant.serve_tp=transformers to load it there)"))
     return out
+
+
+def layers_for_transformers(modules: dict[str, tuple[int, int]], block: int = BLOCK) -> list[str]:
+    """Modules (sorted, with their fusion groups) to keep unquantized so that transformers dequantizes every
+    quantized weight right."""
+    broken = {p.module for p in transformers_problems(modules, block)}
+    groups = {fusion_group(m) for m in broken} - {None}
+    return sorted(broken | {m for m in modules if fusion_group(m) in groups})
 
 
 def fusion_group(module: str) -> str | None:
@@ -179,5 +197,5 @@ def layers_to_keep_unquantized(modules: dict[str, tuple[int, int]], tp: int | It
     return sorted(keep)
 
 
-__all__ = ["Problem", "serve_problems", "transformers_problems", "fused_partial_problems",
+__all__ = ["Problem", "serve_problems", "transformers_problems", "layers_for_transformers", "fused_partial_problems",
            "layers_to_keep_unquantized", "fusion_group", "parallel_style", "COLUMN_PARALLEL", "ROW_PARALLEL"]

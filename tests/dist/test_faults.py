@@ -65,7 +65,7 @@ def test_hanging_rank_times_out(src, tmp_path):
     assert not _looks_complete(out)
 
 
-def test_nan_in_source_names_tensor_rank_and_index(src, tmp_path):
+def test_nan_in_source_names_hf_tensor_index_and_rank(src, tmp_path):
     bad = tmp_path / "bad"
     import shutil
     shutil.copytree(src, bad)
@@ -78,8 +78,9 @@ def test_nan_in_source_names_tensor_rank_and_index(src, tmp_path):
     save_file(tensors, str(f))
     r, _ = _run(bad, tmp_path / "out")
     assert r.returncode != 0
-    assert "decoder.layers.1.self_attention.linear_proj.weight (rank 1)" in r.stderr
-    assert "(7, 140)" in r.stderr      # column 300 lies at 140 in rank 1's half of o_proj's 320 input columns
+    # column 300 lies at 140 in rank 1's half of o_proj's 320 input columns: the HF index is named
+    assert "error: rank 1, stage plan: HF tensor 'model.layers.1.self_attn.o_proj.weight' [320, 320] holds nan at " \
+           "index [7, 300] (Megatron parameter decoder.layers.1.self_attention.linear_proj.weight)" in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -39,3 +39,16 @@ def test_main_reads_config_and_overrides(capsys):
     assert capsys.readouterr().out.strip() == "4"
     assert nproc.main(["--nodes", "3", "parallel.tp=2"]) == 2
     assert "% nodes(3)" in capsys.readouterr().err
+
+
+def test_an_override_of_the_layout_drops_the_files_gpu_count(capsys):
+    cfg = str(ROOT / "configs" / "llama3-8b-tp8.yaml")          # gpus_per_node: 8, tp=8
+    assert nproc.main(["--config", cfg]) == 0
+    assert capsys.readouterr().out.strip() == "8"
+    assert nproc.main(["--config", cfg, "parallel.tp=2"]) == 0
+    assert capsys.readouterr().out.strip() == "2"
+    cfg = str(ROOT / "configs" / "qwen3-30b-a3b-tp2-ep4.yaml")  # 8 GPUs, dp=4 while the layout is the file's
+    assert nproc.main(["--config", cfg, "output.dir=/tmp/x"]) == 0
+    assert capsys.readouterr().out.strip() == "8"
+    assert nproc.main(["--config", cfg, "parallel.ep=2"]) == 0
+    assert capsys.readouterr().out.strip() == "2"

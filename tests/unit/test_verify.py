@@ -274,7 +274,9 @@ def test_logits_match_source(tiny):
     rep = verify_checkpoint(out, source=src, logits=True)
     assert rep.ok, rep.table()
     assert rep.logits["rel_err"] < 0.1 and rep.logits["top1"] >= 0.9
-    assert "top-1 agreement" in rep.table()
+    lg = rep.logits
+    assert lg["w8a8_linears"] == 14 and lg["rel_err"] < lg["w8a8_rel_err"] < 0.1 and lg["w8a8_top1"] >= 0.9
+    assert "W8A16 rel err" in rep.table() and "W8A8 rel err" in rep.table()
 
 
 def test_matching_rule_agrees_with_transformers():
@@ -311,10 +313,16 @@ def test_small_rounding_difference_is_within_bound(tiny, bad):
     mid = ((q.float().abs() >= 16) & (q.float().abs() < 32)).reshape(-1).nonzero()[0].item()
     byte = q.view(torch.uint8).reshape(-1)[mid].item()
     _patch(bad, Q, mid, bytes([byte ^ 0x01]))                      # one e4m3 ulp (2) at |q| in [16, 32)
-    rep = verify_checkpoint(bad, source=src)
+    rep = verify_checkpoint(bad, source=src)                       # exact by default: a changed byte fails
+    assert not rep.ok and rep.tensors[Q].status == "FAIL"
+    assert [e for e in rep.errors if Q in e and "within the e4m3 bound" in e]
+    assert "--tolerance bound" in rep.table()
+    assert main([str(bad), "--source", str(src), "--no-load"]) == 1
+    rep = verify_checkpoint(bad, source=src, tolerance="bound")
     assert rep.ok, rep.table()
     assert rep.tensors[Q].status == "within-bound" and 0 < rep.tensors[Q].max_err_ratio <= 1 + BOUND_SLACK
     assert [w for w in rep.warnings if Q in w] and rep.counts()["within_bound"] == 1
+    assert main([str(bad), "--source", str(src), "--tolerance", "bound", "--no-load"]) == 0
 
 
 def test_truncated_shard_is_caught(bad):

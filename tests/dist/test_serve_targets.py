@@ -1,0 +1,36 @@
+"""quant.serve_tp through the real CLI: a loud warning when most linears stay unquantized, naming the serving TP
+sizes that would keep them; the transformers target keeps what transformers' dequantize gets wrong."""
+import json
+
+import transformers as tf
+
+from helpers import mismatches, torchrun, write_hf_source
+
+
+def test_serve_tp_that_quantizes_nothing_warns_and_names_the_sizes_that_would(tmp_path):
+    out = tmp_path / "out"
+    r = torchrun(1, [f"output.dir={out}", "quant.serve_tp=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "WARNING: quant.serve_tp=4 keeps 14 of 14 quantizable linears unquantized: the checkpoint is mostly " \
+           "bfloat16, not FP8. vLLM/SGLang keep every linear quantized at tp=1 (" in r.stderr, r.stderr
+    assert r.stderr.count("WARNING: quant.serve_tp") == 1
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_transformers_target_keeps_ragged_weights_unquantized(tmp_path):
+    src = tmp_path / "src"
+    cfg = tf.LlamaConfig(vocab_size=1003, hidden_size=384, intermediate_size=1152, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=48, max_position_embeddings=256)
+    state = write_hf_source(src, cfg)
+    out = tmp_path / "out"
+    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
+                     "quant.serve_tp=transformers"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
+    for i in range(2):   # q (288 rows), k/v (96), o (288 columns) would dequantize wrong; gate/up/down are fine
+        assert {f"model.layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")} <= skip
+        assert not {f"model.layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")} & skip
+    assert "transformers dequant OK (required)" in r.stdout
+    assert "WARNING: quant.serve_tp=transformers keeps 8 of 14 quantizable linears unquantized" in r.stderr
+    assert "8 of them because transformers' dequantize needs rows and columns in multiples of 128" in r.stderr
+    assert mismatches(out, state) == []
