@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
-from . import serve_check
+from . import archs, serve_check
 from .blockfp8 import BLOCK, dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8_reference
 
 INDEX = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 FP8 = "F8_E4M3"
 FORBIDDEN_SUFFIXES = (".input_scale", ".weight_scale", ".activation_scale")
-LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EXPERT_LEAVES = ("w1", "w2", "w3")
+EXPERT_LEAVES = archs.expert_only_leaves()      # Mixtral-style w1 / w2 / w3, linears only inside experts
+LINEAR_LEAVES = tuple(x for x in archs.linear_leaves() if x not in EXPERT_LEAVES)
 REQUIRED_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 KNOWN_QC_KEYS = set(REQUIRED_QC) | {"modules_to_not_convert", "ignored_layers"}
 DEFAULT_INFO_TP = (1, 2, 4, 8)
@@ -77,7 +77,7 @@ def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
 def never_fp8(module: str) -> bool:
     """Embeddings, norms and routers stay in the source dtype (FORMAT.md)."""
     leaf = module.rsplit(".", 1)[-1]
-    return leaf == "embed_tokens" or "norm" in leaf or leaf in ("gate", "shared_expert_gate")
+    return leaf == "embed_tokens" or "norm" in leaf or leaf in archs.never_quantized_leaves()
 
 
 # ----------------------------------------------------------------------------------------------------------------
