@@ -90,7 +90,7 @@ def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool
     kw.update(arch(d.model_type).mcore(d))
     cls = MLATransformerConfig if kw.get("multi_latent_attention") else TransformerConfig
     if cls is MLATransformerConfig:
-        kw.update(rotary_base=d.rope_theta, max_position_embeddings=d.max_positions)
+        kw.update(rotary_base=d.rope_theta)
     return cls(**kw)
 
 
@@ -171,15 +171,18 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
               max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),
               post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=d.tie_embeddings,
               position_embedding_type="rope", rotary_base=int(d.rope_theta))
+    from .archs import arch
+    kw.update(arch(d.model_type).gpt(d))
     if on_gpu:
-        return GPTModel(cfg, spec, **kw).cuda()
+        with _mla_without_te():
+            return GPTModel(cfg, spec, **kw).cuda()
     # On CPU, skip the first/last-stage embedding all-reduce (it moves the tied copy to CUDA); the loader fills
     # the last stage's copy of a tied embedding from the same source slices instead.
     from megatron.core.models.common.language_module.language_module import LanguageModule
     saved = LanguageModule._is_in_embd_group
     LanguageModule._is_in_embd_group = lambda self: False
     try:
-        with _cpu_current_device(on_gpu):   # rotary embedding and router buffers ask torch.cuda for a device
+        with _cpu_current_device(on_gpu), _mla_without_te():
             return GPTModel(cfg, spec, **kw)
     finally:
         LanguageModule._is_in_embd_group = saved
@@ -282,6 +285,26 @@ def _cpu_current_device(on_gpu: bool):
         yield
     finally:
         torch.cuda.current_device = saved
+
+
+class _NoTransformerEngine:
+    """A class nothing is an instance of."""
+
+
+@contextlib.contextmanager
+def _mla_without_te():
+    """megatron-core's MLA asks ``isinstance(linear_proj, TELinear)``, which fails when TransformerEngine's linear is
+    absent (megatron-core then holds a placeholder that is not a class): stand in a class during the build."""
+    from megatron.core.transformer import multi_latent_attention as mla
+    saved = getattr(mla, "TELinear", None)
+    if isinstance(saved, type):
+        yield
+        return
+    mla.TELinear = _NoTransformerEngine
+    try:
+        yield
+    finally:
+        mla.TELinear = saved
 
 
 @contextlib.contextmanager

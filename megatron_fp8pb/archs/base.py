@@ -125,7 +125,8 @@ class Arch:
     kv_leaves: column leaves whose heads a server replicates when tp >= num_key_value_heads. expert_leaves: linear
     leaves that exist only inside experts (Mixtral's w1 / w2 / w3). never_quantized: leaves
     that are not FP8 candidates (routers, gates). exclude: default modules_to_not_convert patterns (fnmatch on HF
-    module names). mcore: Dims -> megatron-core TransformerConfig arguments beyond the common ones. spec: Dims ->
+    module names). mcore: Dims -> megatron-core TransformerConfig arguments beyond the common ones; gpt: Dims ->
+    GPTModel arguments beyond the common ones. spec: Dims ->
     keyword arguments of the local layer spec (``get_gpt_layer_local_spec``); ``block_spec`` builds per-layer specs
     (dense and MoE layers). tiny: a small transformers config (tie_embeddings) for tests and the default export.
     presets: real shapes (name -> transformers config factory taking num_layers, 0 = as published).
@@ -140,6 +141,7 @@ class Arch:
     expert_leaves: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("model.embed_tokens", "lm_head", "*norm*")
     mcore: Callable[[Dims], dict] = lambda d: {}
+    gpt: Callable[[Dims], dict] = lambda d: {}
     spec: Callable[[Dims], dict] = lambda d: {}
     block_spec: bool = False
     tiny: dict[str, Callable[[bool], object]] = field(default_factory=dict)

@@ -60,6 +60,6 @@ GLM4_MOE = Arch(
     model_types=("glm4_moe",), dims=dims, rules=rules, serving={**c.GQA_SERVING, **c.MLP_SERVING},
     fusion=c.GQA_FUSION, kv_leaves=("k_proj", "v_proj"), never_quantized=("gate",),
     exclude=("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate"), block_spec=True,
-    mcore=lambda d: {"rotary_percent": d.partial_rotary},
+    gpt=lambda d: {"rotary_percent": d.partial_rotary},
     tiny={"glm4_moe": _tiny}, presets={"glm-4.5-air": _glm45_air})
 UNITS = (GLM4_MOE,)
