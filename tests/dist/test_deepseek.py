@@ -11,6 +11,7 @@ import transformers as tf
 from helpers import mismatches, read_output, torchrun, write_hf_source
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.plan import expected_tensors, linear_weights
+from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
 
@@ -95,17 +96,19 @@ def test_deepseek_v3_q_proj_without_q_lora(tmp_path):
 
 # transformers 5.24 dequantizes on CPU with block = rows // scale_rows: a quantized tensor whose dims are not
 # multiples of 128 comes out wrong (kv_a_proj_with_mqa 192 rows -> block 96), so those stay unquantized here.
-LOAD_CASES = [("deepseek_v3", ragged_deepseek_v3, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
-              ("glm4_moe", ragged_glm4_moe, ["parallel.ep=2", "parallel.etp=2"])]
+# The tiny configs (hidden 384) keep most dims multiples of 128; DeepSeek's kv_b_proj (kv_lora_rank 192 inputs)
+# does not, and is excluded.
+LOAD_CASES = [("deepseek_v3", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+              ("glm4_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"])]
 
 
-@pytest.mark.parametrize("arch,make,args", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
-def test_transformers_loads(tmp_path, arch, make, args):
-    cfg = make()
+@pytest.mark.parametrize("arch,args", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
+def test_transformers_loads(tmp_path, arch, args):
+    cfg = tiny_hf_config(arch)
     d = dims_from_hf(cfg)
     ragged = sorted({n[:-len(".weight")] for n, s in linear_weights(rules_for(d), d).items()
                      if s[0] % 128 or s[1] % 128})
-    src, out, state = _export(tmp_path, cfg, 2, [*args, f"quant.exclude=[{','.join(ragged)}]"])
+    src, out, state = _export(tmp_path, cfg, 2, [*args] + ([f"quant.exclude=[{','.join(ragged)}]"] if ragged else []))
     assert mismatches(out, state) == []
     got = read_output(out)
     assert sum(t.dtype == torch.float8_e4m3fn for t in got.values()) > 0
@@ -113,5 +116,6 @@ def test_transformers_loads(tmp_path, arch, make, args):
                                                           output_loading_info=True)
     assert not any(info.values()), info
     report = verify_checkpoint(out, source=src, logits=True)
+    print(f"{arch}: excluded {ragged}; logits vs source {report.logits}")
     assert report.ok, report.table()
     assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
