@@ -92,7 +92,7 @@ def _match(rules: list[Rule], rel: str, scope: str, layer: int | None, d: Dims) 
 _SEEN_AS = {COLWISE: COLWISE, ROWWISE: ROWWISE, REPLICATED: REPLICATED, VOCAB: COLWISE, TIED_COPY: COLWISE}
 
 
-def effective_shard(rule: Rule, style: str | None, name: str) -> Rule:
+def effective_shard(rule: Rule, style: str | None, name: str, hf_names: list[str]) -> Rule:
     """The rule as the Megatron module builds it: ``style`` ("colwise" / "rowwise" / "replicated", read off the
     module owning the parameter, None when unknown) must be the rule's sharding or one of its ``alt_shard``."""
     if style is None or _SEEN_AS.get(rule.shard) == style:
@@ -101,7 +101,7 @@ def effective_shard(rule: Rule, style: str | None, name: str) -> Rule:
         from dataclasses import replace
         return replace(rule, shard=style)
     raise ValueError(f"Megatron parameter {name!r} is {style} (its module's partitioning), but the architecture table "
-                     f"maps it to {', '.join(rule.hf) or 'a tied copy'} as {rule.shard}"
+                     f"maps it to {', '.join(hf_names) or 'a tied copy'} as {rule.shard}"
                      f"{' or ' + ', '.join(rule.alt_shard) if rule.alt_shard else ''}; the export would write wrong "
                      f"rows. Build the layer with the module the table expects, or fix the table")
 
@@ -177,7 +177,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
                          f"architecture {d.model_type!r}; the export refuses to drop it. Check that the model and "
                          f"the HF config agree")
     k, rule = hit
-    rule = effective_shard(rule, style, mcore_name)
+    rule = effective_shard(rule, style, mcore_name, [_fill(h, layer, expert) for h in rule.hf])
     if untie_lm_head and rule.shard == VOCAB and rule.hf == ("model.embed_tokens.weight",):
         rule = Rule(rule.mcore, rule.hf + ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),) * 2, VOCAB,
                     "duplicate", False, GLOBAL)
