@@ -42,12 +42,14 @@ def init_distributed(backend: str, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None, vp: int | None = None) -> None:
+    """``vp``: virtual pipeline chunks per stage (interleaved schedule), None for one chunk."""
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         return
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp)
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp,
+                                 virtual_pipeline_model_parallel_size=vp)
 
 
 def destroy_parallel() -> None:
@@ -120,7 +122,7 @@ class MLACoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], -1)
 
 
-def layer_spec(d: Dims, cfg):
+def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     """The layer spec(s) of the local (no TransformerEngine) backend the unit asks for: one spec for every layer,
     or per-layer specs (dense layers below MoE layers, multi-latent attention)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -129,7 +131,8 @@ def layer_spec(d: Dims, cfg):
     if not unit.block_spec:
         return get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=False,
                                         **{"qk_layernorm": d.qk_norm, **unit.spec(d)})
-    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
+    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
     if d.mla:
         for spec in block.layer_specs:
             spec.submodules.self_attention.submodules.core_attention = MLACoreAttention
@@ -153,8 +156,9 @@ def checkpoint_padded_vocab(path: str, tp_size: int) -> int | None:
 
 
 def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = False, vocab_divisible_by: int = 128,
-              vocab_rows: int | None = None):
-    """A megatron-core GPTModel for this pipeline stage, weights uninitialized (a loader fills them).
+              vocab_rows: int | None = None, vp_stage: int | None = None):
+    """A megatron-core GPTModel for this pipeline stage (its chunk ``vp_stage`` under a virtual pipeline), weights
+    uninitialized (a loader fills them).
 
     ``vocab_rows``: the padded vocabulary to build with (default: Megatron's padding of the real one for this tp).
     Experts are built as SequentialMLP (``mlp.experts.local_experts.{x}.linear_fc1/fc2.weight``): it needs neither
@@ -165,12 +169,19 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
         from megatron.core import tensor_parallel
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
     cfg = transformer_config(d, dtype, layout, on_gpu)
+    vp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vp:
+        cfg.virtual_pipeline_model_parallel_size = vp
     with _cpu_current_device(on_gpu):
-        spec = layer_spec(d, cfg)
+        spec = layer_spec(d, cfg, vp_stage)
     kw = dict(vocab_size=vocab_rows or padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
-              max_sequence_length=d.max_positions, pre_process=ps.is_pipeline_first_stage(),
-              post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=d.tie_embeddings,
-              position_embedding_type="rope", rotary_base=int(d.rope_theta))
+              max_sequence_length=d.max_positions,
+              pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
+              post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
+              share_embeddings_and_output_weights=d.tie_embeddings, position_embedding_type="rope",
+              rotary_base=int(d.rope_theta))
+    if vp_stage is not None:
+        kw["vp_stage"] = vp_stage
     from .archs import arch
     kw.update(arch(d.model_type).gpt(d))
     if on_gpu:
