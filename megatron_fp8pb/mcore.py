@@ -182,6 +182,10 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
               rotary_base=int(d.rope_theta))
     if vp_stage is not None:
         kw["vp_stage"] = vp_stage
+    if getattr(cfg, "mtp_num_layers", None):    # multi-token prediction, built on the last pipeline stage
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+        with _cpu_current_device(on_gpu):
+            kw["mtp_block_spec"] = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False, vp_stage=vp_stage)
     from .archs import arch
     kw.update(arch(d.model_type).gpt(d))
     if on_gpu:

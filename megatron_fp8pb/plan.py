@@ -14,6 +14,7 @@ from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED,
                          Dims, Rule, hf_module, rule_layers)
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MTP_LAYER_RE = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.+)$")
 _EXPERT_RES = (re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$"),
                re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$"))
 
@@ -110,7 +111,7 @@ def _unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:
     if layer is not None:
         return 1 + layer
     first_layer_rule = min((j for j, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
-    return 0 if k < first_layer_rule else d.num_layers + 1
+    return 0 if k < first_layer_rule else d.num_layers + d.mtp_layers + 1
 
 
 def _fill(name: str, layer: int | None, expert: int | None) -> str:
@@ -144,11 +145,15 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
     """One local Megatron parameter -> its pieces on this rank. Raises ValueError naming the parameter."""
     layer = expert = None
     m = _LAYER_RE.match(mcore_name)
-    if m:
-        j, rel = int(m.group(1)), m.group(2)
-        if j not in layer_of_local:
+    mtp = _MTP_LAYER_RE.match(mcore_name)
+    if m or mtp:
+        j, rel = int((m or mtp).group(1)), (m or mtp).group(2)
+        if mtp:    # the decoder layer of multi-token-prediction layer j: HF layer num_layers + j
+            layer = d.num_layers + j
+        elif j not in layer_of_local:
             raise ValueError(f"{mcore_name}: local layer {j} has no global layer number on this stage")
-        layer = layer_of_local[j]
+        else:
+            layer = layer_of_local[j]
         scope = LAYER
         for rx in _EXPERT_RES:
             em = rx.match(rel)
@@ -211,7 +216,10 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
                                  (unit, k, -1 if expert is None else expert, h), linear=is_linear and len(shape) == 2,
                                  dtype=rule.dtype))
-    if exporting and not (rule.shard == REPLICATED and rank != 0):
+    # the first stage writes the embedding; a later stage's copy (multi-token prediction reads embeddings on the
+    # last stage) is the same tensor
+    copy = rule.hf[:1] == ("model.embed_tokens.weight",) and layout.pp_rank != 0
+    if exporting and not (rule.shard == REPLICATED and rank != 0) and not copy:
         plan.pieces = list(plan.slices)
     return plan
 

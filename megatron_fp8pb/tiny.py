@@ -35,6 +35,10 @@ def random_hf_state(hf_config, seed: int = 0, dtype: torch.dtype = torch.bfloat1
         elif "embed_tokens" not in name:
             x = 0.02 * x
         out[name] = x.to(own.get(name, dtype))
+    for r in rules:   # HF tensors written from one Megatron tensor (lm_head and MTP shared heads) are copies
+        if r.fusion == "plain" and r.scope == "global" and len(r.hf) > 1:
+            for h in r.hf[1:]:
+                out[h] = out[r.hf[0]].clone()
     return out
 
 

@@ -64,10 +64,15 @@ class Dims:
         return self.kv_lora_rank > 0
 
     @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Decoder layers, then multi-token-prediction layers (numbered on: ``num_layers + k``)."""
+        return tuple(range(self.num_layers + self.mtp_layers))
+
+    @property
     def moe_layers(self) -> tuple[int, ...]:
         if not self.num_experts:
             return ()
-        return tuple(i for i in range(self.num_layers) if i not in set(self.dense_layers))
+        return tuple(i for i in self.all_layers if i not in set(self.dense_layers))
 
     @property
     def mlp_dense_layers(self) -> tuple[int, ...]:
@@ -112,7 +117,7 @@ class Rule:
 
 def rule_layers(rule: Rule, d: Dims) -> tuple[int, ...]:
     """The global layers a LAYER / EXPERT rule covers."""
-    return tuple(range(d.num_layers)) if rule.layers is None else tuple(rule.layers(d))
+    return d.all_layers if rule.layers is None else tuple(rule.layers(d))
 
 
 @dataclass(frozen=True)

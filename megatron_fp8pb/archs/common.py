@@ -160,7 +160,9 @@ def moe_mcore(d: Dims, on_gpu: bool) -> dict:
     if d.shared_expert_ffn:
         kw.update(moe_shared_expert_intermediate_size=d.shared_expert_ffn, moe_shared_expert_gate=d.shared_expert_gate)
     if d.router_score == "sigmoid":
+        # routing in float32 as the HF models compute it
         kw.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=d.expert_bias,
+                  moe_router_dtype="fp32",
                   moe_router_topk_scaling_factor=d.router_scale if d.router_scale != 1.0 else None)
         if d.router_groups > 1:
             kw.update(moe_router_num_groups=d.router_groups, moe_router_group_topk=d.router_group_topk)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import common as c
-from .base import COLUMN, COLWISE, REPLICATED, ROW, ROWWISE, WHOLE, Arch, Dims, Rule
+from .base import COLUMN, COLWISE, GLOBAL, REPLICATED, ROW, ROWWISE, VOCAB, WHOLE, Arch, Dims, Rule
 
 ATTN = c.ATTN
 
@@ -50,7 +50,8 @@ def _mla_overrides(cfg, heads, nope, rope, experts, k) -> dict:
         expert_bias=True, router_groups=int(getattr(cfg, "n_group", 1) or 1),
         router_group_topk=int(getattr(cfg, "topk_group", 1) or 1),
         router_scale=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0),
-        norm_topk=bool(getattr(cfg, "norm_topk_prob", True)))
+        norm_topk=bool(getattr(cfg, "norm_topk_prob", True)),
+        mtp_layers=int(getattr(cfg, "num_nextn_predict_layers", 0) or 0))
 
 
 def _q_rows(d: Dims) -> int:
@@ -84,9 +85,40 @@ def mla_rules(d: Dims) -> list[Rule]:
     return rules
 
 
+def mtp_rules(d: Dims) -> list[Rule]:
+    """Multi-token prediction (``num_nextn_predict_layers``; Megatron ``mtp.layers.{k}``): the decoder layer of MTP
+    layer k is HF layer ``num_layers + k`` (the layer rules cover it); beside it ``enorm``, ``hnorm``, ``eh_proj``
+    ([hidden, 2 * hidden], column-parallel in Megatron; a plain unquantized linear in DeepSeek's release and in
+    vLLM's MTP module) and ``shared_head.norm`` (Megatron's ``final_layernorm``). ``shared_head.head`` is the
+    output layer, written again by the lm_head rule."""
+    rules = []
+    for k in range(d.mtp_layers):
+        hf, mc = f"model.layers.{d.num_layers + k}.", f"mtp.layers.{k}."
+        rules += [
+            Rule((mc + "enorm.weight",), (hf + "enorm.weight",), lambda d: ((d.hidden,),), REPLICATED, scope=GLOBAL),
+            Rule((mc + "hnorm.weight",), (hf + "hnorm.weight",), lambda d: ((d.hidden,),), REPLICATED, scope=GLOBAL),
+            Rule((mc + "eh_proj.weight",), (hf + "eh_proj.weight",), lambda d: ((d.hidden, 2 * d.hidden),), COLWISE,
+                 scope=GLOBAL),
+            Rule((mc + "final_layernorm.weight",), (hf + "shared_head.norm.weight",), lambda d: ((d.hidden,),),
+                 REPLICATED, scope=GLOBAL),
+        ]
+    return rules
+
+
+def final_rules(d: Dims) -> list[Rule]:
+    """The final norm and lm_head; with MTP layers the output layer is also each one's ``shared_head.head``."""
+    rules = c.final_rules(d)
+    if d.mtp_layers:
+        heads = tuple(f"model.layers.{d.num_layers + k}.shared_head.head.weight" for k in range(d.mtp_layers))
+        head = rules[-1]
+        rules[-1] = Rule(head.mcore, head.hf + heads, lambda d: ((d.vocab, d.hidden),) * (1 + d.mtp_layers),
+                         VOCAB, linear=head.linear, scope=GLOBAL)
+    return rules
+
+
 def rules(d: Dims) -> list[Rule]:
     return c.embedding_rules() + mla_rules(d) + [c.post_attention_norm_rule()] + c.dense_mlp_rules() + \
-        c.moe_rules(shared="shared_experts.") + c.final_rules(d)
+        c.moe_rules(shared="shared_experts.") + final_rules(d) + mtp_rules(d)
 
 
 def mcore(d: Dims) -> dict:
@@ -94,7 +126,8 @@ def mcore(d: Dims) -> dict:
     embedding cannot be built on a CPU-only host; a training job keeps its own rope settings."""
     return dict(multi_latent_attention=True, q_lora_rank=d.q_lora_rank or None, kv_lora_rank=d.kv_lora_rank,
                 qk_head_dim=d.qk_nope_dim, qk_pos_emb_head_dim=d.qk_rope_dim, v_head_dim=d.v_head_dim,
-                kv_channels=d.qk_nope_dim + d.qk_rope_dim, rope_type="rope", qk_layernorm=True)
+                kv_channels=d.qk_nope_dim + d.qk_rope_dim, rope_type="rope", qk_layernorm=True,
+                mtp_num_layers=d.mtp_layers or None)
 
 
 def _config(**kw):
@@ -130,7 +163,8 @@ DEEPSEEK_V3 = Arch(
     serving={"q_proj": COLUMN, "q_a_proj": WHOLE, "q_b_proj": COLUMN, "kv_a_proj_with_mqa": WHOLE,
              "kv_b_proj": COLUMN, "o_proj": ROW, **c.MLP_SERVING},
     fusion=(("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj")), never_quantized=("gate",),
-    exclude=("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate"), mcore=mcore, block_spec=True,
+    exclude=("model.embed_tokens", "lm_head", "*.shared_head.head", "*norm*", "*.mlp.gate"), mcore=mcore,
+    block_spec=True,
     tiny={"deepseek_v3": _tiny},
     presets={"deepseek-v3": _preset(**_V3),
              # Kimi-K2: DeepSeek-V3's layout with 384 experts, 64 heads, one dense layer and a 163840 vocabulary

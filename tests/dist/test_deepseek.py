@@ -119,3 +119,21 @@ def test_transformers_loads(tmp_path, arch, args):
     print(f"{arch}: excluded {ragged}; logits vs source {report.logits}")
     assert report.ok, report.table()
     assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
+
+
+@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 2), (1, 2, 1)], ids=["tp2ep2", "pp2"])
+def test_deepseek_v3_multi_token_prediction(tmp_path, tp, pp, ep):
+    """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek's checkpoint holds
+    it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and shared_head.head (the output
+    layer again, unquantized like lm_head)."""
+    cfg = ragged_deepseek_v3()
+    cfg.num_nextn_predict_layers = 1
+    _, out, state = _export(tmp_path, cfg, tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
+                                                     "parallel.etp=1"])
+    assert mismatches(out, state) == []
+    _check_written_once(out, cfg, state)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for leaf in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                 "shared_head.head.weight", "self_attn.kv_b_proj.weight_scale_inv", "mlp.experts.3.down_proj.weight",
+                 "mlp.gate.e_score_correction_bias", "mlp.shared_experts.up_proj.weight_scale_inv"):
+        assert f"model.layers.2.{leaf}" in index, leaf

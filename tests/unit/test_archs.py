@@ -138,7 +138,7 @@ def test_registry_tables_for_verify_and_serving():
     assert ("q_a_proj", "kv_a_proj_with_mqa") in archs.fusion_groups()
     assert {"gate", "shared_expert_gate"} <= set(archs.never_quantized_leaves())
     assert archs.default_exclude(dims_from_hf(tiny_hf_config("deepseek_v3"))) == \
-        ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate")
+        ("model.embed_tokens", "lm_head", "*.shared_head.head", "*norm*", "*.mlp.gate")
     with pytest.raises(ValueError, match="'gpt2' is not supported; supported model_type values: llama"):
         archs.arch("gpt2")
 
