@@ -283,6 +283,11 @@ def _style(mod, pname: str, p) -> str | None:
     return None
 
 
+def mtp_layer_count(model) -> int:
+    """Multi-token-prediction layers this rank's chunk(s) hold (megatron-core builds them on the last stage)."""
+    return sum(len(m.mtp.layers) for m in chunks(model) if getattr(m, "mtp", None) is not None)
+
+
 def num_local_experts(d: Dims, layout: Layout) -> int:
     return d.num_experts // layout.ep_size if d.num_experts else 0
 

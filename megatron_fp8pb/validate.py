@@ -28,7 +28,8 @@ def check_layout(d: Dims, world: int, tp: int, pp: int, ep: int = 1, etp: int | 
         errs.append(f"num_key_value_heads({d.num_query_groups}) % tp({tp}) = {d.num_query_groups % tp} != 0 "
                     f"(Megatron splits whole query groups)")
     if d.num_layers % pp:
-        mix = (f" ({len(d.dense_layers)} dense + {len(d.moe_layers)} MoE layers; each stage holds a contiguous run of "
+        mix = (f" ({len(d.dense_layers)} dense + {d.num_layers - len(d.dense_layers)} MoE layers; each stage holds a "
+               f"contiguous run of "
                f"both kinds)") if d.num_experts and d.dense_layers else ""
         errs.append(f"num_hidden_layers({d.num_layers}) % pp({pp}) = {d.num_layers % pp} != 0{mix}")
     if d.ffn_hidden and d.mlp_dense_layers and d.ffn_hidden % tp:

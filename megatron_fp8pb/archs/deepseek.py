@@ -136,17 +136,20 @@ def _config(**kw):
 
 
 def _tiny(tie: bool):
-    """2 layers (layer 0 dense, layer 1 MoE), q_proj (q_lora_rank null), kv_a_proj_with_mqa 256 rows."""
+    """2 layers (layer 0 dense, layer 1 MoE), q_proj (q_lora_rank null), kv_a_proj_with_mqa 256 rows, no
+    multi-token prediction layer (transformers' model has none and would refuse its weights)."""
     return _config(vocab_size=1003, hidden_size=384, intermediate_size=1152, moe_intermediate_size=384,
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
                    n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
                    q_lora_rank=None, kv_lora_rank=192, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
-                   max_position_embeddings=512, rope_scaling=None, tie_word_embeddings=tie)
+                   max_position_embeddings=512, rope_scaling=None, tie_word_embeddings=tie,
+                   num_nextn_predict_layers=0)
 
 
 def _preset(**shape):
     def make(num_layers: int = 0):
-        kw = dict(shape, max_position_embeddings=8192, tie_word_embeddings=False, rope_scaling=None)
+        kw = dict(shape, max_position_embeddings=8192, tie_word_embeddings=False, rope_scaling=None,
+                  num_nextn_predict_layers=0)
         if num_layers:
             kw["num_hidden_layers"] = num_layers
         return _config(**kw)

@@ -11,7 +11,7 @@ WORKER = "tests/dist/chunks_worker.py"
 
 def test_virtual_pipeline_chunks(tmp_path):
     """pp 2 x 2 chunks of one layer each: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3 (dense layer 0)."""
-    cfg = ragged_deepseek_v3()
+    cfg = ragged_deepseek_v3(mtp=0)
     cfg.num_hidden_layers = 4
     src, out = tmp_path / "src", tmp_path / "out"
     state = write_hf_source(src, cfg)

@@ -15,14 +15,16 @@ from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
 
-def ragged_deepseek_v3(q_lora_rank=96):
+def ragged_deepseek_v3(q_lora_rank=96, mtp=1):
     """kv_a_proj_with_mqa 128 + 64 = 192 rows (96 per rank at tp 2), q_a_proj 96 rows (48 per rank), dense ffn 640
-    (320 per rank), experts of 160 (80 per rank at etp 2), shared expert 160; layer 0 dense, layer 1 MoE."""
+    (320 per rank), experts of 160 (80 per rank at etp 2), shared expert 160; layer 0 dense, layer 1 MoE, and (as
+    DeepSeek-V3's config) one multi-token-prediction layer, HF layer 2."""
     return tf.DeepseekV3Config(
         vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=q_lora_rank, kv_lora_rank=128,
-        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=256, rope_scaling=None)
+        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=256, rope_scaling=None,
+        num_nextn_predict_layers=mtp)
 
 
 def ragged_glm4_moe():
@@ -126,8 +128,7 @@ def test_deepseek_v3_multi_token_prediction(tmp_path, tp, pp, ep):
     """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek's checkpoint holds
     it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and shared_head.head (the output
     layer again, unquantized like lm_head)."""
-    cfg = ragged_deepseek_v3()
-    cfg.num_nextn_predict_layers = 1
+    cfg = ragged_deepseek_v3(mtp=1)
     _, out, state = _export(tmp_path, cfg, tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
                                                      "parallel.etp=1"])
     assert mismatches(out, state) == []
