@@ -134,8 +134,12 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     if d.mla:
+        from megatron.core.transformer.identity_op import IdentityOp
         for spec in block.layer_specs:
-            spec.submodules.self_attention.submodules.core_attention = MLACoreAttention
+            attn = spec.submodules.self_attention.submodules
+            attn.core_attention = MLACoreAttention
+            if not d.q_lora_rank:   # no q latent, no q norm (megatron-core 0.19 refuses one that would go unused)
+                attn.q_layernorm = IdentityOp
     return block
 
 
