@@ -26,7 +26,7 @@ def test_replicated_down_projections_quantized_without_collective(tmp_path):
     """Each tp rank holds q_a_proj (96 rows) and kv_a_proj_with_mqa (192 rows) whole; tp rank 0 writes them. With
     the pieces given axis "tp" on rank 0 only, the amax all-reduce ran on one rank and gloo aborted."""
     src, out = tmp_path / "src", tmp_path / "out"
-    state = write_hf_source(src, ragged_deepseek_v3())
+    state = write_hf_source(src, ragged_deepseek_v3(mtp=0))
     r = torchrun(2, ["replicated", str(src), str(out), "2", "1", "0"], script=WORKER)
     assert r.returncode == 0 and "CHUNKS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert mismatches(out, state) == []
