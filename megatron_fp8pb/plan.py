@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .archs import default_exclude
 from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB,
                          Dims, Rule, hf_module, rule_layers)
 
@@ -99,7 +100,6 @@ def effective_shard(rule: Rule, style: str | None, name: str, hf_names: list[str
     if style is None or _SEEN_AS.get(rule.shard) == style:
         return rule
     if style in rule.alt_shard:
-        from dataclasses import replace
         return replace(rule, shard=style)
     raise ValueError(f"Megatron parameter {name!r} is {style} (its module's partitioning), but the architecture table "
                      f"maps it to {', '.join(hf_names) or 'a tied copy'} as {rule.shard}"
@@ -187,7 +187,6 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         rule = Rule(rule.mcore, rule.hf + ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),) * 2, VOCAB,
                     "duplicate", False, GLOBAL)
     plan = ParamPlan(mcore_name, tuple(local_shape), rule, layer, expert)
-    from .archs import default_exclude
     defaults = default_exclude(d)
     if rule.shard == TIED_COPY:
         return plan
