@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU, tp=2, llama-200m shapes")
     ap.add_argument("--gpu", action="store_true", help="one GPU, tp=1, Llama-3-8B shapes")
     ap.add_argument("--moe", action="store_true", help="a mixture-of-experts model under expert parallelism")
+    ap.add_argument("--arch", default=None, help="another preset (source.arch), e.g. deepseek-v3, kimi-k2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", default=None, help="comma-separated layer counts (model sizes)")
     ap.add_argument("--workdir", default=None)
@@ -107,6 +108,8 @@ def main() -> None:
         layers = [int(x) for x in (args.layers or "12").split(",")]
         if args.quick:
             args.repeats = min(args.repeats, 2)
+    if args.arch:
+        base = [x for x in base if not x.startswith("source.arch=")] + [f"source.arch={args.arch}"]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fp8pb-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"

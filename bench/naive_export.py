@@ -20,7 +20,7 @@ from megatron_fp8pb import collectives as coll  # noqa: E402
 from megatron_fp8pb.archs import rules_for  # noqa: E402
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference  # noqa: E402
 from megatron_fp8pb.hf_output import config_json, quantization_config  # noqa: E402
-from megatron_fp8pb.pipeline import make_plans  # noqa: E402
+from megatron_fp8pb.pipeline import make_plans, piece_dtype  # noqa: E402
 from megatron_fp8pb.plan import Piece, QuantChoice, check_coverage, expected_tensors  # noqa: E402
 from megatron_fp8pb.shards import pieces_of  # noqa: E402
 
@@ -39,18 +39,19 @@ def naive_export(params, d, layout, groups, hf_config, out_dir, *, quant=QuantCh
     if me != 0:
         for p, t in mine:
             if p.length:
-                coll.send_tensor(t.to(out_dtype), 0, traffic, groups.device)
+                coll.send_tensor(t.to(piece_dtype(p, out_dtype)), 0, traffic, groups.device)
         return traffic
     local = {(p.hf_name, p.offset): t for p, t in mine}
     by_name = check_coverage([p for ps in everyone for p in ps], expected_tensors(rules_for(d), d))
     state = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
-        full = torch.empty(ps[0].full_shape, dtype=out_dtype)
+        dtype = piece_dtype(ps[0], out_dtype)     # the float32 expert bias keeps its dtype
+        full = torch.empty(ps[0].full_shape, dtype=dtype)
         for p in ps:
             shape = list(p.full_shape)
             shape[p.dim] = p.length
-            t = local[(name, p.offset)].to(out_dtype).cpu() if p.src == 0 else \
-                coll.recv_tensor(tuple(shape), out_dtype, p.src, traffic, groups.device)
+            t = local[(name, p.offset)].to(dtype).cpu() if p.src == 0 else \
+                coll.recv_tensor(tuple(shape), dtype, p.src, traffic, groups.device)
             full.narrow(p.dim, p.offset, p.length).copy_(t)
         if ps[0].quantize:
             q, s = quantize_blockfp8_reference(full, name=name)

@@ -10,16 +10,33 @@ from .pipeline import ExportResult, run_export
 from .plan import QuantChoice
 
 
+def _with_model_mtp_layers(model, d, hf_config):
+    """Multi-token-prediction layers are written when the Megatron model has them (the last stage holds them), and
+    config.json then says how many; a config that names MTP layers the model lacks is corrected, not trusted."""
+    import copy
+    from dataclasses import replace
+
+    from . import collectives as coll
+    counts = coll.gather_objects(mcore.mtp_layer_count(model))
+    have = coll.broadcast_object(max(counts) if counts is not None else None)
+    if have == d.mtp_layers:
+        return d, hf_config
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.num_nextn_predict_layers = have
+    return replace(d, mtp_layers=have), hf_config
+
+
 def export(model, hf_config, out_dir: str, *, quantize: bool = True, exclude: tuple[str, ...] = (),
            quantize_lm_head: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False,
            extra_files: dict | None = None, out_dtype: torch.dtype | None = None,
            scale_fmt: str = "amax") -> ExportResult:
-    """Write ``model`` (a megatron-core GPTModel chunk of this rank, parallel_state initialized) as an HF block-FP8
-    checkpoint at ``out_dir``. ``hf_config``: the transformers config of the architecture (real vocab size).
-    ``scale_fmt``: "amax" (block scale amax/448) or "ue8m0" (rounded up to a power of two; quantization_config
-    says ``"scale_fmt": "ue8m0"``)."""
+    """Write ``model`` (a megatron-core GPTModel of this rank, or the list of its virtual-pipeline chunks;
+    parallel_state initialized) as an HF block-FP8 checkpoint at ``out_dir``. ``hf_config``: the transformers config
+    of the architecture (real vocab size). ``scale_fmt``: "amax" (block scale amax/448) or "ue8m0" (rounded up to a
+    power of two; quantization_config says ``"scale_fmt": "ue8m0"``)."""
     d = dims_from_hf(hf_config)
     layout, groups = mcore.layout_and_groups()
+    d, hf_config = _with_model_mtp_layers(model, d, hf_config)
     return run_export(
         mcore.local_params(model), d, layout, groups, hf_config, out_dir,
         quant=QuantChoice(quantize, tuple(exclude), quantize_lm_head, scale_fmt), max_shard_size=max_shard_size,

@@ -49,10 +49,14 @@ def _agree(error: str | None) -> None:
 
 def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_local: dict[int, int],
                num_local_experts: int, untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
+    """``params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
+    sharding is checked against the module that holds the parameter."""
     rules = rules_for(d)
+    styles = getattr(params, "styles", None) or {}
     out = []
     for name, p in params:
-        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts, untie)
+        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts, untie,
+                          style=styles.get(name))
         if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), d)):
                 check_piece_finite(piece, t, name)
@@ -104,6 +108,9 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
     Block amax is made global with one MAX all-reduce per axis group ("tp", "etp") over full-size amax grids.
     """
     payload: dict[int, tuple] = {}
+    for k, (p, t) in enumerate(items):
+        if p.quantize and p.axis is None:   # whole on this rank (replicated, or a 1-way split): no collective
+            payload[k] = quantize_checked(t, BLOCK)
     for axis in ("tp", "etp"):
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
         if todo and coll.group_size(getattr(groups, axis)) == 1:
@@ -124,8 +131,13 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
             payload[k] = (_quantize(t, scale_inv, p), rows)
     for k, (p, t) in enumerate(items):
         if not p.quantize:
-            payload[k] = (t.to(out_dtype).contiguous(),)
+            payload[k] = (t.to(piece_dtype(p, out_dtype)).contiguous(),)
     return [payload[k] for k in range(len(items))]
+
+
+def piece_dtype(p: Piece, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an unquantized piece is written in: its rule's own (float32 expert bias) or the checkpoint's."""
+    return getattr(torch, p.dtype) if p.dtype else out_dtype
 
 
 def _nbytes(shape, dtype) -> int:
@@ -152,7 +164,7 @@ def write_specs(by_name: dict[str, list[Piece]], out_dtype: torch.dtype) -> list
             specs.append(TensorSpec(name, torch.float8_e4m3fn, p.full_shape))
             specs.append(TensorSpec(name[:-len(".weight")] + SCALE, torch.float32, _grid_shape(p)))
         else:
-            specs.append(TensorSpec(name, out_dtype, p.full_shape))
+            specs.append(TensorSpec(name, piece_dtype(p, out_dtype), p.full_shape))
     return specs
 
 
@@ -166,7 +178,7 @@ class _Assembler:
     def tensor(self, ps: list[Piece], local: dict[tuple, tuple]) -> None:
         p0 = ps[0]
         name = p0.hf_name
-        dtype = torch.float8_e4m3fn if p0.quantize else self.out_dtype
+        dtype = torch.float8_e4m3fn if p0.quantize else piece_dtype(p0, self.out_dtype)
         scale = torch.full(_grid_shape(p0), float("nan")) if p0.quantize else None
         whole = _nbytes(p0.full_shape, dtype) <= self.pool.slab_bytes
         if whole:
@@ -295,7 +307,7 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
     need = SLAB_MIN
     for ps in by_name.values():
         if any(p.dim != 0 for p in ps):
-            dtype = torch.float8_e4m3fn if ps[0].quantize else out_dtype
+            dtype = torch.float8_e4m3fn if ps[0].quantize else piece_dtype(ps[0], out_dtype)
             need = max(need, _nbytes(ps[0].full_shape, dtype))
     return need
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .archs.base import (EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims,
-                         Rule, hf_module)
+from .archs import default_exclude
+from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB,
+                         Dims, Rule, hf_module, rule_layers)
 from .realign import check_scale_fmt
 
-DEFAULT_EXCLUDE = ("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate", "*.block_sparse_moe.gate",
-                   "*.shared_expert_gate")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MTP_LAYER_RE = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.+)$")
 _EXPERT_RES = (re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$"),
                re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$"))
 
@@ -50,8 +50,9 @@ class QuantChoice:
     def __post_init__(self):
         check_scale_fmt(self.scale_fmt, "quant.scale_fmt")
 
-    def quantizes(self, module: str) -> bool:
-        pats = DEFAULT_EXCLUDE + tuple(self.exclude)
+    def quantizes(self, module: str, defaults: tuple[str, ...] = ()) -> bool:
+        """``defaults``: the architecture's default excludes (``archs.default_exclude``)."""
+        pats = tuple(defaults) + tuple(self.exclude)
         if module == "lm_head" and self.lm_head:
             pats = tuple(p for p in pats if p != "lm_head")
         return self.enabled and not any(fnmatch.fnmatchcase(module, p) for p in pats)
@@ -66,11 +67,12 @@ class Piece:
     offset: int
     length: int
     quantize: bool
-    axis: str | None        # "tp" / "etp": the group whose ranks share its 128-blocks; None: not quantized
+    axis: str | None        # "tp" / "etp": the group whose ranks share its 128-blocks; None: quantized whole
     order: tuple            # global write order, the same for every layout
     src: int = 0            # global rank holding it (set on rank 0)
     linear: bool = False    # a linear layer's weight (listed in modules_to_not_convert when not quantized)
     scale_fmt: str = "amax"  # of a quantized piece: how its block scales are made (QuantChoice.scale_fmt)
+    dtype: str | None = None  # written in this dtype when not quantized (None: the checkpoint's dtype)
 
 
 @dataclass
@@ -88,16 +90,34 @@ class ParamPlan:
         return self.rule.fusion
 
 
-def _match(rules: list[Rule], rel: str, scope: str) -> tuple[int, Rule] | None:
-    hits = [(k, r) for k, r in enumerate(rules) if r.scope == scope and rel in r.mcore]
+def _match(rules: list[Rule], rel: str, scope: str, layer: int | None, d: Dims) -> tuple[int, Rule] | None:
+    hits = [(k, r) for k, r in enumerate(rules) if r.scope == scope and rel in r.mcore
+            and (layer is None or layer in rule_layers(r, d))]
     return hits[0] if hits else None
+
+
+# sharding kinds a Megatron module may report for each rule kind
+_SEEN_AS = {COLWISE: COLWISE, ROWWISE: ROWWISE, REPLICATED: REPLICATED, VOCAB: COLWISE, TIED_COPY: COLWISE}
+
+
+def effective_shard(rule: Rule, style: str | None, name: str, hf_names: list[str]) -> Rule:
+    """The rule as the Megatron module builds it: ``style`` ("colwise" / "rowwise" / "replicated", read off the
+    module owning the parameter, None when unknown) must be the rule's sharding or one of its ``alt_shard``."""
+    if style is None or _SEEN_AS.get(rule.shard) == style:
+        return rule
+    if style in rule.alt_shard:
+        return replace(rule, shard=style)
+    raise ValueError(f"Megatron parameter {name!r} is {style} (its module's partitioning), but the architecture table "
+                     f"maps it to {', '.join(hf_names) or 'a tied copy'} as {rule.shard}"
+                     f"{' or ' + ', '.join(rule.alt_shard) if rule.alt_shard else ''}; the export would write wrong "
+                     f"rows. Build the layer with the module the table expects, or fix the table")
 
 
 def _unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:
     if layer is not None:
         return 1 + layer
     first_layer_rule = min((j for j, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
-    return 0 if k < first_layer_rule else d.num_layers + 1
+    return 0 if k < first_layer_rule else d.num_layers + d.mtp_layers + 1
 
 
 def _fill(name: str, layer: int | None, expert: int | None) -> str:
@@ -127,15 +147,19 @@ def _shard_sizes(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layo
 
 def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule], d: Dims, layout: Layout,
                quant: QuantChoice, layer_of_local: dict[int, int], num_local_experts: int,
-               untie_lm_head: bool = False) -> ParamPlan:
+               untie_lm_head: bool = False, style: str | None = None) -> ParamPlan:
     """One local Megatron parameter -> its pieces on this rank. Raises ValueError naming the parameter."""
     layer = expert = None
     m = _LAYER_RE.match(mcore_name)
-    if m:
-        j, rel = int(m.group(1)), m.group(2)
-        if j not in layer_of_local:
+    mtp = _MTP_LAYER_RE.match(mcore_name)
+    if m or mtp:
+        j, rel = int((m or mtp).group(1)), (m or mtp).group(2)
+        if mtp:    # the decoder layer of multi-token-prediction layer j: HF layer num_layers + j
+            layer = d.num_layers + j
+        elif j not in layer_of_local:
             raise ValueError(f"{mcore_name}: local layer {j} has no global layer number on this stage")
-        layer = layer_of_local[j]
+        else:
+            layer = layer_of_local[j]
         scope = LAYER
         for rx in _EXPERT_RES:
             em = rx.match(rel)
@@ -153,7 +177,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
                 break
     else:
         rel, scope = mcore_name, GLOBAL
-    hit = _match(rules, rel, scope)
+    hit = _match(rules, rel, scope, layer, d)
     if hit is None and rel in ("mlp.experts.weight1", "mlp.experts.weight2"):
         raise ValueError(f"{mcore_name} (shape {tuple(local_shape)}): the legacy GroupedMLP packs all local experts "
                          f"into one tensor, which the export does not split; build the experts as SequentialMLP or "
@@ -164,10 +188,12 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
                          f"architecture {d.model_type!r}; the export refuses to drop it. Check that the model and "
                          f"the HF config agree")
     k, rule = hit
+    rule = effective_shard(rule, style, mcore_name, [_fill(h, layer, expert) for h in rule.hf])
     if untie_lm_head and rule.shard == VOCAB and rule.hf == ("model.embed_tokens.weight",):
         rule = Rule(rule.mcore, rule.hf + ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),) * 2, VOCAB,
                     "duplicate", False, GLOBAL)
     plan = ParamPlan(mcore_name, tuple(local_shape), rule, layer, expert)
+    defaults = default_exclude(d)
     if rule.shard == TIED_COPY:
         return plan
     is_expert = rule.scope == EXPERT
@@ -189,12 +215,16 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         # q/k/v and gate/up are fused by servers: excluding one member keeps the whole group unquantized
         group = [hf_module(_fill(x, layer, expert)) for x in rule.hf] if rule.fusion in (QKV, GATED) else \
             [hf_module(name)]
-        q = is_linear and len(shape) == 2 and all(quant.quantizes(m) for m in group)
-        axis = ("etp" if is_expert else "tp") if q else None
+        q = is_linear and len(shape) == 2 and all(quant.quantizes(m, defaults) for m in group)
+        # a replicated piece is whole on the rank that exports it: quantized there, with no collective
+        axis = ("etp" if is_expert else "tp") if q and split > 1 else None
         plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
                                  (unit, k, -1 if expert is None else expert, h), linear=is_linear and len(shape) == 2,
-                                 scale_fmt=quant.scale_fmt if q else "amax"))
-    if exporting and not (rule.shard == REPLICATED and rank != 0):
+                                 scale_fmt=quant.scale_fmt if q else "amax", dtype=rule.dtype))
+    # the first stage writes the embedding; a later stage's copy (multi-token prediction reads embeddings on the
+    # last stage) is the same tensor
+    copy = rule.hf[:1] == ("model.embed_tokens.weight",) and layout.pp_rank != 0
+    if exporting and not (rule.shard == REPLICATED and rank != 0) and not copy:
         plan.pieces = list(plan.slices)
     return plan
 
@@ -228,7 +258,7 @@ def expected_tensors(rules: list[Rule], d: Dims, untie_lm_head: bool = False) ->
         if r.shard == TIED_COPY:
             continue
         shapes = r.shapes(d)
-        layers = range(d.num_layers) if r.scope != GLOBAL else [None]
+        layers = rule_layers(r, d) if r.scope != GLOBAL else [None]
         experts = range(d.num_experts) if r.scope == EXPERT else [None]
         for i in layers:
             for e in experts:
@@ -242,7 +272,7 @@ def expected_tensors(rules: list[Rule], d: Dims, untie_lm_head: bool = False) ->
 def linear_weights(rules: list[Rule], d: Dims, untie_lm_head: bool = False) -> dict[str, tuple[int, ...]]:
     """The HF weights of linear layers (the FP8 candidates), with full shapes."""
     linear = {_fill(h, i, e) for r in rules if r.linear for h in r.hf
-              for i in (range(d.num_layers) if r.scope != GLOBAL else [None])
+              for i in (rule_layers(r, d) if r.scope != GLOBAL else [None])
               for e in (range(d.num_experts) if r.scope == EXPERT else [None])}
     if untie_lm_head:
         linear.add("lm_head.weight")

@@ -16,11 +16,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from . import archs
+
 BLOCK = 128
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
-_KV = ("k_proj", "v_proj")
-_EXPERT_W = {"w1": "column", "w3": "column", "w2": "row"}
+_EXPERT_W = {x: archs.serving_styles()[x] for x in archs.expert_only_leaves()}
+COLUMN_PARALLEL = tuple(x for x in archs.leaves_with_style("column") if x not in _EXPERT_W)
+ROW_PARALLEL = tuple(x for x in archs.leaves_with_style("row") if x not in _EXPERT_W)
+_KV = archs.kv_leaves()
 _EXPERT_RE = re.compile(r"^(?P<group>.+\.experts)\.\d+\.(?P<leaf>[^.]+)$")
 
 
@@ -162,6 +164,9 @@ def fusion_group(module: str) -> str | None:
         return f"{parent}.qkv_proj"
     if name in ("gate_proj", "up_proj"):
         return f"{parent}.gate_up_proj"
+    for group in archs.fusion_groups():     # the other architectures' groups (MLA: q_a_proj + kv_a_proj_with_mqa)
+        if name in group:
+            return f"{parent}.{'+'.join(group)}"
     return None
 
 

@@ -17,14 +17,24 @@ def check_layout(d: Dims, world: int, tp: int, pp: int, ep: int = 1, etp: int | 
         errs.append(f"world size({world}) % (tp({tp}) * pp({pp})) = {world % (tp * pp)} != 0: launch "
                     f"--nproc_per_node so that world size = tp*pp*dp")
     if d.num_heads % tp:
-        errs.append(f"num_attention_heads({d.num_heads}) % tp({tp}) = {d.num_heads % tp} != 0")
-    if d.num_query_groups % tp:
+        what = " (multi-latent attention splits whole heads)" if d.mla else ""
+        errs.append(f"num_attention_heads({d.num_heads}) % tp({tp}) = {d.num_heads % tp} != 0{what}")
+    if d.mla:
+        for name, n in (("q_lora_rank", d.q_lora_rank), ("kv_lora_rank + qk_rope_head_dim",
+                                                           d.kv_lora_rank + d.qk_rope_dim)):
+            if n and n % tp:    # column-parallel down-projections of the local spec
+                errs.append(f"{name}({n}) % tp({tp}) = {n % tp} != 0 (the down-projection is split along tp)")
+    elif d.num_query_groups % tp:
         errs.append(f"num_key_value_heads({d.num_query_groups}) % tp({tp}) = {d.num_query_groups % tp} != 0 "
                     f"(Megatron splits whole query groups)")
     if d.num_layers % pp:
-        errs.append(f"num_hidden_layers({d.num_layers}) % pp({pp}) = {d.num_layers % pp} != 0")
-    if d.ffn_hidden and not d.num_experts and d.ffn_hidden % tp:
-        errs.append(f"intermediate_size({d.ffn_hidden}) % tp({tp}) = {d.ffn_hidden % tp} != 0")
+        mix = (f" ({len(d.dense_layers)} dense + {d.num_layers - len(d.dense_layers)} MoE layers; each stage holds a "
+               f"contiguous run of "
+               f"both kinds)") if d.num_experts and d.dense_layers else ""
+        errs.append(f"num_hidden_layers({d.num_layers}) % pp({pp}) = {d.num_layers % pp} != 0{mix}")
+    if d.ffn_hidden and d.mlp_dense_layers and d.ffn_hidden % tp:
+        which = f" (dense layers {list(d.mlp_dense_layers)})" if d.num_experts else ""
+        errs.append(f"intermediate_size({d.ffn_hidden}) % tp({tp}) = {d.ffn_hidden % tp} != 0{which}")
     if d.num_experts:
         if d.num_experts % ep:
             errs.append(f"num_experts({d.num_experts}) % ep({ep}) = {d.num_experts % ep} != 0")

@@ -1,7 +1,8 @@
-"""Declarative name tables: one Rule per Megatron parameter, naming its HF tensors, how it is fused and sharded."""
+"""Declarative name tables: one Rule per Megatron parameter, naming its HF tensors, how it is fused and sharded, and
+the layers it covers; one Arch per architecture family, owning everything the exporter knows about it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 # Sharding kinds of a Megatron parameter along its tensor-parallel axis.
@@ -10,6 +11,8 @@ COLWISE, ROWWISE, REPLICATED, VOCAB, TIED_COPY = "colwise", "rowwise", "replicat
 PLAIN, QKV, GATED = "plain", "qkv", "gated"
 # Scopes: where the rule's names are expanded.
 GLOBAL, LAYER, EXPERT = "global", "layer", "expert"
+# Serving-side parallel styles of an HF linear (vLLM / SGLang).
+COLUMN, ROW, WHOLE = "column", "row", "replicated"
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,58 @@ class Dims:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_positions: int = 4096
+    # layers built with a dense MLP in a mixture-of-experts model (DeepSeek / GLM first_k_dense_replace)
+    dense_layers: tuple[int, ...] = ()
+    # multi-latent attention (DeepSeek-V3): kv_lora_rank > 0; q_lora_rank 0 means a plain q_proj
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    # router: "softmax" or "sigmoid"; expert_bias: a per-expert score correction (e_score_correction_bias)
+    router_score: str = "softmax"
+    expert_bias: bool = False
+    router_groups: int = 0
+    router_group_topk: int = 0
+    router_scale: float = 1.0
+    norm_topk: bool = False
+    partial_rotary: float = 1.0
+    mtp_layers: int = 0       # multi-token prediction layers written after the decoder layers
 
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_query_groups
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Decoder layers, then multi-token-prediction layers (numbered on: ``num_layers + k``)."""
+        return tuple(range(self.num_layers + self.mtp_layers))
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        if not self.num_experts:
+            return ()
+        return tuple(i for i in self.all_layers if i not in set(self.dense_layers))
+
+    @property
+    def mlp_dense_layers(self) -> tuple[int, ...]:
+        """Layers holding a dense MLP: all of a dense model, ``dense_layers`` of a MoE model."""
+        return tuple(self.dense_layers) if self.num_experts else tuple(range(self.num_layers))
+
+
+ALL_LAYERS = None
+
+
+def dense_mlp_layers(d: Dims) -> tuple[int, ...]:
+    return d.mlp_dense_layers
+
+
+def moe_layers(d: Dims) -> tuple[int, ...]:
+    return d.moe_layers
 
 
 @dataclass(frozen=True)
@@ -47,6 +98,10 @@ class Rule:
     mcore: accepted Megatron names (relative to ``decoder.layers.{j}.`` for LAYER and EXPERT scope; ``{x}`` is the
     local expert index for EXPERT scope). hf: HF names with ``{i}`` the global layer and ``{e}`` the global expert.
     shapes: the full HF shape of each hf name, from Dims. linear: the HF tensors are linear weights (FP8 candidates).
+    layers: which layers the rule covers (None: every layer). dtype: the dtype it is written in when not quantized
+    (None: the checkpoint's dtype). alt_shard: other sharding kinds megatron-core may build the same parameter with
+    (MLA down-projections: column-parallel in the local spec, replicated under TransformerEngine); the Megatron
+    module decides which one applies.
     """
     mcore: tuple[str, ...]
     hf: tuple[str, ...]
@@ -55,6 +110,47 @@ class Rule:
     fusion: str = PLAIN
     linear: bool = False
     scope: str = LAYER
+    layers: Callable[[Dims], tuple[int, ...]] | None = ALL_LAYERS
+    dtype: str | None = None
+    alt_shard: tuple[str, ...] = ()
+
+
+def rule_layers(rule: Rule, d: Dims) -> tuple[int, ...]:
+    """The global layers a LAYER / EXPERT rule covers."""
+    return d.all_layers if rule.layers is None else tuple(rule.layers(d))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything the exporter knows about one architecture family (one registered unit per file).
+
+    model_types: HF ``model_type`` values it reads. dims: HF config -> Dims (unsupported variants refused by name).
+    rules: Dims -> the Megatron <-> HF table. serving: HF linear leaf -> serving parallel style (column / row /
+    replicated) as vLLM / SGLang shard it. fusion: leaf groups a server fuses into one module (all quantized or none).
+    kv_leaves: column leaves whose heads a server replicates when tp >= num_key_value_heads. expert_leaves: linear
+    leaves that exist only inside experts (Mixtral's w1 / w2 / w3). never_quantized: leaves
+    that are not FP8 candidates (routers, gates). exclude: default modules_to_not_convert patterns (fnmatch on HF
+    module names). mcore: Dims -> megatron-core TransformerConfig arguments beyond the common ones; gpt: Dims ->
+    GPTModel arguments beyond the common ones. spec: Dims ->
+    keyword arguments of the local layer spec (``get_gpt_layer_local_spec``); ``block_spec`` builds per-layer specs
+    (dense and MoE layers). tiny: a small transformers config (tie_embeddings) for tests and the default export.
+    presets: real shapes (name -> transformers config factory taking num_layers, 0 = as published).
+    """
+    model_types: tuple[str, ...]
+    dims: Callable[[object], Dims]
+    rules: Callable[[Dims], list[Rule]]
+    serving: dict[str, str]
+    fusion: tuple[tuple[str, ...], ...] = ()
+    kv_leaves: tuple[str, ...] = ()
+    never_quantized: tuple[str, ...] = ()
+    expert_leaves: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ("model.embed_tokens", "lm_head", "*norm*")
+    mcore: Callable[[Dims], dict] = lambda d: {}
+    gpt: Callable[[Dims], dict] = lambda d: {}
+    spec: Callable[[Dims], dict] = lambda d: {}
+    block_spec: bool = False
+    tiny: dict[str, Callable[[bool], object]] = field(default_factory=dict)
+    presets: dict[str, Callable[[int], object]] = field(default_factory=dict)
 
 
 def hf_module(hf_name: str) -> str:

@@ -1,4 +1,5 @@
-"""Seeded fuzzing: random small architectures and parallel layouts against the single-process reference.
+"""Seeded fuzzing: random small architectures (dense, and DeepSeek-V3 / GLM-4-MoE with experts) and parallel layouts
+against the single-process reference.
 
 CI runs FP8PB_FUZZ_CASES (default 2) cases; run more on demand, e.g. FP8PB_FUZZ_CASES=30 FP8PB_FUZZ_SEED=7.
 """
@@ -33,6 +34,45 @@ def random_case(rng: random.Random):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config}[arch]
         cfg = cls(head_dim=head_dim, **kw)
     return cfg, tp, pp
+
+
+def random_moe_case(rng: random.Random):
+    """DeepSeek-V3 (multi-latent attention) or GLM-4-MoE with dense first layers, experts split along ep / etp."""
+    arch = rng.choice(["deepseek_v3", "glm4_moe"])
+    layers = rng.choice([2, 3, 4])
+    tp = rng.choice([1, 2])
+    pp = rng.choice([p for p in (1, 2) if layers % p == 0])
+    ep, etp = rng.choice([(1, 1), (2, 1), (1, 2)] if tp == 2 else [(1, 1)])
+    heads = rng.choice([2, 4])
+    kw = dict(vocab_size=rng.randint(300, 2100), hidden_size=rng.choice([192, 320, 448]),
+              intermediate_size=16 * tp * rng.randint(4, 40), moe_intermediate_size=16 * etp * rng.randint(4, 20),
+              num_hidden_layers=layers, num_attention_heads=heads, n_routed_experts=4, num_experts_per_tok=2,
+              n_shared_experts=rng.choice([0, 1]), n_group=1, topk_group=1,
+              first_k_dense_replace=rng.choice([0, 1]), max_position_embeddings=256)
+    if arch == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(num_key_value_heads=heads, q_lora_rank=rng.choice([None, 32 * rng.randint(2, 6)]),
+                                  kv_lora_rank=32 * rng.randint(2, 6), qk_rope_head_dim=rng.choice([32, 64]),
+                                  qk_nope_head_dim=rng.choice([32, 64]), v_head_dim=rng.choice([32, 64]),
+                                  rope_scaling=None, **kw)
+    else:
+        cfg = tf.Glm4MoeConfig(num_key_value_heads=rng.choice([k for k in (1, 2) if k % tp == 0]),
+                               head_dim=rng.choice([64, 80]), attention_bias=rng.random() < 0.5,
+                               use_qk_norm=rng.random() < 0.5, **kw)
+    return cfg, tp, pp, ep, etp
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_fuzz_moe_layouts(tmp_path, case):
+    rng = random.Random(SEED * 1000 + 500 + case)
+    cfg, tp, pp, ep, etp = random_moe_case(rng)
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, cfg, seed=case)
+    args = ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
+            f"parallel.etp={etp}", f"output.dir={out}", "output.max_shard_size=300KB", "output.verify=false"]
+    r = torchrun(tp * pp, args)
+    desc = f"case {case}: {cfg.model_type} {cfg.to_diff_dict()} tp={tp} pp={pp} ep={ep} etp={etp}"
+    assert r.returncode == 0, desc + "\n" + r.stderr[-3000:]
+    assert mismatches(out, state) == [], desc
 
 
 @pytest.mark.parametrize("case", range(CASES))

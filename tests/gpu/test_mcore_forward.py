@@ -25,7 +25,8 @@ def megatron_world():
     mcore.destroy_parallel()
 
 
-@pytest.mark.parametrize("arch,tie", [("qwen3", False), ("llama", True), ("qwen2", False), ("mistral", False)])
+@pytest.mark.parametrize("arch,tie", [("qwen3", False), ("llama", True), ("qwen2", False), ("mistral", False),
+                                      ("qwen3_moe", False), ("deepseek_v3", False), ("glm4_moe", False)])
 def test_megatron_logits_equal_hf(tmp_path, arch, tie):
     from transformers import AutoModelForCausalLM
 

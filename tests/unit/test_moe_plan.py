@@ -113,7 +113,8 @@ def test_every_expert_exactly_once(tp, ep, etp, pp, world, grouped):
     for name, ps in by_name.items():
         assert len(ps) == (1 if name.endswith("mlp.gate.weight") else etp), name
         assert all(p.quantize == (".experts." in name) for p in ps)
-        assert all(p.axis == ("etp" if ".experts." in name else None) for p in ps)
+        # split experts agree on block amax across etp; whole ones (etp 1) are quantized alone
+        assert all(p.axis == ("etp" if ".experts." in name and etp > 1 else None) for p in ps)
 
 
 def test_global_expert_numbers_and_etp_offsets():

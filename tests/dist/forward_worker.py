@@ -1,0 +1,49 @@
+"""Single-process worker: build the megatron-core model from an HF checkpoint on the CPU (float32) and print how far
+its logits are from transformers'. CPU-only stand-ins for the forward pass (not needed on a GPU): megatron-core places
+the rotary frequencies on ``torch.cuda.current_device()`` and its default causal mask on "cuda", forks a CUDA RNG
+stream around attention dropout, and 0.16's router GEMM reads a TransformerEngine name that is undefined without
+TransformerEngine."""
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from megatron_fp8pb import mcore  # noqa: E402
+from megatron_fp8pb.archs import dims_from_hf  # noqa: E402
+from megatron_fp8pb.hf_source import HFReader, hf_config  # noqa: E402
+from megatron_fp8pb.sources import load_hf_weights  # noqa: E402
+
+
+def main(src: str) -> None:
+    mcore.init_distributed("gloo", 60)
+    mcore.initialize_parallel(1, 1)
+    layout, _ = mcore.layout_and_groups()
+    d = dims_from_hf(hf_config(src))
+    model = mcore.build_gpt(d, torch.float32, layout).eval()
+    load_hf_weights(model, HFReader(src), d, layout)
+    torch.cuda.current_device = lambda: "cpu"
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
+    import megatron.core.fusions.fused_softmax as fused_softmax   # its causal mask is made on "cuda"
+    fused_softmax.get_default_causal_mask = lambda sq: torch.ones(sq, sq, dtype=torch.bool).triu(1)
+    from megatron.core import tensor_parallel    # attention dropout (0 here) forks a CUDA RNG stream
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    vocab = d.vocab
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        ours = model(input_ids=ids, position_ids=pos, attention_mask=None)[..., :vocab].float()
+        ref = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits.float()
+    rel = float((ours - ref).norm() / ref.norm())
+    top1 = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
+    print(f"FORWARD rel_err={rel:.3e} top1={top1:.4f}")
+    mcore.destroy_parallel()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,32 @@
+"""The in-process API with what training jobs hold: a list of virtual-pipeline model chunks per rank, and MLA
+down-projections replicated across tensor parallel ranks (TransformerEngine's duplicated TELinear). Real gloo
+groups under torchrun, byte for byte against the single-process reference."""
+import json
+
+from helpers import mismatches, torchrun, write_hf_source
+from test_deepseek import ragged_deepseek_v3
+
+WORKER = "tests/dist/chunks_worker.py"
+
+
+def test_virtual_pipeline_chunks(tmp_path):
+    """pp 2 x 2 chunks of one layer each: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3 (dense layer 0)."""
+    cfg = ragged_deepseek_v3(mtp=0)
+    cfg.num_hidden_layers = 4
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, cfg)
+    r = torchrun(2, ["vpp", str(src), str(out), "1", "2", "2"], script=WORKER)
+    assert r.returncode == 0 and "CHUNKS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert mismatches(out, state) == []
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in (1, 2, 3)} <= set(index)
+
+
+def test_replicated_down_projections_quantized_without_collective(tmp_path):
+    """Each tp rank holds q_a_proj (96 rows) and kv_a_proj_with_mqa (192 rows) whole; tp rank 0 writes them. With
+    the pieces given axis "tp" on rank 0 only, the amax all-reduce ran on one rank and gloo aborted."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, ragged_deepseek_v3(mtp=0))
+    r = torchrun(2, ["replicated", str(src), str(out), "2", "1", "0"], script=WORKER)
+    assert r.returncode == 0 and "CHUNKS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert mismatches(out, state) == []

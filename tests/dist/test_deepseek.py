@@ -1,0 +1,140 @@
+"""DeepSeek-V3 (multi-latent attention, dense first layer, shared experts, float32 expert bias) and GLM-4-MoE through
+the real CLI (torchrun + gloo + megatron-core GPTModel): byte for byte against the single-process reference for
+layouts whose per-rank sizes are not multiples of 128, every HF tensor written exactly once, and transformers loading
+the result."""
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from helpers import mismatches, read_output, torchrun, write_hf_source
+from megatron_fp8pb.archs import dims_from_hf, rules_for
+from megatron_fp8pb.plan import expected_tensors, linear_weights
+from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.verify import verify_checkpoint
+
+
+def ragged_deepseek_v3(q_lora_rank=96, mtp=1):
+    """kv_a_proj_with_mqa 128 + 64 = 192 rows (96 per rank at tp 2), q_a_proj 96 rows (48 per rank), dense ffn 640
+    (320 per rank), experts of 160 (80 per rank at etp 2), shared expert 160; layer 0 dense, layer 1 MoE, and (as
+    DeepSeek-V3's config) one multi-token-prediction layer, HF layer 2."""
+    return tf.DeepseekV3Config(
+        vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=q_lora_rank, kv_lora_rank=128,
+        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=256, rope_scaling=None,
+        num_nextn_predict_layers=mtp)
+
+
+def ragged_glm4_moe():
+    """q 320 rows (160 per rank at tp 2), k/v 160 (80), dense ffn 640, experts of 160, q/k/v biases, q/k norms."""
+    return tf.Glm4MoeConfig(
+        vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=80, n_shared_experts=1, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, attention_bias=True,
+        use_qk_norm=True, max_position_embeddings=256)
+
+
+def _export(tmp_path, cfg, world, args):
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, cfg)
+    r = torchrun(world, ["source.kind=hf", f"source.path={src}", f"output.dir={out}", *args])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return src, out, state
+
+
+def _check_written_once(out, cfg, state):
+    """The index names each expected HF tensor once (plus a scale for each quantized linear), nothing else; the
+    float32 expert bias keeps its dtype and bytes."""
+    d = dims_from_hf(cfg)
+    expected = expected_tensors(rules_for(d), d)
+    assert set(expected) == set(state)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
+    linear = linear_weights(rules_for(d), d)
+    scales = {n[:-len(".weight")] + ".weight_scale_inv" for n in linear if n[:-len(".weight")] not in skip}
+    assert set(index) == set(expected) | scales
+    got = read_output(out)
+    for i in d.moe_layers:
+        bias = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
+        assert got[bias].dtype == torch.float32 and torch.equal(got[bias], state[bias])
+        assert f"model.layers.{i}.mlp.gate" in skip
+    for i in d.dense_layers:
+        assert f"model.layers.{i}.mlp.down_proj.weight_scale_inv" in index
+        assert not any(n.startswith(f"model.layers.{i}.mlp.experts.") for n in index)
+
+
+LAYOUTS = [(2, 2, 1, 1, 2), (1, 2, 2, 1, 4), (1, 1, 1, 2, 2), (2, 1, 1, 2, 4)]   # (tp, ep, etp, pp, world)
+IDS = [f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS]
+
+
+@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
+def test_deepseek_v3_byte_identical(tmp_path, tp, ep, etp, pp, world):
+    cfg = ragged_deepseek_v3()
+    _, out, state = _export(tmp_path, cfg, world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
+                                                   f"parallel.pp={pp}", "output.max_shard_size=1MB"])
+    assert mismatches(out, state) == []
+    _check_written_once(out, cfg, state)
+
+
+@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
+def test_glm4_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
+    cfg = ragged_glm4_moe()
+    _, out, state = _export(tmp_path, cfg, world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
+                                                   f"parallel.pp={pp}", "output.max_shard_size=1MB"])
+    assert mismatches(out, state) == []
+    _check_written_once(out, cfg, state)
+
+
+def test_deepseek_v3_q_proj_without_q_lora(tmp_path):
+    """q_lora_rank null: Megatron's linear_q_proj becomes self_attn.q_proj."""
+    cfg = ragged_deepseek_v3(q_lora_rank=None)
+    _, out, state = _export(tmp_path, cfg, 2, ["parallel.tp=2"])
+    assert mismatches(out, state) == []
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.self_attn.q_proj.weight_scale_inv" in index and not any("q_a_proj" in n for n in index)
+
+
+# transformers 5.24 dequantizes on CPU with block = rows // scale_rows: a quantized tensor whose dims are not
+# multiples of 128 comes out wrong (kv_a_proj_with_mqa 192 rows -> block 96), so those stay unquantized here.
+# The tiny configs (hidden 384) keep most dims multiples of 128; DeepSeek's kv_b_proj (kv_lora_rank 192 inputs)
+# does not, and is excluded.
+LOAD_CASES = [("deepseek_v3", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+              ("glm4_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"])]
+
+
+@pytest.mark.parametrize("arch,args", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
+def test_transformers_loads(tmp_path, arch, args):
+    cfg = tiny_hf_config(arch)
+    d = dims_from_hf(cfg)
+    ragged = sorted({n[:-len(".weight")] for n, s in linear_weights(rules_for(d), d).items()
+                     if s[0] % 128 or s[1] % 128})
+    src, out, state = _export(tmp_path, cfg, 2, [*args] + ([f"quant.exclude=[{','.join(ragged)}]"] if ragged else []))
+    assert mismatches(out, state) == []
+    got = read_output(out)
+    assert sum(t.dtype == torch.float8_e4m3fn for t in got.values()) > 0
+    model, info = tf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, device_map="cpu",
+                                                          output_loading_info=True)
+    assert not any(info.values()), info
+    report = verify_checkpoint(out, source=src, logits=True)
+    print(f"{arch}: excluded {ragged}; logits vs source {report.logits}")
+    assert report.ok, report.table()
+    assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
+
+
+@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 2), (1, 2, 1)], ids=["tp2ep2", "pp2"])
+def test_deepseek_v3_multi_token_prediction(tmp_path, tp, pp, ep):
+    """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek's checkpoint holds
+    it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and shared_head.head (the output
+    layer again, unquantized like lm_head)."""
+    cfg = ragged_deepseek_v3(mtp=1)
+    _, out, state = _export(tmp_path, cfg, tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
+                                                     "parallel.etp=1"])
+    assert mismatches(out, state) == []
+    _check_written_once(out, cfg, state)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for leaf in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                 "shared_head.head.weight", "self_attn.kv_b_proj.weight_scale_inv", "mlp.experts.3.down_proj.weight",
+                 "mlp.gate.e_score_correction_bias", "mlp.shared_experts.up_proj.weight_scale_inv"):
+        assert f"model.layers.2.{leaf}" in index, leaf
