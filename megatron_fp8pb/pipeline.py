@@ -110,7 +110,7 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
     payload: dict[int, tuple] = {}
     for k, (p, t) in enumerate(items):
         if p.quantize and p.axis is None:   # whole on this rank (replicated, or a 1-way split): no collective
-            payload[k] = quantize_checked(t, BLOCK)
+            payload[k] = quantize_checked(t, BLOCK, p.scale_fmt)
     for axis in ("tp", "etp"):
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
         if todo and coll.group_size(getattr(groups, axis)) == 1:
