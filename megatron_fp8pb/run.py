@@ -61,7 +61,7 @@ def check_output_on_rank0(cfg: ExportConfig) -> None:
 def serve_exclusions(d, quant: QuantChoice, serve_tp: str | None, dtype_name: str = "bfloat16") -> tuple[str, ...]:
     """Modules a target of ``quant.serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
     fusion groups: kept unquantized. A loud warning when that is most of the linears."""
-    from .archs import rules_for
+    from .archs import default_exclude, rules_for
     from .archs.base import hf_module
     from .plan import linear_weights
     from .serve_check import layers_for_transformers, layers_to_keep_unquantized
@@ -69,7 +69,7 @@ def serve_exclusions(d, quant: QuantChoice, serve_tp: str | None, dtype_name: st
     if not (tps or for_transformers) or not quant.enabled:
         return ()
     mods = {hf_module(n): s for n, s in linear_weights(rules_for(d), d, quant.lm_head and d.tie_embeddings).items()
-            if quant.quantizes(hf_module(n))}
+            if quant.quantizes(hf_module(n), default_exclude(d))}
     kv = d.num_query_groups
     keep = set(layers_to_keep_unquantized(mods, tps, num_kv_heads=kv)) if tps else set()
     if for_transformers:
