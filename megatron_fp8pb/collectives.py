@@ -97,3 +97,12 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (one MAX all-reduce of one int over the world)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -24,6 +24,7 @@ from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
 from .shards import pieces_of
 from .staging import SlabPool
+from .stream import Deferred, LazyParam, Prefetch, materialize
 from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
 
 SCALE = ".weight_scale_inv"
@@ -58,10 +59,25 @@ def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_loc
     rules = rules_for(d)
     out = []
     for name, p in params:
-        check_finite(p.detach(), f"{name} (rank {coll.rank()})")
+        lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
+        if not lazy:
+            check_finite(p.detach(), f"{name} (rank {coll.rank()})")
         out.append((plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts,
-                               untie), p.detach()))
+                               untie), p if lazy else p.detach()))
     return out
+
+
+def local_pieces(plans, d: Dims, me: int) -> list[tuple[Piece, object]]:
+    """This rank's exported pieces in write order, each with its tensor (a Deferred one for a streamed source)."""
+    mine = []
+    for plan, local in plans:
+        if isinstance(local, LazyParam):
+            tensors = [Deferred(local, plan, i) for i in range(len(plan.pieces))]
+        else:
+            tensors = pieces_of(plan, local, d)
+        mine += [(Piece(**{**p.__dict__, "src": me}), t) for p, t in zip(plan.pieces, tensors)]
+    mine.sort(key=lambda pt: pt[0].order)
+    return mine
 
 
 def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
@@ -231,9 +247,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     except (ValueError, TypeError) as e:
         error = str(e)
     _agree(error)
-    mine = [(p, t) for plan, local in plans for p, t in zip(plan.pieces, pieces_of(plan, local, d))]
-    mine = [(Piece(**{**p.__dict__, "src": me}), t) for p, t in mine]
-    mine.sort(key=lambda pt: pt[0].order)
+    mine = local_pieces(plans, d, me)
+    streamed = any(isinstance(local, LazyParam) for _, local in plans)
     all_pieces = coll.gather_objects([p for p, _ in mine])
     writer, by_name, error = None, {}, None
     result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic, tie_word_embeddings=d.tie_embeddings and not untie)
@@ -249,7 +264,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     finish_error = None
     try:
         with stage("transfer"):
-            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d)
+            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].linear})
             result.quantized = sorted(hf_module(n) for n, ps in by_name.items() if ps[0].quantize)
@@ -291,25 +306,48 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
     return need
 
 
-def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> None:
-    me = coll.rank()
+def _units(mine, d: Dims, streamed: bool, device):
+    """(unit, items) in the global unit order. A streamed source is read on a thread one unit ahead, and every rank
+    visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
     units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
+    if not streamed:
+        yield from sorted(units_mine.items())
+        return
+    me = coll.rank()
+    pre = Prefetch(range(d.num_layers + 2), lambda u: materialize(units_mine.get(u, []), me, device))
+    try:
+        for u, items, error in pre:
+            if coll.any_true(error is not None, device):
+                _agree(error)
+            yield u, items
+            pre.release()
+    finally:
+        pre.close()
+
+
+def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False) -> None:
+    me = coll.rank()
     if me != 0:
-        for u, items in units_mine.items():
+        for u, items in _units(mine, d, streamed, groups.device):
+            if not items:
+                continue
             for p, payload in zip((p for p, _ in items), quantize_unit(items, groups, traffic, out_dtype)):
                 for t in payload if p.length else ():
                     coll.send_tensor(t, 0, traffic, groups.device)
         return
     asm = None
     if writer is not None:
-        cuda = groups.device.type == "cuda" or any(t.is_cuda for _, t in mine)
+        cuda = groups.device.type == "cuda" or any(torch.is_tensor(t) and t.is_cuda for _, t in mine)
         asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda))
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
         by_unit.setdefault(ps[0].order[0], []).append(ps)
     t0, last_log, done_bytes = time.perf_counter(), 0.0, 0
-    for u in sorted(by_unit):
-        items = units_mine.get(u, [])
+    mine_by_unit = dict(_units(mine, d, False, groups.device)) if not streamed else None
+    stream = _units(mine, d, True, groups.device) if streamed else ((u, mine_by_unit.get(u, [])) for u in sorted(by_unit))
+    for u, items in stream:
+        if u not in by_unit:
+            continue
         local = {}
         for (p, _), payload in zip(items, quantize_unit(items, groups, traffic, out_dtype) if items else []):
             local[(p.hf_name, p.offset)] = payload

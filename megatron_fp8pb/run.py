@@ -72,16 +72,17 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
-    src = build_source(cfg, layout, on_gpu)
-    log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) built for "
+    src = build_source(cfg, layout, on_gpu, stream=True)
+    log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) "
+         f"{'streamed' if src.model is None else 'built'} for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     q = cfg.quant
     quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head)
     quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head)
     result = run_export(
-        mcore.local_params(src.model), src.dims, layout, groups, src.hf_config, cfg.output.dir,
+        src.params, src.dims, layout, groups, src.hf_config, cfg.output.dir,
         quant=quant, max_shard_size=cfg.output.max_shard_size,
-        overwrite=cfg.output.overwrite, out_dtype=src.dtype, layer_of_local=mcore.layer_numbers(src.model),
+        overwrite=cfg.output.overwrite, out_dtype=src.dtype, layer_of_local=src.layer_of_local,
         num_local_experts=mcore.num_local_experts(src.dims, layout), extra_files=src.extra_files)
     ok = True
     if coll.rank() == 0:
