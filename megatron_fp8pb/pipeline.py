@@ -21,6 +21,7 @@ from .blockfp8 import BLOCK, check_finite, quantize_checked
 from .hf_output import config_json, quantization_config
 from .faults import ExportError, stage
 from .log import log0
+from .progress import Phases, Progress
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
 from .shards import pieces_of
 from .staging import SlabPool
@@ -40,6 +41,8 @@ class ExportResult:
     quantized: list[str] = field(default_factory=list)
     not_converted: list[str] = field(default_factory=list)
     tie_word_embeddings: bool = False
+    phases: Phases = field(default_factory=Phases)
+    files: list[str] = field(default_factory=list)
 
 
 def _agree(error: str | None) -> None:
@@ -264,7 +267,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     finish_error = None
     try:
         with stage("transfer"):
-            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed)
+            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].linear})
             result.quantized = sorted(hf_module(n) for n, ps in by_name.items() if ps[0].quantize)
@@ -280,6 +283,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                     with stage("write"):
                         writer.finish(files)
                     result.bytes_written = writer.bytes_written
+                    result.files = [f.name for f in writer.writer.files]
                 except (ExportError, OSError, ValueError) as e:
                     writer.abort()
                     writer, finish_error = None, str(e)
@@ -306,7 +310,7 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
     return need
 
 
-def _units(mine, d: Dims, streamed: bool, device):
+def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
     """(unit, items) in the global unit order. A streamed source is read on a thread one unit ahead, and every rank
     visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
     units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
@@ -314,7 +318,14 @@ def _units(mine, d: Dims, streamed: bool, device):
         yield from sorted(units_mine.items())
         return
     me = coll.rank()
-    pre = Prefetch(range(d.num_layers + 2), lambda u: materialize(units_mine.get(u, []), me, device))
+
+    def load(u):
+        t0 = time.perf_counter()
+        items = materialize(units_mine.get(u, []), me, device)
+        if phases is not None:
+            phases.add("read", time.perf_counter() - t0, sum(t.numel() * t.element_size() for _, t in items))
+        return items
+    pre = Prefetch(range(d.num_layers + 2), load)
     try:
         for u, items, error in pre:
             if coll.any_true(error is not None, device):
@@ -325,7 +336,8 @@ def _units(mine, d: Dims, streamed: bool, device):
         pre.close()
 
 
-def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False) -> None:
+def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False,
+              phases: Phases | None = None) -> None:
     me = coll.rank()
     if me != 0:
         for u, items in _units(mine, d, streamed, groups.device):
@@ -342,23 +354,25 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
         by_unit.setdefault(ps[0].order[0], []).append(ps)
-    t0, last_log, done_bytes = time.perf_counter(), 0.0, 0
+    phases = phases or Phases()
+    if writer is not None:
+        writer.writer.phases = phases
+    total = sum(s.nbytes for s in writer.writer.specs.values()) if writer is not None else 0
+    progress = Progress(phases, total, len(by_unit))
     mine_by_unit = dict(_units(mine, d, False, groups.device)) if not streamed else None
-    stream = _units(mine, d, True, groups.device) if streamed else ((u, mine_by_unit.get(u, [])) for u in sorted(by_unit))
+    stream = _units(mine, d, True, groups.device, phases) if streamed else \
+        ((u, mine_by_unit.get(u, [])) for u in sorted(by_unit))
+    done = 0
     for u, items in stream:
         if u not in by_unit:
             continue
+        t0 = time.perf_counter()
         local = {}
         for (p, _), payload in zip(items, quantize_unit(items, groups, traffic, out_dtype) if items else []):
             local[(p.hf_name, p.offset)] = payload
+        phases.add("quantize", time.perf_counter() - t0)
         for ps in by_unit[u]:
             if asm is not None:
                 asm.tensor(ps, local)
-        if writer is not None:
-            done_bytes = writer.bytes_written
-        now = time.perf_counter()
-        if now - last_log > 2.0 or u == max(by_unit):
-            last_log = now
-            what = "embedding" if u == 0 else ("final norm/lm_head" if u == d.num_layers + 1 else f"layer {u - 1}")
-            log0(f"{what} done ({u + 1}/{len(by_unit)} units), {done_bytes / 1e9:.3f} GB written, "
-                 f"{done_bytes / 1e9 / max(now - t0, 1e-9):.2f} GB/s")
+        done += 1
+        progress.update(done, force=done == len(by_unit))

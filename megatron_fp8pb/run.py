@@ -51,6 +51,34 @@ def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, 
     return tuple(keep)
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Restart this process's peak-RSS mark (Linux ``clear_refs``) so that the peak covers the export, not the
+    imports before it; returns the RSS now (bytes)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_bytes("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since the last reset (the process's whole life where none is)."""
+    import resource
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _exit_on_sigterm() -> None:
     """torchrun stops the surviving ranks with SIGTERM when one fails: unwind, so a partial output is removed."""
     import signal
@@ -72,6 +100,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
+    rss_start = reset_peak_rss()
     src = build_source(cfg, layout, on_gpu, stream=True)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) "
          f"{'streamed' if src.model is None else 'built'} for "
@@ -91,12 +120,16 @@ def run(config_path: str | None, overrides: list[str]) -> int:
              f"{result.seconds:.1f} s; bytes moved to rank 0: {t.p2p_received / 1e6:.2f} MB, amax all-reduce "
              f"{t.allreduce / 1e6:.3f} MB on rank 0; {len(result.quantized)} linears quantized, "
              f"not converted: {result.not_converted}")
+        log0(f"phases: {result.phases.summary()}; files: {', '.join(result.files)}")
         if cfg.output.verify:
             from .verify import verify_checkpoint
             report = verify_checkpoint(result.out_dir, source=src.truth,
                                        serve_tp=(q.serve_tp,) if q.serve_tp else ())
             log0("verification:\n" + report.table())
             ok = report.ok
+    rss = coll.gather_objects((rss_start, peak_rss_bytes()))
+    log0("peak RSS per rank: " + " ".join(f"{p / 1e9:.3f}" for _, p in rss or []) + " GB; the export added: " +
+         " ".join(f"{(p - s) / 1e9:.3f}" for s, p in rss or []) + " GB")
     ok = coll.broadcast_object(ok)
     coll.barrier()
     mcore.destroy_parallel()
