@@ -102,8 +102,10 @@ def out_bytes(out: Path) -> int:
 
 
 def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
-           str(ROOT / "launch" / "export.py"), "source.kind=hf", f"source.path={src}", f"output.dir={out}",
+    # one process needs no launcher (launch/export.py starts a single-rank group itself)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                      f"--master_port={_port()}"]
+    cmd = [sys.executable, *launcher, str(ROOT / "launch" / "export.py"), "source.kind=hf", f"source.path={src}", f"output.dir={out}",
            "output.verify=false", "output.overwrite=true", *extra]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.perf_counter()
@@ -113,9 +115,13 @@ def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path) -> d
         f.write(r.stdout + r.stderr)
     if r.returncode != 0:
         raise SystemExit(f"export failed (exit {r.returncode}); see {log}\n{r.stderr[-2000:]}")
-    rss = [float(x) * 1e9 for x in re.search(r"peak RSS per rank: ([\d. ]+) GB", r.stdout).group(1).split()]
+    m = re.search(r"peak RSS per rank: ([\d. ]+) GB; the export added: ([\d. ]+) GB", r.stdout)
+    rss, added = ([float(x) * 1e9 for x in g.split()] for g in m.groups())
     phases = re.search(r"phases: (.*?); files", r.stdout)
-    return dict(seconds=seconds, rss=rss, phases=phases.group(1) if phases else "", out_bytes=out_bytes(out))
+    marks = re.search(r"wall clock since the process started: (.*)", r.stdout)
+    return dict(seconds=seconds, rss=rss, added=added, marks=marks.group(1) if marks else "",
+                phases=phases.group(1) if phases else "",
+                out_bytes=out_bytes(out))
 
 
 def _peer_path(work: Path) -> str:
@@ -160,8 +166,9 @@ def run_peer(src: Path, out: Path, work: Path, log: Path) -> dict | None:
 
 
 def agreement(ours: Path, peer: Path, names: list[str]) -> str:
-    """Dequantized weights of both outputs: share of equal fp8 bytes and the largest difference in units of the
-    block's fp8 step (scale); the peer stores a bf16 ``weight_scale``, ours a float32 ``weight_scale_inv``."""
+    """Both outputs' fp8 codes: the share of equal bytes and the largest difference in e4m3 steps (adjacent codes);
+    the peer stores a bf16 ``weight_scale``, ours a float32 ``weight_scale_inv``; and the largest difference of the
+    dequantized weights relative to the block's largest magnitude."""
     import torch
     from safetensors import safe_open
     from megatron_fp8pb.blockfp8 import dequantize_blockfp8
@@ -171,17 +178,21 @@ def agreement(ours: Path, peer: Path, names: list[str]) -> str:
         f = json.loads(idx.read_text())["weight_map"][name] if idx.exists() else "model.safetensors"
         with safe_open(str(d / f), "pt") as fh:
             return fh.get_tensor(name)
-    equal, total, worst = 0, 0, 0.0
+    equal, total, worst, steps = 0, 0, 0.0, 0
     for n in names:
         qa, sa = load(ours, n), load(ours, n[:-len("weight")] + "weight_scale_inv")
         qb, sb = load(peer, n), load(peer, n[:-len("weight")] + "weight_scale")
         equal += int((qa.view(torch.uint8) == qb.view(torch.uint8)).sum())
         total += qa.numel()
+        def ordinal(q):
+            c = q.view(torch.uint8).int()
+            return torch.where(c >= 128, -(c - 128), c)
+        steps = max(steps, int((ordinal(qa) - ordinal(qb)).abs().max()))
         da, db = dequantize_blockfp8(qa, sa).float(), dequantize_blockfp8(qb, sb.float()).float()
-        step = sa.repeat_interleave(128, 0).repeat_interleave(128, 1)[:qa.shape[0], :qa.shape[1]]
-        worst = max(worst, float(((da - db).abs() / step).max()))
-    return f"{100 * equal / max(total, 1):.1f}% of fp8 bytes equal over {len(names)} tensors, largest difference " \
-           f"{worst:.2f} x the block scale"
+        amax = (sa * 448).repeat_interleave(128, 0).repeat_interleave(128, 1)[:qa.shape[0], :qa.shape[1]]
+        worst = max(worst, float(((da - db).abs() / amax).max()))
+    return f"{100 * equal / max(total, 1):.1f}% of fp8 bytes equal over {len(names)} tensors, at most {steps} e4m3 " \
+           f"step(s) apart; dequantized, at most {worst:.4f} of the block amax apart"
 
 
 def main() -> None:
@@ -212,7 +223,7 @@ def main() -> None:
         dropped = drop_caches()
         ours = run_ours(src, out, nproc, extra, log)
         print(f"{n} layers: ours {ours['seconds']:.1f} s, peak RSS per rank {[round(r / 1e9, 2) for r in ours['rss']]}"
-              f" GB; {ours['phases']}", flush=True)
+              f" GB; {ours['phases']}; rank 0 {ours['marks']}", flush=True)
         runs[n] = dict(src_bytes=src_bytes, ours=ours)
         if n != layers[-1]:
             shutil.rmtree(out)
@@ -233,24 +244,24 @@ def main() -> None:
     dev = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\ne2e on {dev}: {arch} shapes, {n} layers, source {r['src_bytes'] / 1e9:.2f} GB, nproc={nproc}, page "
           f"cache {'dropped' if dropped else 'NOT dropped (not root)'}\n")
-    print("| variant | seconds | x floor | peak RSS GB (max rank) | output GB |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| read floor | {rf:.2f} | | | |")
-    print(f"| write floor (fsync) | {wf:.2f} | | | |")
-    print(f"| read + write floor | {floor:.2f} | 1.00 | | |")
+    print("| variant | seconds | x floor | peak RSS GB (max rank) | export added GB (max rank) | output GB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| read floor | {rf:.2f} | | | | |")
+    print(f"| write floor (fsync) | {wf:.2f} | | | | |")
+    print(f"| read + write floor | {floor:.2f} | 1.00 | | | |")
     print(f"| ours | {r['ours']['seconds']:.2f} | {r['ours']['seconds'] / floor:.2f} | {max(r['ours']['rss']) / 1e9:.2f}"
-          f" | {r['ours']['out_bytes'] / 1e9:.2f} |")
+          f" | {max(r['ours']['added']) / 1e9:.2f} | {r['ours']['out_bytes'] / 1e9:.2f} |")
     if peer:
         print(f"| llm-compressor FP8_BLOCK | {peer['seconds']:.2f} | {peer['seconds'] / floor:.2f} | "
-              f"{peer['peak_rss_gb']:.2f} | {peer['out_bytes'] / 1e9:.2f} |")
+              f"{peer['peak_rss_gb']:.2f} | | {peer['out_bytes'] / 1e9:.2f} |")
         print(f"\npeer phases: imports {peer['imports_s']:.1f} s, load {peer['load_s']:.1f} s, quantize "
               f"{peer['quantize_s']:.1f} s, save {peer['save_s']:.1f} s; ours vs peer: "
               f"{peer['seconds'] / r['ours']['seconds']:.2f}x faster")
         names = [f"model.layers.{i}.{m}.weight" for i in (0, n - 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
         print("agreement: " + agreement(out, work / "peer", names))
-    print(f"ours phases: {r['ours']['phases']}")
+    print(f"ours phases: {r['ours']['phases']}; rank 0 {r['ours']['marks']}")
     a, b = runs[layers[0]], runs[layers[-1]]
-    slope = (max(b["ours"]["rss"]) - max(a["ours"]["rss"])) / max(b["src_bytes"] - a["src_bytes"], 1)
+    slope = (max(b["ours"]["added"]) - max(a["ours"]["added"])) / max(b["src_bytes"] - a["src_bytes"], 1)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev, arch=arch, runs={str(k): v for k, v in runs.items()},
                                                     read_floor=rf, write_floor=wf, peer=peer), indent=2))

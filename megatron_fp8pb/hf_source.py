@@ -28,6 +28,7 @@ class HFReader:
                                     f"model.safetensors.index.json; point source.path at an HF checkpoint directory")
         self._headers: dict[Path, tuple[dict, int]] = {}
         self._fds: dict[Path, int] = {}
+        self._pool = None
         self.bytes_read = 0
 
     def names(self) -> list[str]:
@@ -77,16 +78,23 @@ class HFReader:
         return out
 
     def _pread(self, fd: int, out: torch.Tensor, pos: int, name: str, f: Path) -> None:
+        """Fill ``out`` from byte ``pos``: large reads go out as several concurrent chunks (a deeper disk queue)."""
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        while len(view):
-            n = os.preadv(fd, [view], pos)
-            if n <= 0:
-                raise ValueError(f"source tensor {name!r} in {f} cannot be read (file ends at byte {pos}); the file is "
-                                 f"truncated or corrupt")
-            view, pos = view[n:], pos + n
-        self.bytes_read += out.numel() * out.element_size()
+        chunks = [(view[k:k + READ_CHUNK], pos + k) for k in range(0, len(view), READ_CHUNK)]
+        if len(chunks) > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fp8pb-read")
+            for fut in [self._pool.submit(_pread_all, fd, v, at, name, f) for v, at in chunks]:
+                fut.result()
+        elif chunks:
+            _pread_all(fd, *chunks[0], name, f)
+        self.bytes_read += len(view)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -96,6 +104,19 @@ class HFReader:
             self.close()
         except Exception:
             pass
+
+
+READ_CHUNK = 16 << 20      # bytes per positioned read of a large tensor
+READ_THREADS = 4           # concurrent reads of one large tensor
+
+
+def _pread_all(fd: int, view: memoryview, pos: int, name: str, f: Path) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], pos)
+        if n <= 0:
+            raise ValueError(f"source tensor {name!r} in {f} cannot be read (file ends at byte {pos}); the file is "
+                             f"truncated or corrupt")
+        view, pos = view[n:], pos + n
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

@@ -13,6 +13,7 @@ from .config import ExportConfig, load_config
 from .log import log0
 from .pipeline import run_export
 from .plan import QuantChoice
+from .ranks import group_ranks, rank_layout
 from .sources import build_source, source_config
 from .validate import check_layout
 
@@ -49,6 +50,16 @@ def serve_exclusions(d, quant: QuantChoice, serve_tp: int | None) -> tuple[str, 
         log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that vLLM/SGLang accept the "
              f"checkpoint at tp={serve_tp}, e.g. {keep[:4]}")
     return tuple(keep)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc), so that interpreter start and imports are counted."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _status_bytes(field: str) -> int | None:
@@ -96,15 +107,26 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     p = cfg.parallel
     on_gpu = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
     backend = p.backend if p.backend != "auto" else ("nccl" if on_gpu else "gloo")
+    marks = [("start", process_age())]
     mcore.init_distributed(backend, p.timeout_s)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
-    mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
-    layout, groups = mcore.layout_and_groups()
+    marks.append(("process group", process_age()))
+    streamed = cfg.source.kind in ("hf", "tiny")
+    if streamed:    # no Megatron model: the layout and its groups without megatron-core
+        layout = rank_layout(coll.rank(), coll.world_size(), p.tp, p.pp, p.ep, p.etp)
+        g = coll.new_groups(group_ranks(coll.world_size(), p.tp, p.pp, p.ep, p.etp))
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        groups = mcore.Groups(g.get("tp"), g.get("etp"), device)
+    else:
+        mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
+        layout, groups = mcore.layout_and_groups()
+    marks.append(("parallel state", process_age()))
     rss_start = reset_peak_rss()
     src = build_source(cfg, layout, on_gpu, stream=True)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) "
          f"{'streamed' if src.model is None else 'built'} for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
+    marks.append(("source", process_age()))
     q = cfg.quant
     quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head)
     quant = QuantChoice(q.enabled, tuple(q.exclude) + serve_exclusions(src.dims, quant, q.serve_tp), q.lm_head)
@@ -120,7 +142,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
              f"{result.seconds:.1f} s; bytes moved to rank 0: {t.p2p_received / 1e6:.2f} MB, amax all-reduce "
              f"{t.allreduce / 1e6:.3f} MB on rank 0; {len(result.quantized)} linears quantized, "
              f"not converted: {result.not_converted}")
+        marks.append(("export", process_age()))
         log0(f"phases: {result.phases.summary()}; files: {', '.join(result.files)}")
+        log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
             from .verify import verify_checkpoint
             report = verify_checkpoint(result.out_dir, source=src.truth,
@@ -132,6 +156,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
          " ".join(f"{(p - s) / 1e9:.3f}" for s, p in rss or []) + " GB")
     ok = coll.broadcast_object(ok)
     coll.barrier()
-    mcore.destroy_parallel()
+    if not streamed:
+        mcore.destroy_parallel()
     torch.distributed.destroy_process_group()
     return 0 if ok else 1

@@ -101,13 +101,13 @@ def materialize(items: list, rank: int, device: torch.device | None = None) -> l
             key = id(t.plan)
             if key not in loaded:
                 loaded[key] = t.param.load(t.plan)
+                if device is not None and device.type == "cuda":
+                    loaded[key] = [x.to(device) for x in loaded[key]]
                 for piece, x in zip(t.plan.pieces, loaded[key]):
                     what = "columns" if piece.dim == 1 and len(piece.full_shape) > 1 else "rows"
                     check_finite(x, f"{t.plan.mcore_name} (rank {rank}) = HF source {piece.hf_name} {what} "
                                     f"[{piece.offset}:{piece.offset + piece.length}]")
             t = loaded[key][t.index]
-            if device is not None and device.type == "cuda":
-                t = t.to(device)
         out.append((p, t))
     return out
 
