@@ -234,8 +234,10 @@ class _Assembler:
 def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None, *,
                quant: QuantChoice = QuantChoice(), max_shard_size="5GB", overwrite: bool = False,
                out_dtype: torch.dtype = torch.bfloat16, layer_of_local: dict[int, int] | None = None,
-               num_local_experts: int = 0, extra_files: dict | None = None) -> ExportResult:
-    """Export this rank's parameters; call on every rank. Returns the result (complete on rank 0)."""
+               num_local_experts: int = 0, extra_files: dict | None = None, sink=None) -> ExportResult:
+    """Export this rank's parameters; call on every rank. Returns the result (complete on rank 0).
+    ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
+    interface of BackgroundWriter; see stream_api.TensorSink)."""
     t0 = time.perf_counter()
     me = coll.rank()
     traffic = coll.Traffic()
@@ -259,7 +261,9 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         try:
             by_name = check_coverage([p for ps in all_pieces for p in ps], expected_tensors(rules_for(d), d, untie))
             specs = write_specs(by_name, out_dtype)
-            if out_dir is not None:
+            if sink is not None:
+                writer = sink(specs)
+            elif out_dir is not None:
                 writer = BackgroundWriter(CheckpointWriter(out_dir, specs, max_shard_size, overwrite))
         except (ValueError, OSError) as e:
             error = str(e)
