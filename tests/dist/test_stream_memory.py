@@ -21,6 +21,8 @@ def _peak_rss(tmp_path, layers):
                      "output.verify=false"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert mismatches(out, state) == []
+    assert f"quantized {layers + 2}/{layers + 2} units" in r.stdout and "GB/s" in r.stdout and "ETA" in r.stdout
+    assert "phases: read" in r.stdout and "model-00001-of-00001.safetensors" in r.stdout
     source_bytes = sum(t.numel() * t.element_size() for t in state.values())
     added = re.search(r"the export added: ([\d. ]+) GB", r.stdout).group(1)
     rss = [float(x) * 1e9 for x in added.split()]
