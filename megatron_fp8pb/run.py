@@ -14,6 +14,7 @@ from .log import log0
 from .pipeline import run_export
 from .plan import QuantChoice
 from .ranks import group_ranks, rank_layout
+from .stream import fixed_mmap_threshold
 from .sources import build_source, source_config
 from .validate import check_layout
 
@@ -113,6 +114,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     marks.append(("process group", process_age()))
     streamed = cfg.source.kind in ("hf", "tiny")
     if streamed:    # no Megatron model: the layout and its groups without megatron-core
+        fixed_mmap_threshold()
         layout = rank_layout(coll.rank(), coll.world_size(), p.tp, p.pp, p.ep, p.etp)
         g = coll.new_groups(group_ranks(coll.world_size(), p.tp, p.pp, p.ep, p.etp))
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

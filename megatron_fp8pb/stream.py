@@ -149,3 +149,14 @@ class Prefetch:
     def close(self) -> None:
         self._stop = True
         self._tokens.release()
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Host tensors of ``nbytes`` or more get their own pages, returned to the OS when freed. glibc otherwise raises
+    its mmap threshold after each large free (up to 32 MiB) and serves later tensors from a heap that fragments as
+    units of different tensor sizes come and go: RSS then creeps up with the model's depth."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
