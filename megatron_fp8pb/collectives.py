@@ -97,3 +97,23 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (one MAX all-reduce of one int over the world)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def new_groups(ranks_by_axis: dict[str, list[list[int]]], backend: str | None = None) -> dict[str, object]:
+    """Create every group listed (all ranks call this with the same lists) -> this rank's group per axis."""
+    me, mine = rank(), {}
+    for axis, lists in ranks_by_axis.items():
+        for ranks in lists:
+            g = dist.new_group(ranks, backend=backend) if is_initialized() and len(ranks) > 1 else None
+            if me in ranks:
+                mine[axis] = g
+    return mine

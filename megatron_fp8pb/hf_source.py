@@ -11,7 +11,9 @@ from .plan import Piece
 
 
 class HFReader:
-    """Tensors of an HF safetensors checkpoint directory, read slice by slice."""
+    """Tensors of an HF safetensors checkpoint directory, read slice by slice with positioned reads (no mmap: the
+    bytes read land in the returned tensor only, so host memory stays what the caller holds, and the reads release
+    the GIL, so a reader thread overlaps the quantizer)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -20,43 +22,131 @@ class HFReader:
         if index.exists():
             self.files = {n: self.path / f for n, f in json.loads(index.read_text())["weight_map"].items()}
         elif single.exists():
-            self.files = {n: single for n in _keys(single)}
+            self.files = {n: single for n in _header(single)[0]}
         else:
             raise FileNotFoundError(f"source.path {self.path} holds no model.safetensors or "
                                     f"model.safetensors.index.json; point source.path at an HF checkpoint directory")
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[dict, int]] = {}
+        self._fds: dict[Path, int] = {}
+        self._pool = None
+        self.bytes_read = 0
 
     def names(self) -> list[str]:
         return list(self.files)
 
-    def _open(self, name: str):
-        from safetensors import safe_open
+    def _entry(self, name: str) -> tuple[Path, dict, int]:
         if name not in self.files:
             raise KeyError(f"source {self.path} has no tensor {name!r}")
         f = self.files[name]
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise ValueError(f"source file {f} cannot be read as safetensors ({e}); it is truncated or "
-                                 f"corrupt") from e
-        return self._handles[f]
+        if f not in self._headers:
+            self._headers[f] = _header(f)
+        entries, base = self._headers[f]
+        if name not in entries:
+            raise ValueError(f"source file {f} has no tensor {name!r} although the index names it there; the index "
+                             f"and the file disagree")
+        return f, entries[name], base
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
-        sl = self._open(name).get_slice(name)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        _, e, _ = self._entry(name)
+        return tuple(e["shape"]), e["dtype"]
 
     def read(self, name: str, dim: int = 0, offset: int = 0, length: int | None = None) -> torch.Tensor:
-        sl = self._open(name).get_slice(name)
-        shape = sl.get_shape()
-        length = shape[dim] - offset if length is None else length
+        """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of ``name`` as a new host tensor."""
+        f, e, base = self._entry(name)
+        shape, dtype = tuple(e["shape"]), _ST_DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise ValueError(f"source tensor {name!r} in {f} has dtype {e['dtype']}, which the export does not read")
+        length = (shape[dim] if shape else 1) - offset if length is None else length
+        start = base + e["data_offsets"][0]
+        row = _numel(shape[1:]) * dtype.itemsize
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        if len(shape) <= 1 or dim == 0:
+            out_shape = (length,) + shape[1:] if shape else ()
+            out = torch.empty(out_shape, dtype=dtype)
+            self._pread(fd, out, start + offset * (row if len(shape) > 1 else dtype.itemsize), name, f)
+            return out
+        # columns: read whole rows in bounded chunks and keep the columns
+        out = torch.empty((shape[0], length) + shape[2:], dtype=dtype)
+        step = max(1, (64 << 20) // max(row, 1))
+        buf = torch.empty((min(step, shape[0]),) + shape[1:], dtype=dtype)
+        for r in range(0, shape[0], step):
+            n = min(step, shape[0] - r)
+            self._pread(fd, buf[:n], start + r * row, name, f)
+            out[r:r + n].copy_(buf[:n].narrow(1, offset, length))
+        return out
+
+    def _pread(self, fd: int, out: torch.Tensor, pos: int, name: str, f: Path) -> None:
+        """Fill ``out`` from byte ``pos``: large reads go out as several concurrent chunks (a deeper disk queue)."""
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        chunks = [(view[k:k + READ_CHUNK], pos + k) for k in range(0, len(view), READ_CHUNK)]
+        if len(chunks) > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fp8pb-read")
+            for fut in [self._pool.submit(_pread_all, fd, v, at, name, f) for v, at in chunks]:
+                fut.result()
+        elif chunks:
+            _pread_all(fd, *chunks[0], name, f)
+        self.bytes_read += len(view)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
         try:
-            if len(shape) == 1:
-                return sl[offset:offset + length]
-            return sl[offset:offset + length] if dim == 0 else sl[:, offset:offset + length]
-        except Exception as e:
-            raise ValueError(f"source tensor {name!r} in {self.files[name]} cannot be read ({e}); the file is "
-                             f"truncated or corrupt") from e
+            self.close()
+        except Exception:
+            pass
+
+
+READ_CHUNK = 16 << 20      # bytes per positioned read of a large tensor
+READ_THREADS = 4           # concurrent reads of one large tensor
+
+
+def _pread_all(fd: int, view: memoryview, pos: int, name: str, f: Path) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], pos)
+        if n <= 0:
+            raise ValueError(f"source tensor {name!r} in {f} cannot be read (file ends at byte {pos}); the file is "
+                             f"truncated or corrupt")
+        view, pos = view[n:], pos + n
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries and the byte where its data starts; refuses a truncated file by name."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header of {n} bytes does not fit a file of {size} bytes")
+            entries = json.loads(fh.read(n))
+        entries.pop("__metadata__", None)
+        end = max((e["data_offsets"][1] for e in entries.values()), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"its tensors end at byte {8 + n + end}, the file has {size}")
+        return entries, 8 + n
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"source file {path} cannot be read as safetensors ({e}); it is truncated or corrupt") from e
 
 
 class DictReader:
@@ -78,15 +168,6 @@ class DictReader:
         t = self.state[name]
         length = t.shape[dim] - offset if length is None else length
         return t.narrow(dim, offset, length)
-
-
-def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:
-        raise ValueError(f"source file {path} cannot be read as safetensors ({e}); it is truncated or corrupt") from e
 
 
 _DTYPE_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,

@@ -22,9 +22,11 @@ from .hf_output import config_json, quantization_config
 from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
+from .progress import Phases, Progress
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
-from .shards import pieces_of
+from .shards import check_piece_finite, pieces_of
 from .staging import SlabPool
+from .stream import Deferred, LazyParam, Prefetch, materialize
 from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
 
 SCALE = ".weight_scale_inv"
@@ -40,6 +42,8 @@ class ExportResult:
     quantized: list[str] = field(default_factory=list)
     not_converted: list[str] = field(default_factory=list)
     tie_word_embeddings: bool = False
+    phases: Phases = field(default_factory=Phases)
+    files: list[str] = field(default_factory=list)
 
 
 def _agree(error: str | None) -> None:
@@ -55,26 +59,27 @@ def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_loc
     styles = getattr(params, "styles", None) or {}
     out = []
     for name, p in params:
+        lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
         plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts, untie,
                           style=styles.get(name))
-        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+        if not lazy and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), d)):
                 check_piece_finite(piece, t, name)
-        out.append((plan, p.detach()))
+        out.append((plan, p if lazy else p.detach()))
     return out
 
 
-def check_piece_finite(piece: Piece, t: torch.Tensor, mcore_name: str) -> None:
-    """Raise ValueError naming the HF tensor and the index in it of the first NaN/Inf of ``t`` (this rank's rows or
-    columns ``piece`` of it), then the Megatron parameter that holds it."""
-    bad = ~torch.isfinite(t)
-    if not bool(bad.any()):
-        return
-    idx = [int(i) for i in bad.nonzero()[0].tolist()]
-    value = t[tuple(idx)].item()
-    idx[piece.dim if len(idx) > 1 else 0] += piece.offset
-    raise ValueError(f"HF tensor {piece.hf_name!r} {list(piece.full_shape)} holds {value} at index {idx} (Megatron "
-                     f"parameter {mcore_name}); fix the source weights (an FP8 scale of NaN/Inf would serve garbage)")
+def local_pieces(plans, d: Dims, me: int) -> list[tuple[Piece, object]]:
+    """This rank's exported pieces in write order, each with its tensor (a Deferred one for a streamed source)."""
+    mine = []
+    for plan, local in plans:
+        if isinstance(local, LazyParam):
+            tensors = [Deferred(local, plan, i) for i in range(len(plan.pieces))]
+        else:
+            tensors = pieces_of(plan, local, d)
+        mine += [(Piece(**{**p.__dict__, "src": me}), t) for p, t in zip(plan.pieces, tensors)]
+    mine.sort(key=lambda pt: pt[0].order)
+    return mine
 
 
 def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
@@ -236,8 +241,10 @@ class _Assembler:
 def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None, *,
                quant: QuantChoice = QuantChoice(), max_shard_size="5GB", overwrite: bool = False,
                out_dtype: torch.dtype = torch.bfloat16, layer_of_local: dict[int, int] | None = None,
-               num_local_experts: int = 0, extra_files: dict | None = None) -> ExportResult:
-    """Export this rank's parameters; call on every rank. Returns the result (complete on rank 0)."""
+               num_local_experts: int = 0, extra_files: dict | None = None, sink=None) -> ExportResult:
+    """Export this rank's parameters; call on every rank. Returns the result (complete on rank 0).
+    ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
+    interface of BackgroundWriter; see stream_api.TensorSink)."""
     t0 = time.perf_counter()
     me = coll.rank()
     traffic = coll.Traffic()
@@ -252,9 +259,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     except (ValueError, TypeError) as e:
         error = str(e)
     _agree(error)
-    mine = [(p, t) for plan, local in plans for p, t in zip(plan.pieces, pieces_of(plan, local, d))]
-    mine = [(Piece(**{**p.__dict__, "src": me}), t) for p, t in mine]
-    mine.sort(key=lambda pt: pt[0].order)
+    mine = local_pieces(plans, d, me)
+    streamed = any(isinstance(local, LazyParam) for _, local in plans)
     all_pieces = coll.gather_objects([p for p, _ in mine])
     writer, by_name, error = None, {}, None
     result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic, tie_word_embeddings=d.tie_embeddings and not untie)
@@ -262,7 +268,9 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         try:
             by_name = check_coverage([p for ps in all_pieces for p in ps], expected_tensors(rules_for(d), d, untie))
             specs = write_specs(by_name, out_dtype)
-            if out_dir is not None:
+            if sink is not None:
+                writer = sink(specs)
+            elif out_dir is not None:
                 writer = BackgroundWriter(CheckpointWriter(out_dir, specs, max_shard_size, overwrite))
         except (ValueError, OSError) as e:
             error = str(e)
@@ -270,7 +278,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     finish_error = None
     try:
         with stage("transfer"):
-            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d)
+            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].linear})
             result.quantized = sorted(hf_module(n) for n, ps in by_name.items() if ps[0].quantize)
@@ -286,6 +294,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                     with stage("write"):
                         writer.finish(files)
                     result.bytes_written = writer.bytes_written
+                    result.files = [f.name for f in writer.writer.files]
                 except (ExportError, OSError, ValueError) as e:
                     writer.abort()
                     writer, finish_error = None, str(e)
@@ -312,36 +321,69 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
     return need
 
 
-def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> None:
-    me = coll.rank()
+def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
+    """(unit, items) in the global unit order. A streamed source is read on a thread one unit ahead, and every rank
+    visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
     units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
+    if not streamed:
+        yield from sorted(units_mine.items())
+        return
+    me = coll.rank()
+
+    def load(u):
+        t0 = time.perf_counter()
+        items = materialize(units_mine.get(u, []), me, device)
+        if phases is not None:
+            phases.add("read", time.perf_counter() - t0, sum(t.numel() * t.element_size() for _, t in items))
+        return items
+    pre = Prefetch(range(d.num_layers + 2), load)
+    try:
+        for u, items, error in pre:
+            if coll.any_true(error is not None, device):
+                _agree(error)
+            yield u, items
+            pre.release()
+    finally:
+        pre.close()
+
+
+def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False,
+              phases: Phases | None = None) -> None:
+    me = coll.rank()
     if me != 0:
-        for u, items in units_mine.items():
+        for u, items in _units(mine, d, streamed, groups.device):
+            if not items:
+                continue
             for p, payload in zip((p for p, _ in items), quantize_unit(items, groups, traffic, out_dtype)):
                 for t in payload if p.length else ():
                     coll.send_tensor(t, 0, traffic, groups.device)
         return
     asm = None
     if writer is not None:
-        cuda = groups.device.type == "cuda" or any(t.is_cuda for _, t in mine)
+        cuda = groups.device.type == "cuda" or any(torch.is_tensor(t) and t.is_cuda for _, t in mine)
         asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda))
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
         by_unit.setdefault(ps[0].order[0], []).append(ps)
-    t0, last_log, done_bytes = time.perf_counter(), 0.0, 0
-    for u in sorted(by_unit):
-        items = units_mine.get(u, [])
+    phases = phases or Phases()
+    if writer is not None:
+        writer.writer.phases = phases
+    total = sum(s.nbytes for s in writer.writer.specs.values()) if writer is not None else 0
+    progress = Progress(phases, total, len(by_unit))
+    mine_by_unit = dict(_units(mine, d, False, groups.device)) if not streamed else None
+    stream = _units(mine, d, True, groups.device, phases) if streamed else \
+        ((u, mine_by_unit.get(u, [])) for u in sorted(by_unit))
+    done = 0
+    for u, items in stream:
+        if u not in by_unit:
+            continue
+        t0 = time.perf_counter()
         local = {}
         for (p, _), payload in zip(items, quantize_unit(items, groups, traffic, out_dtype) if items else []):
             local[(p.hf_name, p.offset)] = payload
+        phases.add("quantize", time.perf_counter() - t0)
         for ps in by_unit[u]:
             if asm is not None:
                 asm.tensor(ps, local)
-        if writer is not None:
-            done_bytes = writer.bytes_written
-        now = time.perf_counter()
-        if now - last_log > 2.0 or u == max(by_unit):
-            last_log = now
-            what = "embedding" if u == 0 else ("final norm/lm_head" if u == d.num_layers + 1 else f"layer {u - 1}")
-            log0(f"{what} done ({u + 1}/{len(by_unit)} units), {done_bytes / 1e9:.3f} GB written, "
-                 f"{done_bytes / 1e9 / max(now - t0, 1e-9):.2f} GB/s")
+        done += 1
+        progress.update(done, force=done == len(by_unit))

@@ -5,7 +5,7 @@ import torch
 
 from .archs.base import GATED, QKV, Dims
 from .fused import merge_gated, merge_qkv, split_gated, split_qkv
-from .plan import ParamPlan
+from .plan import ParamPlan, Piece
 
 
 def _groups_per_rank(plan: ParamPlan, d: Dims) -> int:
@@ -52,3 +52,16 @@ def from_slices(plan: ParamPlan, tensors: list[torch.Tensor], d: Dims) -> torch.
         pad.narrow(plan.slices[0].dim, 0, t.shape[plan.slices[0].dim]).copy_(t)
         t = pad
     return t
+
+
+def check_piece_finite(piece: Piece, t: torch.Tensor, mcore_name: str) -> None:
+    """Raise ValueError naming the HF tensor and the index in it of the first NaN/Inf of ``t`` (this rank's rows or
+    columns ``piece`` of it), then the Megatron parameter that holds it."""
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return
+    idx = [int(i) for i in bad.nonzero()[0].tolist()]
+    value = t[tuple(idx)].item()
+    idx[piece.dim if len(idx) > 1 else 0] += piece.offset
+    raise ValueError(f"HF tensor {piece.hf_name!r} {list(piece.full_shape)} holds {value} at index {idx} (Megatron "
+                     f"parameter {mcore_name}); fix the source weights (an FP8 scale of NaN/Inf would serve garbage)")

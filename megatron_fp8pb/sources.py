@@ -12,6 +12,7 @@ from .hf_source import DictReader, HFReader, check_source, config_dtype, hf_conf
 from .hf_output import source_side_files
 from .plan import Layout, QuantChoice, expected_tensors, plan_param
 from .shards import from_slices
+from .stream import hf_params, stage_layers
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Source:
     dtype: torch.dtype
     truth: object | None                  # a reader of the HF tensors the export must reproduce, when known
     extra_files: dict = field(default_factory=dict)
+    params: list = field(default_factory=list)            # (Megatron name, tensor or LazyParam) of this rank
+    layer_of_local: dict = field(default_factory=dict)    # local layer index -> global layer number
 
 
 def source_config(cfg: ExportConfig):
@@ -76,7 +79,9 @@ def fill_random(model, seed: int) -> None:
                 p.add_(1.0)
 
 
-def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
+def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False) -> Source:
+    """The source on this rank. ``stream``: an HF (or tiny) source is not loaded into a Megatron model; its
+    parameters are read unit by unit while the export runs (``Source.params`` are LazyParams, ``model`` None)."""
     s = cfg.source
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
@@ -93,6 +98,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
     else:
         reader, extra = None, source_side_files(s.hf_config)
         dtype = config_dtype(hfc)
+    if stream and reader is not None:
+        return Source(None, hfc, d, dtype, reader, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
     rows = None
     if s.kind == "megatron":
         if not __import__("os").path.isdir(s.path):
@@ -108,4 +115,4 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool) -> Source:
         fill_random(model, s.seed)
     else:
         mcore.load_dist_checkpoint(model, s.path)
-    return Source(model, hfc, d, dtype, reader, extra)
+    return Source(model, hfc, d, dtype, reader, extra, mcore.local_params(model), mcore.layer_numbers(model))

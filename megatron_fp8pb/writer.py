@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,7 @@ class CheckpointWriter:
         self.written: set[str] = set()
         self._partial: dict[str, int] = {}
         self.bytes_written = 0
+        self.phases = None      # a progress.Phases that counts written bytes as they land
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (any device; copied to host) at its planned place."""
@@ -180,9 +182,12 @@ class CheckpointWriter:
         if fd is None:
             fd = self._fds[k] = os.open(self.files[k], os.O_WRONLY)
         got = len(data)
+        t0 = time.perf_counter()
         while len(data):
             n = os.pwrite(fd, data, off)
             data, off = data[n:], off + n
+        if self.phases is not None:
+            self.phases.add("write", time.perf_counter() - t0, got)
         done = self._partial.get(name, 0) + got
         if done < spec.nbytes:
             self._partial[name] = done

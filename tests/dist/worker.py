@@ -20,6 +20,27 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int, scale_fmt: str = "amax
     source = build_source(cfg, layout, on_gpu=False)
     if mode == "save":
         mcore.save_dist_checkpoint(source.model, dst)
+    elif mode == "iter":     # the in-memory stream against the files of the same export, byte for byte
+        export(source.model, source.hf_config, dst, max_shard_size="200KB")
+        import json
+        from safetensors import safe_open
+        from megatron_fp8pb import iter_fp8
+        names, bad = [], []
+        if coll.rank() == 0:
+            index = json.loads((Path(dst) / "model.safetensors.index.json").read_text())["weight_map"]
+        for name, t in iter_fp8(source.model, source.hf_config):
+            names.append(name)
+            with safe_open(str(Path(dst) / index[name]), "pt") as f:
+                want = f.get_tensor(name)
+            if t.dtype != want.dtype or t.shape != want.shape or not torch.equal(
+                    t.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
+                bad.append(name)
+        if coll.rank() == 0:
+            missing = sorted(set(index) - set(names))
+            print(f"ITER_FP8 tensors={len(names)} mismatched={bad[:5]} missing={missing[:5]} "
+                  f"in_file_order={names == sorted(index, key=names.index) if not missing else False}")
+        else:
+            assert names == []
     else:
         result = export(source.model, source.hf_config, dst, max_shard_size="200KB", scale_fmt=scale_fmt)
         if coll.rank() == 0:

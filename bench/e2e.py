@@ -1,0 +1,272 @@
+"""End to end from an HF bf16 checkpoint on disk to the FP8 checkpoint on disk: ours against the read + write floor
+(reading the source files, writing the output's bytes with fsync) and against llm-compressor FP8_BLOCK when it can
+be imported, same checkpoint, same run, page cache dropped before each timed step where allowed (root).
+
+  python bench/e2e.py --quick                 # CPU, tp=2, llama-200m shapes at 4 and 12 layers, < 5 minutes
+  python bench/e2e.py --gpu                   # one GPU, Llama-3-8B shapes (32 layers; 4 for the RSS slope)
+  python bench/e2e.py --gpu --arch llama3-70b --layers 2,8
+
+Last line: ``e2e_vs_floor=X peak_rss_slope=Y`` (ours over the floor at the deepest source; growth of the largest
+rank peak RSS per byte of source between the two depths).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drop_caches() -> bool:
+    """Flush dirty pages and drop the page cache (needs root); False where not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def write_random_source(path: Path, arch: str, layers: int, seed: int = 0, shard: str = "5GB") -> int:
+    """An HF bf16 checkpoint of preset ``arch`` at ``layers`` layers with seeded N(0, 0.02) weights, written tensor
+    by tensor (bounded memory) through the project's sharded writer. Returns the bytes of tensor data."""
+    import torch
+    from megatron_fp8pb.archs import dims_from_hf, rules_for
+    from megatron_fp8pb.plan import expected_tensors
+    from megatron_fp8pb.presets import preset_hf_config
+    from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
+    cfg = preset_hf_config(arch, layers)
+    cfg.dtype = torch.bfloat16
+    shapes = expected_tensors(rules_for(dims_from_hf(cfg)), dims_from_hf(cfg))
+    specs = [TensorSpec(n, torch.bfloat16, s) for n, s in shapes.items()]
+    w = CheckpointWriter(path, specs, shard, overwrite=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for n, s in shapes.items():
+        t = torch.randn(s, generator=gen, device=dev, dtype=torch.float32).mul_(0.02)
+        if "norm" in n:
+            t.add_(1.0)
+        w.write(n, t.to(torch.bfloat16))
+    tmp = Path(tempfile.mkdtemp())
+    cfg.save_pretrained(str(tmp))
+    w.finish({"config.json": tmp / "config.json"})
+    shutil.rmtree(tmp)
+    return sum(s.nbytes for s in specs)
+
+
+def read_floor(src: Path) -> float:
+    """Seconds to read every safetensors file of ``src`` once (64 MiB reads into one buffer)."""
+    buf = bytearray(64 << 20)
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def write_floor(directory: Path, nbytes: int, chunk: int = 64 << 20) -> float:
+    path = directory / "floor.bin"
+    buf = memoryview(os.urandom(1 << 20) * (chunk >> 20))
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    left = nbytes
+    while left > 0:
+        left -= os.write(fd, buf[:min(chunk, left)])
+    os.fsync(fd)
+    os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def out_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path) -> dict:
+    # one process needs no launcher (launch/export.py starts a single-rank group itself)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                      f"--master_port={_port()}"]
+    cmd = [sys.executable, *launcher, str(ROOT / "launch" / "export.py"), "source.kind=hf", f"source.path={src}", f"output.dir={out}",
+           "output.verify=false", "output.overwrite=true", *extra]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    with open(log, "a") as f:
+        f.write(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise SystemExit(f"export failed (exit {r.returncode}); see {log}\n{r.stderr[-2000:]}")
+    m = re.search(r"peak RSS per rank: ([\d. ]+) GB; the export added: ([\d. ]+) GB", r.stdout)
+    rss, added = ([float(x) * 1e9 for x in g.split()] for g in m.groups())
+    phases = re.search(r"phases: (.*?); files", r.stdout)
+    marks = re.search(r"wall clock since the process started: (.*)", r.stdout)
+    return dict(seconds=seconds, rss=rss, added=added, marks=marks.group(1) if marks else "",
+                phases=phases.group(1) if phases else "",
+                out_bytes=out_bytes(out))
+
+
+def _peer_path(work: Path) -> str:
+    """PYTHONPATH for the peer: where ``datasets`` (imported by llm-compressor, unused by a data-free recipe) is not
+    installed, a stand-in package with the names it imports."""
+    path = os.environ.get("PYTHONPATH", "")
+    try:
+        import datasets  # noqa: F401
+        return path
+    except ImportError:
+        stub = work / "peer-stub" / "datasets"
+        (stub / "formatting").mkdir(parents=True, exist_ok=True)
+        (stub / "__init__.py").write_text(
+            "__version__ = '4.8.4'\nclass Dataset: pass\nclass DatasetDict(dict): pass\n"
+            "class IterableDataset: pass\nclass IterableDatasetDict(dict): pass\n"
+            "def load_dataset(*a, **k): raise RuntimeError('datasets stand-in: data-free recipes only')\n"
+            "def load_from_disk(*a, **k): raise RuntimeError('datasets stand-in: data-free recipes only')\n")
+        (stub / "formatting" / "__init__.py").write_text("")
+        (stub / "formatting" / "formatting.py").write_text("class LazyRow: pass\n")
+        return f"{path}:{stub.parent}" if path else str(stub.parent)
+
+
+def run_peer(src: Path, out: Path, work: Path, log: Path) -> dict | None:
+    env = dict(os.environ, PYTHONPATH=_peer_path(work), PYTHONWARNINGS="ignore")
+    probe = subprocess.run([sys.executable, "-c", "import llmcompressor"], capture_output=True, text=True, env=env)
+    if probe.returncode != 0:
+        print(f"llm-compressor not importable, peer skipped: {probe.stderr.strip().splitlines()[-1:]}")
+        return None
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_llmcompressor.py"), str(src), str(out)],
+                       capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    with open(log, "a") as f:
+        f.write(r.stdout + r.stderr)
+    m = re.search(r"PEER_RESULT (.*)", r.stdout)
+    if r.returncode != 0 or not m:
+        print(f"llm-compressor failed (exit {r.returncode}): {r.stderr[-1500:]}")
+        return None
+    res = json.loads(m.group(1))
+    res.update(seconds=seconds, out_bytes=out_bytes(out))
+    return res
+
+
+def agreement(ours: Path, peer: Path, names: list[str]) -> str:
+    """Both outputs' fp8 codes: the share of equal bytes and the largest difference in e4m3 steps (adjacent codes);
+    the peer stores a bf16 ``weight_scale``, ours a float32 ``weight_scale_inv``; and the largest difference of the
+    dequantized weights relative to the block's largest magnitude."""
+    import torch
+    from safetensors import safe_open
+    from megatron_fp8pb.blockfp8 import dequantize_blockfp8
+
+    def load(d: Path, name: str):
+        idx = d / "model.safetensors.index.json"
+        f = json.loads(idx.read_text())["weight_map"][name] if idx.exists() else "model.safetensors"
+        with safe_open(str(d / f), "pt") as fh:
+            return fh.get_tensor(name)
+    equal, total, worst, steps = 0, 0, 0.0, 0
+    for n in names:
+        qa, sa = load(ours, n), load(ours, n[:-len("weight")] + "weight_scale_inv")
+        qb, sb = load(peer, n), load(peer, n[:-len("weight")] + "weight_scale")
+        equal += int((qa.view(torch.uint8) == qb.view(torch.uint8)).sum())
+        total += qa.numel()
+        def ordinal(q):
+            c = q.view(torch.uint8).int()
+            return torch.where(c >= 128, -(c - 128), c)
+        steps = max(steps, int((ordinal(qa) - ordinal(qb)).abs().max()))
+        da, db = dequantize_blockfp8(qa, sa).float(), dequantize_blockfp8(qb, sb.float()).float()
+        amax = (sa * 448).repeat_interleave(128, 0).repeat_interleave(128, 1)[:qa.shape[0], :qa.shape[1]]
+        worst = max(worst, float(((da - db).abs() / amax).max()))
+    return f"{100 * equal / max(total, 1):.1f}% of fp8 bytes equal over {len(names)} tensors, at most {steps} e4m3 " \
+           f"step(s) apart; dequantized, at most {worst:.4f} of the block amax apart"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="CPU, tp=2, llama-200m shapes, < 5 minutes")
+    ap.add_argument("--gpu", action="store_true", help="one GPU, tp=1")
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--layers", default=None, help="two depths, comma-separated: the RSS slope between them")
+    ap.add_argument("--nproc", type=int, default=None)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    arch = args.arch or ("llama3-8b" if args.gpu else "llama-200m")
+    nproc = args.nproc or (1 if args.gpu else 2)
+    layers = [int(x) for x in (args.layers or ("4,32" if args.gpu else "4,12")).split(",")]
+    extra = [f"parallel.tp={nproc}"] + ([] if args.gpu else ["parallel.device=cpu", "output.max_shard_size=200MB"])
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fp8pb-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "e2e.log"
+    rows, runs = [], {}
+    dropped = False
+    for n in layers:
+        src, out = work / f"src-{n}", work / f"ours-{n}"
+        t0 = time.perf_counter()
+        src_bytes = write_random_source(src, arch, n)
+        print(f"{n} layers: source {src_bytes / 1e9:.2f} GB written in {time.perf_counter() - t0:.1f} s", flush=True)
+        dropped = drop_caches()
+        ours = run_ours(src, out, nproc, extra, log)
+        print(f"{n} layers: ours {ours['seconds']:.1f} s, peak RSS per rank {[round(r / 1e9, 2) for r in ours['rss']]}"
+              f" GB; {ours['phases']}; rank 0 {ours['marks']}", flush=True)
+        runs[n] = dict(src_bytes=src_bytes, ours=ours)
+        if n != layers[-1]:
+            shutil.rmtree(out)
+            shutil.rmtree(src)
+    n = layers[-1]
+    src, out = work / f"src-{n}", work / f"ours-{n}"
+    r = runs[n]
+    drop_caches()
+    rf = read_floor(src)
+    drop_caches()
+    wf = write_floor(work, r["ours"]["out_bytes"])
+    floor = rf + wf
+    peer = None
+    if not args.no_peer:
+        drop_caches()
+        peer = run_peer(src, work / "peer", work, log)
+    import torch
+    dev = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"\ne2e on {dev}: {arch} shapes, {n} layers, source {r['src_bytes'] / 1e9:.2f} GB, nproc={nproc}, page "
+          f"cache {'dropped' if dropped else 'NOT dropped (not root)'}\n")
+    print("| variant | seconds | x floor | peak RSS GB (max rank) | export added GB (max rank) | output GB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| read floor | {rf:.2f} | | | | |")
+    print(f"| write floor (fsync) | {wf:.2f} | | | | |")
+    print(f"| read + write floor | {floor:.2f} | 1.00 | | | |")
+    print(f"| ours | {r['ours']['seconds']:.2f} | {r['ours']['seconds'] / floor:.2f} | {max(r['ours']['rss']) / 1e9:.2f}"
+          f" | {max(r['ours']['added']) / 1e9:.2f} | {r['ours']['out_bytes'] / 1e9:.2f} |")
+    if peer:
+        print(f"| llm-compressor FP8_BLOCK | {peer['seconds']:.2f} | {peer['seconds'] / floor:.2f} | "
+              f"{peer['peak_rss_gb']:.2f} | | {peer['out_bytes'] / 1e9:.2f} |")
+        print(f"\npeer phases: imports {peer['imports_s']:.1f} s, load {peer['load_s']:.1f} s, quantize "
+              f"{peer['quantize_s']:.1f} s, save {peer['save_s']:.1f} s; ours vs peer: "
+              f"{peer['seconds'] / r['ours']['seconds']:.2f}x faster")
+        names = [f"model.layers.{i}.{m}.weight" for i in (0, n - 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
+        print("agreement: " + agreement(out, work / "peer", names))
+    print(f"ours phases: {r['ours']['phases']}; rank 0 {r['ours']['marks']}")
+    a, b = runs[layers[0]], runs[layers[-1]]
+    slope = (max(b["ours"]["added"]) - max(a["ours"]["added"])) / max(b["src_bytes"] - a["src_bytes"], 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=dev, arch=arch, runs={str(k): v for k, v in runs.items()},
+                                                    read_floor=rf, write_floor=wf, peer=peer), indent=2))
+    print(f"e2e_vs_floor={r['ours']['seconds'] / floor:.2f} peak_rss_slope={slope:.3f}")
+
+
+if __name__ == "__main__":
+    main()

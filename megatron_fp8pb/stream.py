@@ -1,0 +1,167 @@
+"""A source streamed unit by unit: the Megatron parameters a rank would hold under a layout, named and shaped from
+the architecture rules alone (no model is built), each loading its pieces only when the export reaches its unit.
+
+For an HF checkpoint a parameter's pieces are read straight from the files (the rows or columns this rank exports),
+so host memory holds one unit being quantized and one being read, whatever the model's depth.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from .archs import Dims, rules_for
+from .archs.base import EXPERT, GLOBAL, REPLICATED, ROWWISE, TIED_COPY, VOCAB, rule_layers
+from .hf_source import read_slice
+from .mcore import padded_vocab
+from .plan import Layout, ParamPlan, _shard_sizes
+from .shards import check_piece_finite
+
+
+@dataclass(frozen=True)
+class LazyParam:
+    """A parameter known by its local shape; ``load(plan)`` returns one tensor per entry of ``plan.pieces``."""
+    shape: tuple[int, ...]
+    load: Callable[[ParamPlan], list[torch.Tensor]]
+    dtype: torch.dtype = torch.bfloat16
+
+
+def stage_layers(d: Dims, layout: Layout) -> dict[int, int]:
+    """Local decoder layer index -> global layer number of this pipeline stage (Megatron's even split; MTP layers
+    are not decoder layers)."""
+    per = d.num_layers // layout.pp_size
+    return {j: layout.pp_rank * per + j for j in range(per)}
+
+
+def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(Megatron name, local shape) of every parameter this rank's model chunk holds that the export reads, in
+    the order of the rules; tied output-layer copies (which produce nothing) are left out. A layer rule covers only
+    the layers of its selector (dense / MoE layers); multi-token-prediction layers (HF layer ``num_layers + k``)
+    are Megatron's ``mtp.layers.{k}.transformer_layer`` on the last stage."""
+    rules = rules_for(d)
+    first_layer_rule = min((k for k, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
+    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
+    nle = d.num_experts // layout.ep_size if d.num_experts else 0
+    prefixes = {i: f"decoder.layers.{j}." for j, i in stage_layers(d, layout).items()}
+    if last:
+        prefixes.update({d.num_layers + k: f"mtp.layers.{k}.transformer_layer." for k in range(d.mtp_layers)})
+    out = []
+    for k, rule in enumerate(rules):
+        if rule.shard == TIED_COPY:
+            continue
+        shape = _local_shape(rule, d, layout, vocab_rows)
+        if rule.scope == GLOBAL:
+            if (k < first_layer_rule and first) or (k > first_layer_rule and last):
+                out.append((rule.mcore[0], shape))
+            continue
+        for i in rule_layers(rule, d):
+            if i not in prefixes:
+                continue
+            if rule.scope == EXPERT:
+                out += [(prefixes[i] + rule.mcore[0].replace("{x}", str(x)), shape) for x in range(nle)]
+            else:
+                out.append((prefixes[i] + rule.mcore[0], shape))
+    return out
+
+
+def _local_shape(rule, d: Dims, layout: Layout, vocab_rows: int | None) -> tuple[int, ...]:
+    shapes = rule.shapes(d)
+    size = layout.etp_size if rule.scope == EXPERT else layout.tp_size
+    if rule.shard == VOCAB:
+        rows = vocab_rows or padded_vocab(d.vocab, layout.tp_size)
+        return (rows // layout.tp_size,) + tuple(shapes[0][1:])
+    if rule.shard == REPLICATED:
+        return tuple(shapes[0])
+    dim = 1 if rule.shard == ROWWISE else 0
+    shape = list(shapes[0])
+    shape[dim] = sum(_shard_sizes(rule, d, shapes, size, rule.mcore[0], layout))
+    return tuple(shape)
+
+
+def hf_params(reader, d: Dims, layout: Layout, dtype: torch.dtype) -> list[tuple[str, LazyParam]]:
+    """This rank's parameters over an HF checkpoint reader: each loads the HF slices it exports, in ``dtype``."""
+    def load(plan: ParamPlan) -> list[torch.Tensor]:
+        if plan.fusion == "duplicate":   # one source tensor written under several names (an untied lm_head)
+            return [read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)).to(dtype) for p in plan.pieces]
+        return [read_slice(reader, p).to(dtype) for p in plan.pieces]
+    return [(name, LazyParam(shape, load, dtype)) for name, shape in local_param_shapes(d, layout)]
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Piece ``index`` of ``plan``, loaded with its parameter when its unit comes."""
+    param: LazyParam
+    plan: ParamPlan
+    index: int
+
+
+def materialize(items: list, rank: int, device: torch.device | None = None) -> list:
+    """One unit's (piece, tensor | Deferred) -> (piece, tensor): each parameter loaded once, every loaded piece
+    checked finite (the error names the Megatron parameter, the rank and the HF source slice), moved to ``device``."""
+    loaded: dict[int, list[torch.Tensor]] = {}
+    out = []
+    for p, t in items:
+        if isinstance(t, Deferred):
+            key = id(t.plan)
+            if key not in loaded:
+                loaded[key] = t.param.load(t.plan)
+                if device is not None and device.type == "cuda":
+                    loaded[key] = [x.to(device) for x in loaded[key]]
+                for piece, x in zip(t.plan.pieces, loaded[key]):
+                    check_piece_finite(piece, x, t.plan.mcore_name)
+            t = loaded[key][t.index]
+        out.append((p, t))
+    return out
+
+
+class Prefetch:
+    """Yields ``(unit, items, error)`` for ``units`` in order, loading the next unit on a thread while the caller
+    works on this one; at most ``depth`` units are loaded and not yet released (``release()`` after each)."""
+
+    def __init__(self, units: list, load: Callable, depth: int = 2):
+        self._units, self._load = list(units), load
+        self._tokens = threading.Semaphore(depth)
+        self._q: queue.Queue = queue.Queue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="fp8pb-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for u in self._units:
+            self._tokens.acquire()
+            if self._stop:
+                return
+            try:
+                self._q.put((u, self._load(u), None))
+            except (ValueError, TypeError, OSError, KeyError) as e:
+                self._q.put((u, [], str(e)))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+                self._q.put((u, [], e))
+
+    def __iter__(self):
+        for _ in self._units:
+            u, items, error = self._q.get()
+            if isinstance(error, BaseException):
+                raise error
+            yield u, items, error
+
+    def release(self) -> None:
+        self._tokens.release()
+
+    def close(self) -> None:
+        self._stop = True
+        self._tokens.release()
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Host tensors of ``nbytes`` or more get their own pages, returned to the OS when freed. glibc otherwise raises
+    its mmap threshold after each large free (up to 32 MiB) and serves later tensors from a heap that fragments as
+    units of different tensor sizes come and go: RSS then creeps up with the model's depth."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
