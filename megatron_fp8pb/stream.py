@@ -83,10 +83,14 @@ def _local_shape(rule, d: Dims, layout: Layout, vocab_rows: int | None) -> tuple
 
 def hf_params(reader, d: Dims, layout: Layout, dtype: torch.dtype) -> list[tuple[str, LazyParam]]:
     """This rank's parameters over an HF checkpoint reader: each loads the HF slices it exports, in ``dtype``."""
+    def as_written(p, t: torch.Tensor) -> torch.Tensor:     # a rule's own dtype (fp32 expert bias) or ``dtype``
+        return t.to(getattr(torch, p.dtype) if p.dtype else dtype)
+
     def load(plan: ParamPlan) -> list[torch.Tensor]:
         if plan.fusion == "duplicate":   # one source tensor written under several names (an untied lm_head)
-            return [read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)).to(dtype) for p in plan.pieces]
-        return [read_slice(reader, p).to(dtype) for p in plan.pieces]
+            return [as_written(p, read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)))
+                    for p in plan.pieces]
+        return [as_written(p, read_slice(reader, p)) for p in plan.pieces]
     return [(name, LazyParam(shape, load, dtype)) for name, shape in local_param_shapes(d, layout)]
 
 
