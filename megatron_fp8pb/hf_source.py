@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ class HFReader:
         self._headers: dict[Path, tuple[dict, int]] = {}
         self._fds: dict[Path, int] = {}
         self._pool = None
+        self._lock = threading.Lock()
         self.bytes_read = 0
 
     def names(self) -> list[str]:
@@ -38,9 +40,10 @@ class HFReader:
         if name not in self.files:
             raise KeyError(f"source {self.path} has no tensor {name!r}")
         f = self.files[name]
-        if f not in self._headers:
-            self._headers[f] = _header(f)
-        entries, base = self._headers[f]
+        with self._lock:
+            if f not in self._headers:
+                self._headers[f] = _header(f)
+            entries, base = self._headers[f]
         if name not in entries:
             raise ValueError(f"source file {f} has no tensor {name!r} although the index names it there; the index "
                              f"and the file disagree")
@@ -59,9 +62,10 @@ class HFReader:
         length = (shape[dim] if shape else 1) - offset if length is None else length
         start = base + e["data_offsets"][0]
         row = _numel(shape[1:]) * dtype.itemsize
-        fd = self._fds.get(f)
-        if fd is None:
-            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        with self._lock:
+            fd = self._fds.get(f)
+            if fd is None:
+                fd = self._fds[f] = os.open(f, os.O_RDONLY)
         if len(shape) <= 1 or dim == 0:
             out_shape = (length,) + shape[1:] if shape else ()
             out = torch.empty(out_shape, dtype=dtype)
@@ -82,14 +86,16 @@ class HFReader:
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         chunks = [(view[k:k + READ_CHUNK], pos + k) for k in range(0, len(view), READ_CHUNK)]
         if len(chunks) > 1:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fp8pb-read")
+            with self._lock:    # tensors may be read from several threads
+                if self._pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+                    self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fp8pb-read")
             for fut in [self._pool.submit(_pread_all, fd, v, at, name, f) for v, at in chunks]:
                 fut.result()
         elif chunks:
             _pread_all(fd, *chunks[0], name, f)
-        self.bytes_read += len(view)
+        with self._lock:
+            self.bytes_read += len(view)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -321,6 +321,9 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
     return need
 
 
+PARAMS_IN_FLIGHT = 4   # parameters of a streamed unit read at once (a deeper disk queue than one tensor's chunks)
+
+
 def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
     """(unit, items) in the global unit order. A streamed source is read on a thread one unit ahead, and every rank
     visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
@@ -330,13 +333,17 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
         return
     me = coll.rank()
 
+    from concurrent.futures import ThreadPoolExecutor
+    loaders = ThreadPoolExecutor(PARAMS_IN_FLIGHT, thread_name_prefix="fp8pb-load")
+
     def load(u):
         t0 = time.perf_counter()
-        items = materialize(units_mine.get(u, []), me, device)
+        items = materialize(units_mine.get(u, []), me, device, loaders)
         if phases is not None:
             phases.add("read", time.perf_counter() - t0, sum(t.numel() * t.element_size() for _, t in items))
         return items
-    pre = Prefetch(range(d.num_layers + 2), load)
+    # units: the embedding (0), decoder and multi-token-prediction layers (1 ..), the final norm and lm_head
+    pre = Prefetch(range(d.num_layers + d.mtp_layers + 2), load)
     try:
         for u, items, error in pre:
             if coll.any_true(error is not None, device):
@@ -345,6 +352,7 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
             pre.release()
     finally:
         pre.close()
+        loaders.shutdown(wait=False)
 
 
 def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False,

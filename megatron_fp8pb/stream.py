@@ -102,23 +102,28 @@ class Deferred:
     index: int
 
 
-def materialize(items: list, rank: int, device: torch.device | None = None) -> list:
-    """One unit's (piece, tensor | Deferred) -> (piece, tensor): each parameter loaded once, every loaded piece
-    checked finite (the error names the Megatron parameter, the rank and the HF source slice), moved to ``device``."""
-    loaded: dict[int, list[torch.Tensor]] = {}
-    out = []
-    for p, t in items:
+def materialize(items: list, rank: int, device: torch.device | None = None, pool=None) -> list:
+    """One unit's (piece, tensor | Deferred) -> (piece, tensor): each parameter loaded once (several at once on
+    ``pool``, an executor, when given), every loaded piece checked finite (the error names the HF source tensor and
+    the index in it, then the Megatron parameter), moved to ``device``."""
+    params: dict[int, Deferred] = {}
+    for _, t in items:
         if isinstance(t, Deferred):
-            key = id(t.plan)
-            if key not in loaded:
-                loaded[key] = t.param.load(t.plan)
-                if device is not None and device.type == "cuda":
-                    loaded[key] = [x.to(device) for x in loaded[key]]
-                for piece, x in zip(t.plan.pieces, loaded[key]):
-                    check_piece_finite(piece, x, t.plan.mcore_name)
-            t = loaded[key][t.index]
-        out.append((p, t))
-    return out
+            params.setdefault(id(t.plan), t)
+    if pool is not None and len(params) > 1:
+        futures = {key: pool.submit(t.param.load, t.plan) for key, t in params.items()}
+        raw = {key: f.result() for key, f in futures.items()}
+    else:
+        raw = {key: t.param.load(t.plan) for key, t in params.items()}
+    loaded: dict[int, list[torch.Tensor]] = {}
+    for key, t in params.items():
+        xs = raw.pop(key)
+        if device is not None and device.type == "cuda":
+            xs = [x.to(device) for x in xs]
+        for piece, x in zip(t.plan.pieces, xs):
+            check_piece_finite(piece, x, t.plan.mcore_name)
+        loaded[key] = xs
+    return [(p, loaded[id(t.plan)][t.index] if isinstance(t, Deferred) else t) for p, t in items]
 
 
 class Prefetch:
