@@ -29,14 +29,13 @@ def padded_vocab(vocab: int, tp_size: int, divisible_by: int = 128) -> int:
 
 
 def init_distributed(backend: str, timeout_s: float) -> None:
-    """Start the default process group from torchrun's environment (single process when absent)."""
+    """Start the default process group from torchrun's environment (single process when absent). ``backend``: gloo
+    or nccl, as ``ParallelConfig.resolved()`` decides it."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
