@@ -14,7 +14,7 @@ from itertools import groupby
 import torch
 
 from . import collectives as coll
-from . import realign
+from . import blockmath as realign
 from .archs import Dims, rules_for
 from .archs.base import hf_module
 from .blockfp8 import BLOCK, quantize_checked
@@ -23,7 +23,7 @@ from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
 from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
-from .shards import pieces_of
+from .tp_slices import pieces_of
 from .staging import SlabPool
 from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
 
@@ -314,7 +314,7 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
 
 def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> None:
     me = coll.rank()
-    units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
+    units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order.unit)}
     if me != 0:
         for u, items in units_mine.items():
             for p, payload in zip((p for p, _ in items), quantize_unit(items, groups, traffic, out_dtype)):
@@ -327,7 +327,7 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims) -> Non
         asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda))
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
-        by_unit.setdefault(ps[0].order[0], []).append(ps)
+        by_unit.setdefault(ps[0].order.unit, []).append(ps)
     t0, last_log, done_bytes = time.perf_counter(), 0.0, 0
     for u in sorted(by_unit):
         items = units_mine.get(u, [])

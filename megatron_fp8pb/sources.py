@@ -11,7 +11,7 @@ from .config import ExportConfig
 from .hf_source import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
 from .hf_output import source_side_files
 from .plan import Layout, QuantChoice, expected_tensors, plan_param
-from .shards import from_slices
+from .tp_slices import from_slices
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from megatron_fp8pb import collectives as coll
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
 from megatron_fp8pb.pipeline import _Assembler, quantize_unit
-from megatron_fp8pb.plan import Piece
+from megatron_fp8pb.plan import Piece, WriteOrder
 from megatron_fp8pb.staging import SlabPool
 
 
@@ -48,7 +48,7 @@ def _worker(rank, world, port, lengths, dim, result_path, slab_bytes=None):
     full_shape = (total, other) if dim == 0 else (other, total)
     w = torch.randn(full_shape, generator=torch.Generator().manual_seed(total)).to(torch.bfloat16)
     offs = [sum(lengths[:r]) for r in range(world)]
-    pieces = [Piece("x.weight", full_shape, dim, offs[r], lengths[r], True, "tp", (1, 0, -1, 0), r)
+    pieces = [Piece("x.weight", full_shape, dim, offs[r], lengths[r], True, "tp", WriteOrder(1, 0, -1, 0), r)
               for r in range(world)]
     mine = (pieces[rank], w.narrow(dim, offs[rank], lengths[rank]).clone())
     traffic = coll.Traffic()

@@ -174,7 +174,7 @@ def test_ue8m0_zero_and_subnormal_blocks():
 
 
 def test_pow2_ceil_over_random_bit_patterns():
-    from megatron_fp8pb.realign import pow2_ceil
+    from megatron_fp8pb.blockmath import pow2_ceil
     g = torch.Generator().manual_seed(5)
     bits = torch.randint(1, 0x7F000000, (4000,), generator=g, dtype=torch.int32)
     bits[:1000] = torch.randint(1, 0x800000, (1000,), generator=g, dtype=torch.int32)     # subnormals
