@@ -1,4 +1,5 @@
-"""The one importer of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints."""
+"""The export's side of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints
+(``sources.fill_random`` also reads parallel_state ranks)."""
 from __future__ import annotations
 
 import contextlib
