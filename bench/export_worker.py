@@ -56,9 +56,9 @@ def main() -> None:
     from megatron_fp8pb.sources import build_source
     from naive_export import naive_export
     cfg = load_config(None, args.overrides)
-    p = cfg.parallel
-    on_gpu = torch.cuda.is_available() and p.device != "cpu"
-    mcore.init_distributed("nccl" if on_gpu else "gloo", p.timeout_s)
+    p = cfg.parallel.resolved()
+    on_gpu = p.on_gpu
+    mcore.init_distributed(p.backend, p.timeout_s)
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
     src = build_source(cfg, layout, on_gpu)

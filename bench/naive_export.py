@@ -22,7 +22,7 @@ from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference  # noqa: E402
 from megatron_fp8pb.hf_output import config_json, quantization_config  # noqa: E402
 from megatron_fp8pb.pipeline import make_plans, piece_dtype  # noqa: E402
 from megatron_fp8pb.plan import Piece, QuantChoice, check_coverage, expected_tensors  # noqa: E402
-from megatron_fp8pb.shards import pieces_of  # noqa: E402
+from megatron_fp8pb.tp_slices import pieces_of  # noqa: E402
 
 
 def naive_export(params, d, layout, groups, hf_config, out_dir, *, quant=QuantChoice(), max_shard_size="5GB",
@@ -42,18 +42,18 @@ def naive_export(params, d, layout, groups, hf_config, out_dir, *, quant=QuantCh
                 coll.send_tensor(t.to(piece_dtype(p, out_dtype)), 0, traffic, groups.device)
         return traffic
     local = {(p.hf_name, p.offset): t for p, t in mine}
-    by_name = check_coverage([p for ps in everyone for p in ps], expected_tensors(rules_for(d), d))
+    by_name = check_coverage([p for pieces in everyone for p in pieces], expected_tensors(rules_for(d), d))
     state = {}
-    for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
-        dtype = piece_dtype(ps[0], out_dtype)     # the float32 expert bias keeps its dtype
-        full = torch.empty(ps[0].full_shape, dtype=dtype)
-        for p in ps:
+    for name, pieces in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
+        dtype = piece_dtype(pieces[0], out_dtype)     # the float32 expert bias keeps its dtype
+        full = torch.empty(pieces[0].full_shape, dtype=dtype)
+        for p in pieces:
             shape = list(p.full_shape)
             shape[p.dim] = p.length
             t = local[(name, p.offset)].to(dtype).cpu() if p.src == 0 else \
                 coll.recv_tensor(tuple(shape), dtype, p.src, traffic, groups.device)
             full.narrow(p.dim, p.offset, p.length).copy_(t)
-        if ps[0].quantize:
+        if pieces[0].quantize:
             q, s = quantize_blockfp8_reference(full, name=name)
             state[name], state[name[:-len(".weight")] + ".weight_scale_inv"] = q, s
         else:
@@ -65,7 +65,7 @@ def naive_export(params, d, layout, groups, hf_config, out_dir, *, quant=QuantCh
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         Path(out_dir, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    quantized = sorted({n[:-len(".weight")] for n, ps in by_name.items() if ps[0].quantize})
+    quantized = sorted({n[:-len(".weight")] for n, pieces in by_name.items() if pieces[0].quantize})
     Path(out_dir, "config.json").write_bytes(config_json(hf_config, d.vocab, d.tie_embeddings, out_dtype,
                                                          quantization_config(["lm_head"], bool(quantized))))
     return traffic

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_fp8pb import blockfp8_triton as bt  # noqa: E402
-from megatron_fp8pb import realign  # noqa: E402
+from megatron_fp8pb import blockmath  # noqa: E402
 
 CPU_SIZES = [(1024, 1024), (2048, 2048), (4096, 4096)]
 GPU_SIZES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
@@ -27,12 +27,12 @@ GPU_SIZES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
 
 def torch_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``blockfp8.quantize_blockfp8_reference`` without the NaN/Inf check (plain torch on w's device)."""
-    s = realign.scale_inv_from_amax(realign.partial_block_amax(w, 0, 0))
-    return realign.quantize_piece(w, s, 0, 0), s
+    s = blockmath.scale_inv_from_amax(blockmath.partial_block_amax(w, 0, 0))
+    return blockmath.quantize_piece(w, s, 0, 0), s
 
 
 def triton_two_pass(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s = realign.scale_inv_from_amax(bt.block_amax(w, 0))
+    s = blockmath.scale_inv_from_amax(bt.block_amax(w, 0))
     return bt.quantize_rows(w, s, 0), s
 
 
@@ -77,7 +77,7 @@ def bench(device: str, paths: dict, sizes, dtype, reps: int) -> list[tuple]:
         dst = torch.empty_like(w)
         copy_s = timer(lambda: dst.copy_(w), reps)
         copy_gbs = 2 * w.nbytes / copy_s / 1e9
-        q_bytes = w.nbytes + w.numel() + realign.num_blocks(n, 128) * realign.num_blocks(k, 128) * 4
+        q_bytes = w.nbytes + w.numel() + blockmath.num_blocks(n, 128) * blockmath.num_blocks(k, 128) * 4
         for name, fn in paths.items():
             t = timer(lambda: fn(w), reps)
             gbs = q_bytes / t / 1e9

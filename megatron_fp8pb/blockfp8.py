@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .realign import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece,
+from .blockmath import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece,
                       scale_inv_from_amax)
 
 BLOCK = 128
@@ -35,7 +35,7 @@ def quantize_blockfp8_reference(w: torch.Tensor, block_size: int = BLOCK, name: 
                                 scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch reference. w [N, K] -> qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/b), ceil(K/b)].
 
-    scale_fmt "amax": scale = amax/448; "ue8m0": that rounded up to a power of two (``realign.scale_inv_from_amax``).
+    scale_fmt "amax": scale = amax/448; "ue8m0": that rounded up to a power of two (``blockmath.scale_inv_from_amax``).
     """
     check_scale_fmt(scale_fmt)
     _check_2d(w, name)

@@ -1,11 +1,11 @@
-"""Triton GPU path of the reference block-FP8 quantizer, byte-identical to ``realign`` / ``blockfp8``.
+"""Triton GPU path of the reference block-FP8 quantizer, byte-identical to ``blockmath`` / ``blockfp8``.
 
 One kernel, one program per 128x128 block, in three modes:
-  amax      x [n, K] -> max|x| per block (``realign.partial_block_amax``),
-  quantize  x [n, K], scale per block -> e4m3fn (``realign.quantize_piece``),
+  amax      x [n, K] -> max|x| per block (``blockmath.partial_block_amax``),
+  quantize  x [n, K], scale per block -> e4m3fn (``blockmath.quantize_piece``),
   fused     x [N, K] -> amax, scale = amax/448 (1.0 for a zero block), e4m3fn, in one pass over x; with
             POW2 (scale_fmt "ue8m0") the scale is rounded up to a power of two by exponent-bit arithmetic, as
-            ``realign.pow2_ceil``.
+            ``blockmath.pow2_ceil``.
 A piece may start ``lead`` rows into its first block (row ``i`` of the piece is row ``lead + i`` of the block grid).
 Divisions are IEEE round-to-nearest (``div_rn``); the e4m3fn cast is round-to-nearest-even after the clamp to +-448,
 as torch's ``.to(torch.float8_e4m3fn)``. Triton is imported on first use, so this module imports without it.
@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .realign import FP8_MAX, check_scale_fmt, num_blocks
+from .blockmath import FP8_MAX, check_scale_fmt, num_blocks
 
 _AMAX, _QUANT, _FUSED = 0, 1, 2
 _NUM_WARPS = 8
@@ -57,7 +57,7 @@ def _kernel():
             else:
                 scale = tl.math.div_rn(amax, FP8_MAX)
                 if POW2:
-                    # realign.pow2_ceil: least power of two >= scale by exponent bits; a subnormal scale through
+                    # blockmath.pow2_ceil: least power of two >= scale by exponent bits; a subnormal scale through
                     # its integer mantissa m (exact as a float32): the least power of two >= m has its result's bits
                     bits = scale.to(tl.int32, bitcast=True)
                     normal = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23)
@@ -103,7 +103,7 @@ def _launch(mode: int, x: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor,
 def block_amax(x: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
     """x [n, K] sitting ``lead`` rows into its first block -> float32 [ceil((lead+n)/block), ceil(K/block)] of max|x|.
 
-    Equals ``realign.partial_block_amax(x, 0, offset, block)`` for any ``offset % block == lead``.
+    Equals ``blockmath.partial_block_amax(x, 0, offset, block)`` for any ``offset % block == lead``.
     """
     x = _prep(x, lead, block)
     amax = torch.empty(_grid_shape(x, lead, block), dtype=torch.float32, device=x.device)
@@ -114,7 +114,7 @@ def block_amax(x: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
 def quantize_rows(x: torch.Tensor, scale_rows: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
     """x [n, K], scale_rows float32 [ceil((lead+n)/block), ceil(K/block)] -> float8_e4m3fn [n, K].
 
-    q = clamp(x / scale, -448, 448) cast with round-to-nearest-even; equals ``realign.quantize_piece(x, full, 0,
+    q = clamp(x / scale, -448, 448) cast with round-to-nearest-even; equals ``blockmath.quantize_piece(x, full, 0,
     offset, block)`` byte for byte when ``full[offset // block:][:len(scale_rows)] == scale_rows``.
     """
     x = _prep(x, lead, block)
@@ -132,7 +132,7 @@ def quantize(w: torch.Tensor, block: int = 128, scale_fmt: str = "amax") -> tupl
     """w [N, K] -> (qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/block), ceil(K/block)]) in one pass.
 
     scale_inv = amax/448 per block (1.0 for an all-zero block), rounded up to a power of two for scale_fmt "ue8m0",
-    as ``realign.scale_inv_from_amax(amax, scale_fmt)``.
+    as ``blockmath.scale_inv_from_amax(amax, scale_fmt)``.
     """
     check_scale_fmt(scale_fmt)
     w = _prep(w, 0, block)

@@ -1,6 +1,9 @@
 """Export configuration: frozen dataclasses, YAML files as diffs over the defaults, dotted overrides.
 
-Unknown keys and wrong types are refused with the key's full dotted name.
+Unknown keys and wrong types are refused with the key's full dotted name. Every check of the values themselves lives
+in the dataclasses' ``__post_init__`` (so a config built in code is checked like one read from YAML); the allowed
+values of a choice are its ``Literal`` type. ``ParallelConfig.resolved()`` turns "auto" and ``etp=None`` into what
+the run uses.
 """
 from __future__ import annotations
 
@@ -8,14 +11,35 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import yaml
 
 
+SourceKind = Literal["tiny", "hf", "megatron", "random"]
+Backend = Literal["auto", "gloo", "nccl"]
+Device = Literal["auto", "cpu", "cuda"]
+ScaleFmt = Literal["amax", "ue8m0"]
+
+
+def choices(cls, name: str) -> tuple | None:
+    """The allowed values of field ``name`` of config dataclass ``cls`` (its ``Literal``), None for a free value."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _check_choices(obj) -> None:
+    for f in dataclasses.fields(obj):
+        allowed, value = choices(type(obj), f.name), getattr(obj, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"config key {obj.SECTION}.{f.name}={value!r}: choose one of {', '.join(allowed)}")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "tiny"              # tiny | hf | megatron | random
+    SECTION: ClassVar[str] = "source"
+    kind: SourceKind = "tiny"       # tiny | hf | megatron | random
     path: str | None = None         # HF checkpoint dir (hf) or Megatron dist checkpoint dir (megatron)
     arch: str = "qwen3"             # tiny: llama | mistral | qwen2 | qwen3 | qwen3_moe | mixtral; random: a preset
     num_layers: int = 0             # tiny / random: keep this many layers (0: the model's own count)
@@ -23,33 +47,89 @@ class SourceConfig:
     seed: int = 0                   # tiny: weights seed
     tie_embeddings: bool = False    # tiny: tie embeddings and lm_head
 
+    def __post_init__(self):
+        _check_choices(self)
+        if self.num_layers < 0:
+            raise ValueError(f"config key source.num_layers={self.num_layers} must be >= 0 (0: the model's own count)")
+
+
+@dataclass(frozen=True)
+class ResolvedParallel:
+    """A ParallelConfig with nothing left to decide: the backend and device named, the expert TP size a number."""
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    backend: str                    # gloo | nccl
+    on_gpu: bool                    # the model lives on CUDA
+    timeout_s: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.on_gpu else "cpu"
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    SECTION: ClassVar[str] = "parallel"
     tp: int = 1                     # tensor parallel size of the export
     pp: int = 1                     # pipeline parallel size
     ep: int = 1                     # expert parallel size (mixture-of-experts models)
     etp: int | None = None          # expert tensor parallel; default: tp
-    backend: str = "auto"           # auto (nccl with CUDA, else gloo) | gloo | nccl
+    backend: Backend = "auto"       # auto (nccl with CUDA, else gloo) | gloo | nccl
     timeout_s: float = 300.0        # collective timeout
-    device: str = "auto"            # where the model lives: auto | cpu | cuda
+    device: Device = "auto"         # where the model lives: auto | cpu | cuda
+
+    def __post_init__(self):
+        _check_choices(self)
+        bad = [f"parallel.{k}={v} must be >= 1" for k, v in
+               (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.etp)) if v is not None and v < 1]
+        if self.timeout_s <= 0:
+            bad.append(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
+        if bad:
+            raise ValueError("; ".join(bad))
+
+    def resolved(self, cuda_available: bool | None = None) -> ResolvedParallel:
+        """"auto" and ``etp=None`` decided: device auto is CUDA when available, backend auto is nccl on CUDA and gloo
+        on CPU, etp defaults to tp. ``cuda_available``: None asks torch."""
+        if cuda_available is None:
+            import torch
+            cuda_available = torch.cuda.is_available()
+        on_gpu = self.device == "cuda" or (self.device == "auto" and cuda_available)
+        backend = self.backend if self.backend != "auto" else ("nccl" if on_gpu else "gloo")
+        return ResolvedParallel(self.tp, self.pp, self.ep, self.etp or self.tp, backend, on_gpu, self.timeout_s)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
+    SECTION: ClassVar[str] = "quant"
     enabled: bool = True            # false: write the source dtype, byte-identical to the source
     exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
     lm_head: bool = False           # quantize lm_head (unties tied embeddings)
     serve_tp: str | None = None     # targets whose refusals stay unquantized: TP size (4), transformers or 4,transformers
-    scale_fmt: str = "amax"         # block scales: amax (amax/448) | ue8m0 (rounded up to a power of two)
+    scale_fmt: ScaleFmt = "amax"    # block scales: amax (amax/448) | ue8m0 (rounded up to a power of two)
+
+    def __post_init__(self):
+        _check_choices(self)
+        serve_targets(self.serve_tp)
+
+    def serve_targets(self) -> tuple[tuple[int, ...], bool]:
+        """(vLLM/SGLang TP sizes, whether transformers is a target) of ``serve_tp``."""
+        return serve_targets(self.serve_tp)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
+    SECTION: ClassVar[str] = "output"
     dir: str = "out/tiny-qwen3-fp8"  # where the checkpoint appears (written in <dir>.partial, renamed at the end)
     max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
     overwrite: bool = False         # replace a non-empty output.dir
     verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
+
+    def __post_init__(self):
+        _check_choices(self)
+        from .writer import parse_size
+        parse_size(self.max_shard_size)
 
 
 @dataclass(frozen=True)
@@ -61,10 +141,6 @@ class ExportConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-_CHOICES = {"source.kind": ("tiny", "hf", "megatron", "random"), "parallel.backend": ("auto", "gloo", "nccl"),
-            "parallel.device": ("auto", "cpu", "cuda"), "quant.scale_fmt": ("amax", "ue8m0")}
 
 
 def describe_keys(cls=ExportConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -81,8 +157,9 @@ def describe_keys(cls=ExportConfig, prefix: str = "") -> list[tuple[str, str, st
             out += describe_keys(type(default), key + ".")
             continue
         meaning = comments.get(f.name, "")
-        if key in _CHOICES and "|" not in meaning:
-            meaning = f"{meaning} (one of {', '.join(_CHOICES[key])})".strip()
+        allowed = choices(cls, f.name)
+        if allowed and "|" not in meaning:
+            meaning = f"{meaning} (one of {', '.join(allowed)})".strip()
         shown = default if isinstance(default, str) else "none" if default is None else json.dumps(
             list(default) if isinstance(default, tuple) else default)
         out.append((key, shown, meaning))
@@ -105,6 +182,8 @@ def _coerce(key: str, value, typ):
                 return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
+    if origin is Literal:
+        return _coerce(key, value, type(args[0]))   # the value itself is checked by the dataclass
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.strip("[]").split(",")) if v]
@@ -149,10 +228,7 @@ def _merge(obj, updates: dict, prefix: str = ""):
                 raise TypeError(f"config key {key}: expected a mapping, got {v!r}")
             changes[k] = _merge(cur, v, key + ".")
         else:
-            val = _coerce(key, v, hints[k])
-            if key in _CHOICES and val not in _CHOICES[key]:
-                raise ValueError(f"config key {key}={val!r}: choose one of {', '.join(_CHOICES[key])}")
-            changes[k] = val
+            changes[k] = _coerce(key, v, hints[k])
     return dataclasses.replace(obj, **changes)
 
 
@@ -201,6 +277,4 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(data, dict):
             raise TypeError(f"config file {path} must hold a mapping")
         cfg = _merge(cfg, data)
-    cfg = _merge(cfg, _dotted(list(overrides)))
-    serve_targets(cfg.quant.serve_tp)
-    return cfg
+    return _merge(cfg, _dotted(list(overrides)))

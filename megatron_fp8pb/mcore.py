@@ -1,4 +1,5 @@
-"""The one importer of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints."""
+"""The export's side of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints
+(``sources.fill_random`` also reads parallel_state ranks)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,14 +30,13 @@ def padded_vocab(vocab: int, tp_size: int, divisible_by: int = 128) -> int:
 
 
 def init_distributed(backend: str, timeout_s: float) -> None:
-    """Start the default process group from torchrun's environment (single process when absent)."""
+    """Start the default process group from torchrun's environment (single process when absent). ``backend``: gloo
+    or nccl, as ``ParallelConfig.resolved()`` decides it."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -44,31 +44,32 @@ def init_distributed(backend: str, timeout_s: float) -> None:
 
 def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None, vp: int | None = None) -> None:
     """``vp``: virtual pipeline chunks per stage (interleaved schedule), None for one chunk."""
-    from megatron.core import parallel_state as ps
-    if ps.model_parallel_is_initialized():
+    from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
         return
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp,
                                  virtual_pipeline_model_parallel_size=vp)
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state as ps
-    ps.destroy_model_parallel()
+    from megatron.core import parallel_state
+    parallel_state.destroy_model_parallel()
 
 
 def layout_and_groups() -> tuple[Layout, Groups]:
     """This rank's place in the initialized Megatron layout, and the groups the export needs."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state
+    st = parallel_state
     layout = Layout(
-        tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
-        pp_size=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-        ep_size=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
-        etp_size=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
-        exporting=ps.get_data_parallel_rank() == 0,
-        expert_exporting=ps.get_expert_data_parallel_rank() == 0)
+        tp_size=st.get_tensor_model_parallel_world_size(), tp_rank=st.get_tensor_model_parallel_rank(),
+        pp_size=st.get_pipeline_model_parallel_world_size(), pp_rank=st.get_pipeline_model_parallel_rank(),
+        ep_size=st.get_expert_model_parallel_world_size(), ep_rank=st.get_expert_model_parallel_rank(),
+        etp_size=st.get_expert_tensor_parallel_world_size(), etp_rank=st.get_expert_tensor_parallel_rank(),
+        exporting=st.get_data_parallel_rank() == 0,
+        expert_exporting=st.get_expert_data_parallel_rank() == 0)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return layout, Groups(ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group(), device)
+    return layout, Groups(st.get_tensor_model_parallel_group(), st.get_expert_tensor_parallel_group(), device)
 
 
 def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool):
@@ -167,21 +168,21 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
     ``vocab_rows``: the padded vocabulary to build with (default: Megatron's padding of the real one for this tp).
     Experts are built as SequentialMLP (``mlp.experts.local_experts.{x}.linear_fc1/fc2.weight``): it needs neither
     TransformerEngine nor grouped_gemm, and a dist checkpoint saved from TEGroupedMLP or GroupedMLP loads into it."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     if on_gpu:
         from megatron.core import tensor_parallel
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
     cfg = transformer_config(d, dtype, layout, on_gpu)
-    vp = ps.get_virtual_pipeline_model_parallel_world_size()
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vp:
         cfg.virtual_pipeline_model_parallel_size = vp
     with _cpu_current_device(on_gpu):
         spec = layer_spec(d, cfg, vp_stage)
     kw = dict(vocab_size=vocab_rows or padded_vocab(d.vocab, layout.tp_size, vocab_divisible_by),
               max_sequence_length=d.max_positions,
-              pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
-              post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
+              pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
+              post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
               share_embeddings_and_output_weights=d.tie_embeddings, position_embedding_type="rope",
               rotary_base=int(d.rope_theta))
     if vp_stage is not None:

@@ -14,7 +14,7 @@ from itertools import groupby
 import torch
 
 from . import collectives as coll
-from . import realign
+from . import blockmath
 from .archs import Dims, rules_for
 from .archs.base import hf_module
 from .blockfp8 import BLOCK, quantize_checked
@@ -23,8 +23,9 @@ from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
 from .progress import Phases, Progress
-from .plan import Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, plan_param
-from .shards import check_piece_finite, pieces_of
+from .plan import (Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, final_unit,
+                   plan_param)
+from .tp_slices import check_piece_finite, pieces_of
 from .staging import SlabPool
 from .stream import Deferred, LazyParam, Prefetch, materialize
 from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
@@ -89,22 +90,22 @@ def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
             x = t if p.dim == 0 else t.t()
             a = blockfp8_triton.block_amax(x, p.offset % BLOCK, BLOCK)
             return a if p.dim == 0 else a.t()
-    return realign.partial_block_amax(t, p.dim, p.offset, BLOCK)
+    return blockmath.partial_block_amax(t, p.dim, p.offset, BLOCK)
 
 
 def _quantize(t: torch.Tensor, scale_inv: torch.Tensor, p: Piece) -> torch.Tensor:
     if t.is_cuda:
         from . import blockfp8_triton
         if blockfp8_triton.available():
-            first, rows = realign.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
+            first, rows = blockmath.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             x, s = (t, rows) if p.dim == 0 else (t.t(), rows.t())
             q = blockfp8_triton.quantize_rows(x, s.contiguous(), p.offset % BLOCK, BLOCK)
             return q if p.dim == 0 else q.t().contiguous()
-    return realign.quantize_piece(t, scale_inv, p.dim, p.offset, BLOCK)
+    return blockmath.quantize_piece(t, scale_inv, p.dim, p.offset, BLOCK)
 
 
 def _grid_shape(p: Piece) -> tuple[int, int]:
-    return realign.num_blocks(p.full_shape[0], BLOCK), realign.num_blocks(p.full_shape[1], BLOCK)
+    return blockmath.num_blocks(p.full_shape[0], BLOCK), blockmath.num_blocks(p.full_shape[1], BLOCK)
 
 
 def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll.Traffic, out_dtype: torch.dtype):
@@ -125,14 +126,14 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
         grids = []
         for _, p, t in todo:
             grid = torch.zeros(_grid_shape(p), dtype=torch.float32, device=t.device)
-            first, last = realign.block_span(p.offset, p.length, BLOCK)
+            first, last = blockmath.block_span(p.offset, p.length, BLOCK)
             part = _partial_amax(t, p)
             (grid[first:last] if p.dim == 0 else grid[:, first:last]).copy_(part)
             grids.append(grid)
         grids = coll.allreduce_amax(grids, getattr(groups, axis), traffic, groups.device)
         for (k, p, t), amax in zip(todo, grids):
-            scale_inv = realign.scale_inv_from_amax(amax, p.scale_fmt)
-            _, rows = realign.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
+            scale_inv = blockmath.scale_inv_from_amax(amax, p.scale_fmt)
+            _, rows = blockmath.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             payload[k] = (_quantize(t, scale_inv, p), rows)
     for k, (p, t) in enumerate(items):
         if not p.quantize:
@@ -163,8 +164,8 @@ def _cuda_event():
 
 def write_specs(by_name: dict[str, list[Piece]], out_dtype: torch.dtype) -> list[TensorSpec]:
     specs = []
-    for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
-        p = ps[0]
+    for name, tiles in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
+        p = tiles[0]
         if p.quantize:
             specs.append(TensorSpec(name, torch.float8_e4m3fn, p.full_shape))
             specs.append(TensorSpec(name[:-len(".weight")] + SCALE, torch.float32, _grid_shape(p)))
@@ -180,8 +181,8 @@ class _Assembler:
     def __init__(self, writer, traffic: coll.Traffic, device: torch.device, out_dtype, pool: SlabPool):
         self.writer, self.traffic, self.device, self.out_dtype, self.pool = writer, traffic, device, out_dtype, pool
 
-    def tensor(self, ps: list[Piece], local: dict[tuple, tuple]) -> None:
-        p0 = ps[0]
+    def tensor(self, tiles: list[Piece], local: dict[tuple, tuple]) -> None:
+        p0 = tiles[0]
         name = p0.hf_name
         dtype = torch.float8_e4m3fn if p0.quantize else piece_dtype(p0, self.out_dtype)
         scale = torch.full(_grid_shape(p0), float("nan")) if p0.quantize else None
@@ -189,7 +190,7 @@ class _Assembler:
         if whole:
             full, slab = self.pool.take(p0.full_shape, dtype, check=self.writer.check)
         try:
-            for p in ps:
+            for p in tiles:
                 got = local.get((p.hf_name, p.offset)) if p.src == 0 else self._recv(p, dtype)
                 if whole:
                     full.narrow(p.dim, p.offset, p.length).copy_(got[0], non_blocking=got[0].is_cuda)
@@ -221,14 +222,14 @@ class _Assembler:
         q = coll.recv_tensor(tuple(shape), dtype, p.src, self.traffic, self.device)
         if not p.quantize:
             return (q,)
-        first, last = realign.block_span(p.offset, p.length, BLOCK)
+        first, last = blockmath.block_span(p.offset, p.length, BLOCK)
         gshape = list(_grid_shape(p))
         gshape[p.dim] = last - first
         return q, coll.recv_tensor(tuple(gshape), torch.float32, p.src, self.traffic, self.device)
 
     @staticmethod
     def _place_scale(scale: torch.Tensor, p: Piece, rows: torch.Tensor) -> None:
-        first, last = realign.block_span(p.offset, p.length, BLOCK)
+        first, last = blockmath.block_span(p.offset, p.length, BLOCK)
         dst = scale[first:last] if p.dim == 0 else scale[:, first:last]
         rows = rows.cpu()
         seen = ~torch.isnan(dst)
@@ -266,7 +267,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic, tie_word_embeddings=d.tie_embeddings and not untie)
     if me == 0:
         try:
-            by_name = check_coverage([p for ps in all_pieces for p in ps], expected_tensors(rules_for(d), d, untie))
+            by_name = check_coverage([p for tiles in all_pieces for p in tiles], expected_tensors(rules_for(d), d, untie))
             specs = write_specs(by_name, out_dtype)
             if sink is not None:
                 writer = sink(specs)
@@ -280,12 +281,12 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         with stage("transfer"):
             _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases)
         if me == 0:
-            linear_modules = sorted({hf_module(n) for n, ps in by_name.items() if ps[0].linear})
-            result.quantized = sorted(hf_module(n) for n, ps in by_name.items() if ps[0].quantize)
+            linear_modules = sorted({hf_module(n) for n, tiles in by_name.items() if tiles[0].linear})
+            result.quantized = sorted(hf_module(n) for n, tiles in by_name.items() if tiles[0].quantize)
             result.not_converted = [m for m in linear_modules if m not in set(result.quantized)]
             if result.tie_word_embeddings and "lm_head" not in result.not_converted:
                 result.not_converted.append("lm_head")
-            result.num_tensors = sum(2 if ps[0].quantize else 1 for ps in by_name.values())
+            result.num_tensors = sum(2 if tiles[0].quantize else 1 for tiles in by_name.values())
             if writer is not None:
                 qc = quantization_config(result.not_converted, bool(result.quantized), quant.scale_fmt)
                 files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype, qc)}
@@ -314,10 +315,10 @@ def _slab_bytes(by_name: dict[str, list[Piece]], out_dtype) -> int:
     """Slabs hold whole tensors, except tensors made only of row (dim-0) pieces, which can be streamed in chunks:
     so the largest tensor with a column-sharded piece, and at least 64 MiB."""
     need = SLAB_MIN
-    for ps in by_name.values():
-        if any(p.dim != 0 for p in ps):
-            dtype = torch.float8_e4m3fn if ps[0].quantize else piece_dtype(ps[0], out_dtype)
-            need = max(need, _nbytes(ps[0].full_shape, dtype))
+    for tiles in by_name.values():
+        if any(p.dim != 0 for p in tiles):
+            dtype = torch.float8_e4m3fn if tiles[0].quantize else piece_dtype(tiles[0], out_dtype)
+            need = max(need, _nbytes(tiles[0].full_shape, dtype))
     return need
 
 
@@ -327,7 +328,7 @@ PARAMS_IN_FLIGHT = 4   # parameters of a streamed unit read at once (a deeper di
 def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
     """(unit, items) in the global unit order. A streamed source is read on a thread one unit ahead, and every rank
     visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
-    units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order[0])}
+    units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order.unit)}
     if not streamed:
         yield from sorted(units_mine.items())
         return
@@ -342,12 +343,11 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
         if phases is not None:
             phases.add("read", time.perf_counter() - t0, sum(t.numel() * t.element_size() for _, t in items))
         return items
-    # units: the embedding (0), decoder and multi-token-prediction layers (1 ..), the final norm and lm_head
-    pre = Prefetch(range(d.num_layers + d.mtp_layers + 2), load)
+    pre = Prefetch(range(final_unit(d) + 1), load)   # every write unit, the embedding's to the final norm's
     try:
         for u, items, error in pre:
             if coll.any_true(error is not None, device):
-                _agree(error)
+                _agree(error and f"rank {me}, stage read: {error}")
             yield u, items
             pre.release()
     finally:
@@ -371,8 +371,8 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
         cuda = groups.device.type == "cuda" or any(torch.is_tensor(t) and t.is_cuda for _, t in mine)
         asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda))
     by_unit: dict[int, list[list[Piece]]] = {}
-    for name, ps in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
-        by_unit.setdefault(ps[0].order[0], []).append(ps)
+    for name, tiles in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
+        by_unit.setdefault(tiles[0].order.unit, []).append(tiles)
     phases = phases or Phases()
     if writer is not None:
         writer.writer.phases = phases
@@ -390,8 +390,8 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
         for (p, _), payload in zip(items, quantize_unit(items, groups, traffic, out_dtype) if items else []):
             local[(p.hf_name, p.offset)] = payload
         phases.add("quantize", time.perf_counter() - t0)
-        for ps in by_unit[u]:
+        for tiles in by_unit[u]:
             if asm is not None:
-                asm.tensor(ps, local)
+                asm.tensor(tiles, local)
         done += 1
         progress.update(done, force=done == len(by_unit))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from .archs import default_exclude
-from .archs.base import (COLWISE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB,
+from .archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB,
                          Dims, Rule, hf_module, rule_layers)
-from .realign import check_scale_fmt
+from .blockmath import check_scale_fmt
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MTP_LAYER_RE = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.+)$")
@@ -58,6 +59,35 @@ class QuantChoice:
         return self.enabled and not any(fnmatch.fnmatchcase(module, p) for p in pats)
 
 
+class WriteOrder(NamedTuple):
+    """Where a piece comes in the global write order, the same for every layout; compares as the tuple of its
+    fields. ``unit``: the embedding, each layer, then the final norm + lm_head (``write_unit``); ``rule``: the
+    architecture table's index; ``expert``: global expert number (-1: not an expert); ``member``: which of the
+    rule's HF tensors (q/k/v, gate/up)."""
+    unit: int
+    rule: int
+    expert: int
+    member: int
+
+
+EMBEDDING_UNIT = 0      # the write unit of the global tensors listed before the first layer rule (embedding)
+
+
+def final_unit(d: Dims) -> int:
+    """The write unit of the global tensors after the layers (final norm, lm_head): after every decoder and
+    multi-token-prediction layer."""
+    return d.num_layers + d.mtp_layers + 1
+
+
+def write_unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:
+    """Write unit of rule ``k``: global layer i is unit 1 + i; a global rule is the embedding unit when the table lists
+    it before the first layer rule, else the final unit."""
+    if layer is not None:
+        return 1 + layer
+    first_layer_rule = min((j for j, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
+    return EMBEDDING_UNIT if k < first_layer_rule else final_unit(d)
+
+
 @dataclass(frozen=True)
 class Piece:
     """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of the full HF tensor ``hf_name``."""
@@ -68,7 +98,7 @@ class Piece:
     length: int
     quantize: bool
     axis: str | None        # "tp" / "etp": the group whose ranks share its 128-blocks; None: quantized whole
-    order: tuple            # global write order, the same for every layout
+    order: WriteOrder       # global write order, the same for every layout
     src: int = 0            # global rank holding it (set on rank 0)
     linear: bool = False    # a linear layer's weight (listed in modules_to_not_convert when not quantized)
     scale_fmt: str = "amax"  # of a quantized piece: how its block scales are made (QuantChoice.scale_fmt)
@@ -111,13 +141,6 @@ def effective_shard(rule: Rule, style: str | None, name: str, hf_names: list[str
                      f"maps it to {', '.join(hf_names) or 'a tied copy'} as {rule.shard}"
                      f"{' or ' + ', '.join(rule.alt_shard) if rule.alt_shard else ''}; the export would write wrong "
                      f"rows. Build the layer with the module the table expects, or fix the table")
-
-
-def _unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:
-    if layer is not None:
-        return 1 + layer
-    first_layer_rule = min((j for j, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
-    return 0 if k < first_layer_rule else d.num_layers + d.mtp_layers + 1
 
 
 def _fill(name: str, layer: int | None, expert: int | None) -> str:
@@ -191,7 +214,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
     rule = effective_shard(rule, style, mcore_name, [_fill(h, layer, expert) for h in rule.hf])
     if untie_lm_head and rule.shard == VOCAB and rule.hf == ("model.embed_tokens.weight",):
         rule = Rule(rule.mcore, rule.hf + ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),) * 2, VOCAB,
-                    "duplicate", False, GLOBAL)
+                    DUPLICATE, False, GLOBAL)
     plan = ParamPlan(mcore_name, tuple(local_shape), rule, layer, expert)
     defaults = default_exclude(d)
     if rule.shard == TIED_COPY:
@@ -200,7 +223,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
     size, rank = (layout.etp_size, layout.etp_rank) if is_expert else (layout.tp_size, layout.tp_rank)
     exporting = layout.expert_exporting if is_expert else layout.exporting
     shapes = rule.shapes(d)
-    unit = _unit(rules, k, layer, d)
+    unit = write_unit(rules, k, layer, d)
     _check_local_shape(plan, shapes, size, d, layout)
     dim = 1 if rule.shard == ROWWISE else 0
     split = 1 if rule.shard == REPLICATED else size
@@ -211,7 +234,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         offset = min(rank * n, shape[dim]) if split > 1 else 0
         length = max(0, min(n, shape[dim] - offset))   # 0: a vocab shard made only of padding
         name = _fill(hf, layer, expert)
-        is_linear = rule.linear or (rule.fusion == "duplicate" and h == 1)
+        is_linear = rule.linear or (rule.fusion == DUPLICATE and h == 1)
         # q/k/v and gate/up are fused by servers: excluding one member keeps the whole group unquantized
         group = [hf_module(_fill(x, layer, expert)) for x in rule.hf] if rule.fusion in (QKV, GATED) else \
             [hf_module(name)]
@@ -219,7 +242,8 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
         # a replicated piece is whole on the rank that exports it: quantized there, with no collective
         axis = ("etp" if is_expert else "tp") if q and split > 1 else None
         plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
-                                 (unit, k, -1 if expert is None else expert, h), linear=is_linear and len(shape) == 2,
+                                 WriteOrder(unit, k, -1 if expert is None else expert, h),
+                                 linear=is_linear and len(shape) == 2,
                                  scale_fmt=quant.scale_fmt if q else "amax", dtype=rule.dtype))
     # the first stage writes the embedding; a later stage's copy (multi-token prediction reads embeddings on the
     # last stage) is the same tensor
@@ -293,19 +317,20 @@ def check_coverage(pieces: list[Piece], expected: dict[str, tuple[int, ...]]) ->
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"no rank holds HF tensor(s) {missing[:5]}{more}: the Megatron model lacks the parameters "
                          f"that produce them (a missing expert or layer?)")
-    for name, ps in by_name.items():
-        ps.sort(key=lambda p: p.offset)
+    for name, tiles in by_name.items():
+        tiles.sort(key=lambda p: p.offset)
         full = expected[name]
-        if any(p.full_shape != full for p in ps):
-            raise ValueError(f"HF tensor {name!r}: pieces disagree on its full shape ({[p.full_shape for p in ps]} vs "
-                             f"{full})")
-        dims = {p.dim for p in ps}
+        if any(p.full_shape != full for p in tiles):
+            raise ValueError(f"HF tensor {name!r}: pieces disagree on its full shape "
+                             f"({[p.full_shape for p in tiles]} vs {full})")
+        dims = {p.dim for p in tiles}
         at = 0
-        for p in ps:
+        for p in tiles:
             if len(dims) != 1 or p.offset != at:
-                raise ValueError(f"HF tensor {name!r}: pieces {[(p.src, p.offset, p.length) for p in ps]} do not tile "
-                                 f"it exactly (gap or overlap at {at})")
+                raise ValueError(f"HF tensor {name!r}: pieces {[(p.src, p.offset, p.length) for p in tiles]} do not "
+                                 f"tile it exactly (gap or overlap at {at})")
             at += p.length
-        if at != full[ps[0].dim]:
-            raise ValueError(f"HF tensor {name!r}: pieces cover {at} of {full[ps[0].dim]} along dim {ps[0].dim}")
+        if at != full[tiles[0].dim]:
+            raise ValueError(f"HF tensor {name!r}: pieces cover {at} of {full[tiles[0].dim]} along dim "
+                             f"{tiles[0].dim}")
     return by_name

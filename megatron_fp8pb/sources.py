@@ -7,11 +7,12 @@ import torch
 
 from . import mcore
 from .archs import Dims, dims_from_hf, rules_for
+from .archs.base import TIED_COPY
 from .config import ExportConfig
 from .hf_source import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
 from .hf_output import source_side_files
 from .plan import Layout, QuantChoice, expected_tensors, plan_param
-from .shards import from_slices
+from .tp_slices import from_slices
 from .stream import hf_params, stage_layers
 
 
@@ -57,7 +58,7 @@ def load_hf_weights(model, reader, d: Dims, layout: Layout) -> None:
     with torch.no_grad():
         for name, p in mcore.local_params(model):
             plan = plan_param(name, tuple(p.shape), rules, d, layout, QuantChoice(enabled=False), layers, nle)
-            if plan.rule.shard == "tied_copy":
+            if plan.rule.shard == TIED_COPY:
                 plan = plan_param("embedding.word_embeddings.weight", tuple(p.shape), rules, d, layout,
                                   QuantChoice(enabled=False), layers, nle)
             local = from_slices(plan, [read_slice(reader, s) for s in plan.slices], d)

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 
 from .archs import Dims, rules_for
-from .archs.base import EXPERT, GLOBAL, REPLICATED, ROWWISE, TIED_COPY, VOCAB, rule_layers
+from .archs.base import DUPLICATE, EXPERT, GLOBAL, REPLICATED, ROWWISE, TIED_COPY, VOCAB, rule_layers
 from .hf_source import read_slice
 from .mcore import padded_vocab
 from .plan import Layout, ParamPlan, _shard_sizes
-from .shards import check_piece_finite
+from .tp_slices import check_piece_finite
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def hf_params(reader, d: Dims, layout: Layout, dtype: torch.dtype) -> list[tuple
         return t.to(getattr(torch, p.dtype) if p.dtype else dtype)
 
     def load(plan: ParamPlan) -> list[torch.Tensor]:
-        if plan.fusion == "duplicate":   # one source tensor written under several names (an untied lm_head)
+        if plan.fusion == DUPLICATE:   # one source tensor written under several names (an untied lm_head)
             return [as_written(p, read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)))
                     for p in plan.pieces]
         return [as_written(p, read_slice(reader, p)) for p in plan.pieces]

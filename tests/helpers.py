@@ -1,4 +1,5 @@
-"""Shared test helpers: HF source checkpoints on disk, torchrun launches, byte-exact comparison."""
+"""Shared test helpers: ragged model dims, HF source checkpoints on disk (and edits of their tensors), free ports,
+torchrun launches, byte-exact comparison."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Dims whose TP=2 shards are not multiples of 128 (hidden 320, intermediate 704, vocab 1003): blocks straddle ranks.
+RAGGED_DIMS = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=256)
+# ... with 2 key/value heads of head_dim 80 (q: 160 rows per TP=2 rank), for Llama-family configs.
+RAGGED = dict(RAGGED_DIMS, num_key_value_heads=2, head_dim=80)
 
 
 def free_port() -> int:
@@ -38,6 +45,63 @@ def write_hf_source(path: Path, cfg, seed: int = 0, files: int = 2) -> dict[str,
         weight_map.update({n: fname for n in chunk})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return state
+
+
+def ragged_deepseek_v3(q_lora_rank=96, mtp=1):
+    """kv_a_proj_with_mqa 128 + 64 = 192 rows (96 per rank at tp 2), q_a_proj 96 rows (48 per rank), dense ffn 640
+    (320 per rank), experts of 160 (80 per rank at etp 2), shared expert 160; layer 0 dense, layer 1 MoE, and (as
+    DeepSeek-V3's config) one multi-token-prediction layer, HF layer 2."""
+    import transformers as tf
+    return tf.DeepseekV3Config(
+        vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=q_lora_rank, kv_lora_rank=128,
+        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=256, rope_scaling=None,
+        num_nextn_predict_layers=mtp)
+
+
+def ragged_glm4_moe():
+    """q 320 rows (160 per rank at tp 2), k/v 160 (80), dense ffn 640, experts of 160, q/k/v biases, q/k norms."""
+    import transformers as tf
+    return tf.Glm4MoeConfig(
+        vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=80, n_shared_experts=1, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, attention_bias=True,
+        use_qk_norm=True, max_position_embeddings=256)
+
+
+def ragged_qwen3_moe():
+    """hidden 320, moe_intermediate 320: 160 gate/up rows and down columns per rank at etp=2; q 160 rows at tp=2."""
+    import transformers as tf
+    return tf.Qwen3MoeConfig(vocab_size=1003, hidden_size=320, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=80, max_position_embeddings=256, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=320, intermediate_size=640,
+                             mlp_only_layers=[], decoder_sparse_step=1)
+
+
+def export_hf(tmp_path: Path, cfg, world: int, args: list[str]):
+    """Write ``cfg`` as an HF source under tmp_path, export it through the CLI on ``world`` ranks; (src, out, state)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, cfg)
+    r = torchrun(world, ["source.kind=hf", f"source.path={src}", f"output.dir={out}", *args])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return src, out, state
+
+
+def edit_source_tensors(src: Path, name: str, edit) -> None:
+    """Rewrite the safetensors file of an HF checkpoint that holds ``name``: ``edit(tensors)`` changes the dict of
+    that file's tensors in place (e.g. deletes ``name`` or writes a NaN into it)."""
+    from safetensors.torch import load_file
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    f = src / index["weight_map"][name]
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def drop_source_tensor(src: Path, name: str) -> None:
+    """Remove tensor ``name`` from an HF checkpoint's safetensors (its index still lists it)."""
+    edit_source_tensors(src, name, lambda tensors: tensors.pop(name))
 
 
 def torchrun(nproc: int, args: list[str], script: str = "launch/export.py", timeout: int = 600,

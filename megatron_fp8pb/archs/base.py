@@ -7,8 +7,9 @@ from typing import Callable
 
 # Sharding kinds of a Megatron parameter along its tensor-parallel axis.
 COLWISE, ROWWISE, REPLICATED, VOCAB, TIED_COPY = "colwise", "rowwise", "replicated", "vocab", "tied_copy"
-# Fusion kinds: how one Megatron tensor becomes several HF tensors.
-PLAIN, QKV, GATED = "plain", "qkv", "gated"
+# Fusion kinds: how one Megatron tensor becomes several HF tensors. DUPLICATE: the same tensor under each HF name
+# (the embedding written again as an untied lm_head).
+PLAIN, QKV, GATED, DUPLICATE = "plain", "qkv", "gated", "duplicate"
 # Scopes: where the rule's names are expanded.
 GLOBAL, LAYER, EXPERT = "global", "layer", "expert"
 # Serving-side parallel styles of an HF linear (vLLM / SGLang).

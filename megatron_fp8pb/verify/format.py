@@ -7,7 +7,7 @@ import re
 import torch
 
 from ..blockfp8 import BLOCK, SCALE_FMTS
-from ..realign import pow2_ceil
+from ..blockmath import pow2_ceil
 from .names import is_linear_weight, module_of, never_fp8
 from .reading import Checkpoint, row_chunks
 from .report import FP8, SCALE_SUFFIX, TensorInfo, VerifyReport

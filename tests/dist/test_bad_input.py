@@ -1,14 +1,17 @@
-"""Bad input is refused with a message naming the thing and the fix, and nothing is written."""
+"""Bad input is refused with a message naming the thing and the fix, and nothing is written.
+
+Refusals that need a built model (a missing tensor, a config that disagrees with the weights) go through the real
+CLI; those decided from the config alone are checked in-process (test_refusals.py covers how the CLI prints them)."""
 import json
 
 import pytest
 import transformers as tf
-from safetensors.torch import load_file, save_file
 
-from helpers import torchrun, write_hf_source
-
-RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=80, max_position_embeddings=256)
+from helpers import RAGGED, drop_source_tensor, torchrun, write_hf_source
+from megatron_fp8pb.archs import dims_from_hf
+from megatron_fp8pb.config import load_config
+from megatron_fp8pb.validate import check_layout
+from megatron_fp8pb.writer import prepare_output
 
 
 @pytest.fixture
@@ -22,16 +25,8 @@ def _run(src, out, *extra, nproc=2):
     return torchrun(nproc, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}", *extra])
 
 
-def _drop_tensor(src, name):
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    f = src / index["weight_map"][name]
-    tensors = load_file(str(f))
-    del tensors[name]
-    save_file(tensors, str(f))
-
-
 def test_missing_tensor(src, tmp_path):
-    _drop_tensor(src, "model.layers.1.mlp.down_proj.weight")
+    drop_source_tensor(src, "model.layers.1.mlp.down_proj.weight")
     r = _run(src, tmp_path / "out")
     assert r.returncode != 0
     assert "model.layers.1.mlp.down_proj.weight" in r.stderr + r.stdout
@@ -48,40 +43,38 @@ def test_config_disagrees_with_weights(src, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_impossible_layout_shows_arithmetic(src, tmp_path):
-    r = _run(src, tmp_path / "out", "parallel.tp=4", nproc=4)
-    assert r.returncode != 0
-    assert "num_key_value_heads(2) % tp(4)" in r.stderr
-    r = _run(src, tmp_path / "out", "parallel.pp=2", nproc=2)
-    assert r.returncode != 0
-    assert "world size(2) % (tp(2) * pp(2))" in r.stderr
-    assert not (tmp_path / "out").exists()
+def test_impossible_layout_shows_arithmetic():
+    d = dims_from_hf(tf.LlamaConfig(**RAGGED))
+    with pytest.raises(ValueError, match=r"num_key_value_heads\(2\) % tp\(4\)"):
+        check_layout(d, 4, tp=4, pp=1)
+    with pytest.raises(ValueError, match=r"world size\(2\) % \(tp\(2\) \* pp\(2\)\)"):
+        check_layout(d, 2, tp=2, pp=2)
 
 
-def test_unknown_key_and_wrong_type(src, tmp_path):
-    r = _run(src, tmp_path / "out", "parallel.tpp=2", nproc=1)
-    assert r.returncode != 0 and "parallel.tpp" in r.stderr
-    r = _run(src, tmp_path / "out", "parallel.pp=two", nproc=1)
-    assert r.returncode != 0 and "parallel.pp" in r.stderr
+def test_unknown_key_and_wrong_type():
+    with pytest.raises(KeyError, match="parallel.tpp"):
+        load_config(None, ["parallel.tpp=2"])
+    with pytest.raises(TypeError, match="parallel.pp"):
+        load_config(None, ["parallel.pp=two"])
 
 
-def test_existing_output_dir_refused(src, tmp_path):
+def test_existing_output_dir_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    r = _run(src, out)
-    assert r.returncode != 0 and "output.overwrite=true" in r.stderr
+    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+        prepare_output(out, overwrite=False)
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
 
 def test_output_inside_source_refused(src):
-    r = _run(src, src / "fp8")
+    r = _run(src, src / "fp8", "parallel.tp=1", nproc=1)     # refused before any process group
     assert r.returncode != 0 and "inside source.path" in r.stderr
     assert not (src / "fp8").exists()
 
 
-def test_unwritable_output_parent_refused(src, tmp_path):
+def test_unwritable_output_parent_refused(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    r = _run(src, blocker / "out")
-    assert r.returncode != 0 and "not a writable directory" in r.stderr
+    with pytest.raises(PermissionError, match="not a writable directory"):
+        prepare_output(blocker / "out", overwrite=False)

@@ -3,8 +3,7 @@ down-projections replicated across tensor parallel ranks (TransformerEngine's du
 groups under torchrun, byte for byte against the single-process reference."""
 import json
 
-from helpers import mismatches, torchrun, write_hf_source
-from test_deepseek import ragged_deepseek_v3
+from helpers import mismatches, ragged_deepseek_v3, torchrun, write_hf_source
 
 WORKER = "tests/dist/chunks_worker.py"
 

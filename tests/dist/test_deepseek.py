@@ -8,40 +8,12 @@ import pytest
 import torch
 import transformers as tf
 
-from helpers import mismatches, read_output, torchrun, write_hf_source
+from helpers import export_hf as _export
+from helpers import mismatches, ragged_deepseek_v3, ragged_glm4_moe, read_output
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.plan import expected_tensors, linear_weights
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
-
-
-def ragged_deepseek_v3(q_lora_rank=96, mtp=1):
-    """kv_a_proj_with_mqa 128 + 64 = 192 rows (96 per rank at tp 2), q_a_proj 96 rows (48 per rank), dense ffn 640
-    (320 per rank), experts of 160 (80 per rank at etp 2), shared expert 160; layer 0 dense, layer 1 MoE, and (as
-    DeepSeek-V3's config) one multi-token-prediction layer, HF layer 2."""
-    return tf.DeepseekV3Config(
-        vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=q_lora_rank, kv_lora_rank=128,
-        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=256, rope_scaling=None,
-        num_nextn_predict_layers=mtp)
-
-
-def ragged_glm4_moe():
-    """q 320 rows (160 per rank at tp 2), k/v 160 (80), dense ffn 640, experts of 160, q/k/v biases, q/k norms."""
-    return tf.Glm4MoeConfig(
-        vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=80, n_shared_experts=1, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, attention_bias=True,
-        use_qk_norm=True, max_position_embeddings=256)
-
-
-def _export(tmp_path, cfg, world, args):
-    src, out = tmp_path / "src", tmp_path / "out"
-    state = write_hf_source(src, cfg)
-    r = torchrun(world, ["source.kind=hf", f"source.path={src}", f"output.dir={out}", *args])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return src, out, state
 
 
 def _check_written_once(out, cfg, state):

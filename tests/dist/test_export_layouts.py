@@ -6,10 +6,8 @@ import json
 import pytest
 import transformers as tf
 
+from helpers import RAGGED_DIMS as RAGGED
 from helpers import mismatches, torchrun, write_hf_source
-
-RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256)
 
 
 def _llama(tie=False):

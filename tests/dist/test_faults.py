@@ -4,15 +4,9 @@ import hashlib
 import time
 
 import pytest
-import torch
 import transformers as tf
-from safetensors.torch import load_file, save_file
 
-from helpers import torchrun, write_hf_source
-
-RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=80, max_position_embeddings=256)
-
+from helpers import RAGGED, edit_source_tensors, torchrun, write_hf_source
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
@@ -69,17 +63,12 @@ def test_nan_in_source_names_hf_tensor_index_and_rank(src, tmp_path):
     bad = tmp_path / "bad"
     import shutil
     shutil.copytree(src, bad)
-    import json
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
     name = "model.layers.1.self_attn.o_proj.weight"
-    f = bad / index["weight_map"][name]
-    tensors = load_file(str(f))
-    tensors[name][7, 300] = float("nan")
-    save_file(tensors, str(f))
+    edit_source_tensors(bad, name, lambda tensors: tensors[name].__setitem__((7, 300), float("nan")))
     r, _ = _run(bad, tmp_path / "out")
     assert r.returncode != 0
     # column 300 lies at 140 in rank 1's half of o_proj's 320 input columns: the HF index is named
-    assert "error: rank 1, stage plan: HF tensor 'model.layers.1.self_attn.o_proj.weight' [320, 320] holds nan at " \
+    assert "error: rank 1, stage read: HF tensor 'model.layers.1.self_attn.o_proj.weight' [320, 320] holds nan at " \
            "index [7, 300] (Megatron parameter decoder.layers.1.self_attention.linear_proj.weight)" in r.stderr
     assert not (tmp_path / "out").exists()
 

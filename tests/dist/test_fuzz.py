@@ -1,5 +1,5 @@
-"""Seeded fuzzing: random small architectures (dense, and DeepSeek-V3 / GLM-4-MoE with experts) and parallel layouts
-against the single-process reference.
+"""Seeded fuzzing: random small models of every registered architecture (dense; and mixture-of-experts with expert
+parallel / expert tensor parallel layouts) against the single-process reference.
 
 CI runs FP8PB_FUZZ_CASES (default 2) cases; run more on demand, e.g. FP8PB_FUZZ_CASES=30 FP8PB_FUZZ_SEED=7.
 """
@@ -13,10 +13,12 @@ from helpers import mismatches, torchrun, write_hf_source
 
 CASES = int(os.environ.get("FP8PB_FUZZ_CASES", "2"))
 SEED = int(os.environ.get("FP8PB_FUZZ_SEED", "2026"))
+DENSE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+MOE_ARCHS = ("deepseek_v3", "glm4_moe", "qwen3_moe", "qwen2_moe", "mixtral")
 
 
 def random_case(rng: random.Random):
-    arch = rng.choice(["llama", "mistral", "qwen2", "qwen3"])
+    arch = rng.choice(DENSE_ARCHS)
     kv = rng.choice([1, 2, 4])
     heads = kv * rng.choice([1, 2, 3])
     head_dim = rng.choice([32, 64, 80, 96])
@@ -37,28 +39,55 @@ def random_case(rng: random.Random):
 
 
 def random_moe_case(rng: random.Random):
-    """DeepSeek-V3 (multi-latent attention) or GLM-4-MoE with dense first layers, experts split along ep / etp."""
-    arch = rng.choice(["deepseek_v3", "glm4_moe"])
+    """A mixture-of-experts model of any registered family (DeepSeek-V3 with multi-latent attention, GLM-4-MoE with
+    dense first layers, Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral), experts split along ep / etp."""
+    arch = rng.choice(MOE_ARCHS)
     layers = rng.choice([2, 3, 4])
     tp = rng.choice([1, 2])
     pp = rng.choice([p for p in (1, 2) if layers % p == 0])
-    ep, etp = rng.choice([(1, 1), (2, 1), (1, 2)] if tp == 2 else [(1, 1)])
+    ep, etp = rng.choice([(1, 1), (2, 1), (1, 2)] if tp == 2 else [(1, 1), (2, 1)] if pp == 1 else [(1, 1)])
     heads = rng.choice([2, 4])
-    kw = dict(vocab_size=rng.randint(300, 2100), hidden_size=rng.choice([192, 320, 448]),
-              intermediate_size=16 * tp * rng.randint(4, 40), moe_intermediate_size=16 * etp * rng.randint(4, 20),
-              num_hidden_layers=layers, num_attention_heads=heads, n_routed_experts=4, num_experts_per_tok=2,
-              n_shared_experts=rng.choice([0, 1]), n_group=1, topk_group=1,
-              first_k_dense_replace=rng.choice([0, 1]), max_position_embeddings=256)
+    hidden = rng.choice([192, 320, 448])
+    moe_ffn = 16 * etp * rng.randint(4, 20)
+    kw = dict(vocab_size=rng.randint(300, 2100), hidden_size=hidden, num_hidden_layers=layers,
+              num_attention_heads=heads, num_experts_per_tok=2, max_position_embeddings=256,
+              tie_word_embeddings=rng.random() < 0.3)
+    kv = rng.choice([k for k in (1, 2) if k % tp == 0 and heads % k == 0])
+    if arch in ("deepseek_v3", "glm4_moe"):
+        kw.update(intermediate_size=16 * tp * rng.randint(4, 40), moe_intermediate_size=moe_ffn, n_routed_experts=4,
+                  n_shared_experts=rng.choice([0, 1]), n_group=1, topk_group=1,
+                  first_k_dense_replace=rng.choice([0, 1]), tie_word_embeddings=False)
     if arch == "deepseek_v3":
         cfg = tf.DeepseekV3Config(num_key_value_heads=heads, q_lora_rank=rng.choice([None, 32 * rng.randint(2, 6)]),
                                   kv_lora_rank=32 * rng.randint(2, 6), qk_rope_head_dim=rng.choice([32, 64]),
                                   qk_nope_head_dim=rng.choice([32, 64]), v_head_dim=rng.choice([32, 64]),
                                   rope_scaling=None, **kw)
+    elif arch == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(num_key_value_heads=kv, head_dim=rng.choice([64, 80]),
+                               attention_bias=rng.random() < 0.5, use_qk_norm=rng.random() < 0.5, **kw)
+    elif arch == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(num_key_value_heads=kv, head_dim=rng.choice([64, 80]), num_experts=4,
+                                moe_intermediate_size=moe_ffn, intermediate_size=16 * tp * rng.randint(4, 40),
+                                decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=rng.random() < 0.5, **kw)
+    elif arch == "qwen2_moe":     # head_dim = hidden / heads; the shared expert is split along tp
+        cfg = tf.Qwen2MoeConfig(num_key_value_heads=kv, num_experts=4, moe_intermediate_size=moe_ffn,
+                                shared_expert_intermediate_size=16 * tp * rng.randint(4, 20),
+                                intermediate_size=16 * tp * rng.randint(4, 40), decoder_sparse_step=1,
+                                mlp_only_layers=[], norm_topk_prob=rng.random() < 0.5, **kw)
     else:
-        cfg = tf.Glm4MoeConfig(num_key_value_heads=rng.choice([k for k in (1, 2) if k % tp == 0]),
-                               head_dim=rng.choice([64, 80]), attention_bias=rng.random() < 0.5,
-                               use_qk_norm=rng.random() < 0.5, **kw)
+        cfg = tf.MixtralConfig(num_key_value_heads=kv, head_dim=rng.choice([64, 80]), num_local_experts=4,
+                               intermediate_size=moe_ffn, **kw)
     return cfg, tp, pp, ep, etp
+
+
+def test_fuzz_space_covers_every_registered_architecture():
+    from megatron_fp8pb.archs import supported
+    assert sorted(DENSE_ARCHS + MOE_ARCHS) == sorted(supported())
+    rng = random.Random(SEED)
+    moe = [random_moe_case(rng) for _ in range(200)]
+    assert {c[0].model_type for c in moe} == set(MOE_ARCHS)
+    assert {(ep, etp) for _, _, _, ep, etp in moe} == {(1, 1), (2, 1), (1, 2)}
+    assert {random_case(rng)[0].model_type for _ in range(100)} == set(DENSE_ARCHS)
 
 
 @pytest.mark.parametrize("case", range(CASES))
@@ -69,7 +98,7 @@ def test_fuzz_moe_layouts(tmp_path, case):
     state = write_hf_source(src, cfg, seed=case)
     args = ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
             f"parallel.etp={etp}", f"output.dir={out}", "output.max_shard_size=300KB", "output.verify=false"]
-    r = torchrun(tp * pp, args)
+    r = torchrun(pp * max(tp, ep * etp), args)     # ep > tp: the dense part has data-parallel replicas
     desc = f"case {case}: {cfg.model_type} {cfg.to_diff_dict()} tp={tp} pp={pp} ep={ep} etp={etp}"
     assert r.returncode == 0, desc + "\n" + r.stderr[-3000:]
     assert mismatches(out, state) == [], desc

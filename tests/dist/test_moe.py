@@ -9,26 +9,12 @@ import pytest
 import torch
 import transformers as tf
 
-from helpers import mismatches, read_output, torchrun, write_hf_source
+from helpers import drop_source_tensor
+from helpers import export_hf as _export
+from helpers import mismatches, ragged_qwen3_moe, read_output, torchrun, write_hf_source
 from megatron_fp8pb.blockfp8 import dequantize_blockfp8
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
-
-
-def _ragged_qwen3_moe():
-    """hidden 320, moe_intermediate 320: 160 gate/up rows and down columns per rank at etp=2; q 160 rows at tp=2."""
-    return tf.Qwen3MoeConfig(vocab_size=1003, hidden_size=320, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=80, max_position_embeddings=256, num_experts=4,
-                             num_experts_per_tok=2, moe_intermediate_size=320, intermediate_size=640,
-                             mlp_only_layers=[], decoder_sparse_step=1)
-
-
-def _export(tmp_path, cfg, world, args):
-    src, out = tmp_path / "src", tmp_path / "out"
-    state = write_hf_source(src, cfg)
-    r = torchrun(world, ["source.kind=hf", f"source.path={src}", f"output.dir={out}", *args])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return src, out, state
 
 
 def _experts_per_layer(names) -> dict[int, list[int]]:
@@ -46,7 +32,7 @@ LAYOUTS = [(1, 2, 1, 1, 2), (2, 2, 1, 1, 4), (1, 2, 2, 1, 4), (1, 2, 1, 2, 4)]  
 @pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=[f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS])
 def test_qwen3_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
     """(2,2,1,1) at world 4 has two data-parallel and two expert-data-parallel replicas: each expert written once."""
-    _, out, state = _export(tmp_path, _ragged_qwen3_moe(), world, [
+    _, out, state = _export(tmp_path, ragged_qwen3_moe(), world, [
         f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}", f"parallel.pp={pp}",
         "output.max_shard_size=1MB"])
     assert mismatches(out, state) == []
@@ -58,15 +44,10 @@ def test_qwen3_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
 
 
 def test_missing_expert_is_named(tmp_path):
-    from safetensors.torch import load_file, save_file
     src = tmp_path / "src"
-    write_hf_source(src, _ragged_qwen3_moe())
-    index = json.loads((src / "model.safetensors.index.json").read_text())
+    write_hf_source(src, ragged_qwen3_moe())
     name = "model.layers.1.mlp.experts.2.down_proj.weight"
-    f = src / index["weight_map"][name]
-    tensors = load_file(str(f))
-    del tensors[name]
-    save_file(tensors, str(f))
+    drop_source_tensor(src, name)
     r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.ep=2", f"output.dir={tmp_path / 'out'}"])
     assert r.returncode != 0 and name in r.stderr
     assert not (tmp_path / "out").exists()

@@ -6,12 +6,9 @@ import sys
 import time
 
 import transformers as tf
-from safetensors.torch import load_file, save_file
 
-from helpers import ROOT, torchrun, write_hf_source
+from helpers import RAGGED, ROOT, edit_source_tensors, torchrun, write_hf_source
 
-RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=80, max_position_embeddings=256)
 OURS = ("megatron_fp8pb/", 'launch/export.py", line')     # frames of our code in a traceback
 
 
@@ -81,12 +78,8 @@ def test_missing_source_path_says_it_does_not_exist(tmp_path):
 def test_nan_names_the_hf_tensor_and_its_index_rank_once(tmp_path):
     src = tmp_path / "src"
     write_hf_source(src, tf.LlamaConfig(**RAGGED))
-    import json
     name = "model.layers.1.mlp.up_proj.weight"
-    f = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
-    tensors = load_file(str(f))
-    tensors[name][7, 11] = float("nan")
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    edit_source_tensors(src, name, lambda tensors: tensors[name].__setitem__((7, 11), float("nan")))
     r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={tmp_path / 'out'}"])
     assert r.returncode != 0
     [line] = _errors(r.stderr)

@@ -1,16 +1,16 @@
 """Shard-consistent quantization through real gloo process groups, byte-identical to the full-tensor reference."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from megatron_fp8pb import collectives as coll
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
 from megatron_fp8pb.pipeline import _Assembler, quantize_unit
-from megatron_fp8pb.plan import Piece
+from megatron_fp8pb.plan import Piece, WriteOrder
 from megatron_fp8pb.staging import SlabPool
 
 
@@ -48,7 +48,7 @@ def _worker(rank, world, port, lengths, dim, result_path, slab_bytes=None):
     full_shape = (total, other) if dim == 0 else (other, total)
     w = torch.randn(full_shape, generator=torch.Generator().manual_seed(total)).to(torch.bfloat16)
     offs = [sum(lengths[:r]) for r in range(world)]
-    pieces = [Piece("x.weight", full_shape, dim, offs[r], lengths[r], True, "tp", (1, 0, -1, 0), r)
+    pieces = [Piece("x.weight", full_shape, dim, offs[r], lengths[r], True, "tp", WriteOrder(1, 0, -1, 0), r)
               for r in range(world)]
     mine = (pieces[rank], w.narrow(dim, offs[rank], lengths[rank]).clone())
     traffic = coll.Traffic()
@@ -69,17 +69,11 @@ def _worker(rank, world, port, lengths, dim, result_path, slab_bytes=None):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("lengths", [[320], [176, 200], [320, 176, 200], [200, 176, 320, 200]])
 @pytest.mark.parametrize("dim", [0, 1])
 def test_sharded_equals_reference(tmp_path, lengths, dim):
     out = tmp_path / "result"
-    mp.spawn(_worker, args=(len(lengths), _free_port(), lengths, dim, str(out)), nprocs=len(lengths), join=True)
+    mp.spawn(_worker, args=(len(lengths), free_port(), lengths, dim, str(out)), nprocs=len(lengths), join=True)
     ok, received, fp8_bytes = map(int, out.read_text().split())
     assert ok == 1
     # ~1 byte per parameter travels: fp8 bytes plus a few scale rows, never bf16
@@ -90,5 +84,5 @@ def test_rows_streamed_through_small_slabs(tmp_path):
     """A tensor larger than a staging slab is written in row chunks and still equals the reference."""
     out = tmp_path / "result"
     lengths = [176, 200, 320]
-    mp.spawn(_worker, args=(3, _free_port(), lengths, 0, str(out), 260 * 50), nprocs=3, join=True)
+    mp.spawn(_worker, args=(3, free_port(), lengths, 0, str(out), 260 * 50), nprocs=3, join=True)
     assert out.read_text().split()[0] == "1"

@@ -4,11 +4,7 @@ import json
 
 import transformers as tf
 
-from helpers import mismatches, torchrun, write_hf_source
-
-RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=80, max_position_embeddings=256)
-
+from helpers import RAGGED, mismatches, torchrun, write_hf_source
 
 def test_megatron_checkpoint_resharded(tmp_path):
     src = tmp_path / "src"

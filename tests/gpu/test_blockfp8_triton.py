@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_fp8pb import blockfp8_triton as bt  # noqa: E402
-from megatron_fp8pb import realign  # noqa: E402
+from megatron_fp8pb import blockmath  # noqa: E402
 from megatron_fp8pb.blockfp8 import quantize_blockfp8, quantize_blockfp8_reference  # noqa: E402
 
 try:
@@ -149,17 +149,17 @@ def test_pieces(lead):
     """Pieces at offset % 128 == lead: block_amax == partial_block_amax, quantize_rows == quantize_piece."""
     for dtype in (torch.bfloat16, torch.float32):
         full = _randn((1200, 333), dtype, ("pieces", lead, dtype))
-        scale_inv = realign.scale_inv_from_amax(realign.partial_block_amax(full, 0, 0))
+        scale_inv = blockmath.scale_inv_from_amax(blockmath.partial_block_amax(full, 0, 0))
         for first, n in [(0, 1), (0, 127 - lead or 1), (1, 128), (2, 300), (3, 5), (4, 1200 - 512 - lead)]:
             offset = first * 128 + lead
             piece = full[offset:offset + n]
             what = f"lead {lead} offset {offset} n {n} {dtype}"
-            _assert_f32_equal(bt.block_amax(piece.cuda(), lead), realign.partial_block_amax(piece, 0, offset),
+            _assert_f32_equal(bt.block_amax(piece.cuda(), lead), blockmath.partial_block_amax(piece, 0, offset),
                               f"{what} block_amax")
-            f, rows = realign.scale_rows_of_piece(scale_inv, 0, offset, n)
+            f, rows = blockmath.scale_rows_of_piece(scale_inv, 0, offset, n)
             assert f == first
             _assert_q_equal(bt.quantize_rows(piece.cuda(), rows.cuda(), lead),
-                            realign.quantize_piece(piece, scale_inv, 0, offset), f"{what} quantize_rows")
+                            blockmath.quantize_piece(piece, scale_inv, 0, offset), f"{what} quantize_rows")
 
 
 # ---- scale_fmt "ue8m0" ------------------------------------------------------------------------------------------
@@ -237,13 +237,13 @@ def test_ue8m0_pieces(lead):
         cuts = [(0, 128 + lead), (128 + lead, 300), (428 + lead, 1), (429 + lead, 1200 - 429 - lead)]
         for off, n in cuts:
             a = bt.block_amax(full[off:off + n].cuda(), off % 128)
-            first, last = realign.block_span(off, n, 128)
+            first, last = blockmath.block_span(off, n, 128)
             grid[first:last] = torch.maximum(grid[first:last], a)
-        scale_inv = realign.scale_inv_from_amax(grid, "ue8m0")
+        scale_inv = blockmath.scale_inv_from_amax(grid, "ue8m0")
         _assert_f32_equal(scale_inv, rs, f"ue8m0 lead {lead} {dtype} scales from GPU amax")
         qs = []
         for off, n in cuts:
-            _, rows = realign.scale_rows_of_piece(scale_inv, 0, off, n)
+            _, rows = blockmath.scale_rows_of_piece(scale_inv, 0, off, n)
             qs.append(bt.quantize_rows(full[off:off + n].cuda(), rows, off % 128))
         _assert_q_equal(torch.cat(qs), rq, f"ue8m0 lead {lead} {dtype} quantize_rows")
 

@@ -1,4 +1,5 @@
 import math
+import zlib
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _same(a, b):
 @pytest.mark.parametrize("shape", [(1, 1), (128, 128), (127, 129), (320, 704), (257, 130), (64, 300)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_reference_matches_naive_loop(shape, dtype):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype))).encode()))
     w = (torch.randn(shape, generator=g) * 3).to(dtype)
     q, s = quantize_blockfp8(w)
     qn, sn = naive(w)
@@ -114,7 +115,7 @@ def _is_pow2(s: torch.Tensor) -> bool:
 @pytest.mark.parametrize("shape", [(1, 1), (128, 128), (127, 129), (320, 704), (257, 130)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_ue8m0_reference_matches_naive_loop(shape, dtype):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype), "ue8m0")) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype), "ue8m0")).encode()))
     w = (torch.randn(shape, generator=g) * 3).to(dtype)
     q, s = quantize_blockfp8_reference(w, scale_fmt="ue8m0")
     qn, sn = naive_ue8m0(w)
@@ -174,7 +175,7 @@ def test_ue8m0_zero_and_subnormal_blocks():
 
 
 def test_pow2_ceil_over_random_bit_patterns():
-    from megatron_fp8pb.realign import pow2_ceil
+    from megatron_fp8pb.blockmath import pow2_ceil
     g = torch.Generator().manual_seed(5)
     bits = torch.randint(1, 0x7F000000, (4000,), generator=g, dtype=torch.int32)
     bits[:1000] = torch.randint(1, 0x800000, (1000,), generator=g, dtype=torch.int32)     # subnormals

@@ -41,3 +41,25 @@ def test_unreadable_config_files(tmp_path):
     bad.write_text("parallel:\n  tp: [1\n")
     with pytest.raises(ValueError, match="is not valid YAML"):
         load_config(str(bad))
+
+
+def test_choices_are_checked_wherever_the_config_is_built():
+    from megatron_fp8pb.config import ParallelConfig, QuantConfig
+    with pytest.raises(ValueError, match=r"config key parallel.backend='mpi': choose one of auto, gloo, nccl"):
+        load_config(None, ["parallel.backend=mpi"])
+    with pytest.raises(ValueError, match=r"config key quant.scale_fmt='e8m0': choose one of amax, ue8m0"):
+        QuantConfig(scale_fmt="e8m0")
+    with pytest.raises(ValueError, match=r"parallel.tp=0 must be >= 1; parallel.etp=-1 must be >= 1"):
+        ParallelConfig(tp=0, etp=-1)
+    with pytest.raises(ValueError, match=r"output.max_shard_size='lots' is not a size"):
+        load_config(None, ["output.max_shard_size=lots"])
+
+
+def test_resolved_parallel_decides_auto_once():
+    from megatron_fp8pb.config import ParallelConfig
+    r = ParallelConfig(tp=2).resolved(cuda_available=False)
+    assert (r.etp, r.backend, r.on_gpu, r.device) == (2, "gloo", False, "cpu")
+    r = ParallelConfig(tp=2, etp=1).resolved(cuda_available=True)
+    assert (r.etp, r.backend, r.on_gpu, r.device) == (1, "nccl", True, "cuda")
+    r = ParallelConfig(device="cpu", backend="auto").resolved(cuda_available=True)
+    assert (r.backend, r.device) == ("gloo", "cpu")

@@ -110,11 +110,11 @@ def test_every_expert_exactly_once(tp, ep, etp, pp, world, grouped):
                 if ".experts." in n or n.endswith("mlp.gate.weight")}
     by_name = check_coverage(pieces, expected)
     assert len(by_name) == 2 * 8 * 3 + 2
-    for name, ps in by_name.items():
-        assert len(ps) == (1 if name.endswith("mlp.gate.weight") else etp), name
-        assert all(p.quantize == (".experts." in name) for p in ps)
+    for name, pieces in by_name.items():
+        assert len(pieces) == (1 if name.endswith("mlp.gate.weight") else etp), name
+        assert all(p.quantize == (".experts." in name) for p in pieces)
         # split experts agree on block amax across etp; whole ones (etp 1) are quantized alone
-        assert all(p.axis == ("etp" if ".experts." in name and etp > 1 else None) for p in ps)
+        assert all(p.axis == ("etp" if ".experts." in name and etp > 1 else None) for p in pieces)
 
 
 def test_global_expert_numbers_and_etp_offsets():

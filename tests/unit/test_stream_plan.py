@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import Piece, QuantChoice, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.plan import QuantChoice, check_coverage, expected_tensors, plan_param
 from megatron_fp8pb.ranks import group_ranks, rank_layout
 from megatron_fp8pb.stream import local_param_shapes, stage_layers
 from megatron_fp8pb.tiny import tiny_hf_config

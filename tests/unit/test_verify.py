@@ -2,106 +2,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from megatron_fp8pb.blockfp8 import quantize_blockfp8
-from megatron_fp8pb.hf_output import config_json, quantization_config
+from megatron_fp8pb.hf_output import config_json
 from megatron_fp8pb.hf_source import DictReader
 from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
-from megatron_fp8pb.verify import (BOUND_SLACK, INDEX, is_linear_weight, main, module_of, should_convert_module,
-                                   verify_checkpoint)
+from megatron_fp8pb.verify import BOUND_SLACK, INDEX, main, should_convert_module, verify_checkpoint
 from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
 
-Q = "model.layers.0.mlp.gate_proj.weight"          # [1152, 384] -> scale [9, 3]
-NOT_CONVERTED = ["lm_head"]
-
-
-def _write_source(cfg, state: dict[str, torch.Tensor], path: Path) -> Path:
-    path.mkdir(parents=True)
-    cfg.save_pretrained(str(path))
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-def _output_tensors(state: dict[str, torch.Tensor], skip: list[str] = NOT_CONVERTED) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, w in state.items():
-        if is_linear_weight(name, tuple(w.shape)) and should_convert_module(module_of(name), skip):
-            out[name], out[name + "_scale_inv"] = quantize_blockfp8(w, name=name)
-        else:
-            out[name] = w
-    return out
-
-
-def _write_output(cfg, state: dict[str, torch.Tensor], path: Path, skip: list[str] = NOT_CONVERTED) -> Path:
-    tensors = _output_tensors(state, skip)
-    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    w = CheckpointWriter(path, specs, max_shard_size="1MB")
-    for n, t in tensors.items():
-        w.write(n, t)
-    qc = quantization_config(skip, True)
-    w.finish({"config.json": config_json(cfg, cfg.vocab_size, False, torch.bfloat16, qc)})
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(source dir, good output dir, source state) of a tiny qwen3."""
-    root = tmp_path_factory.mktemp("verify")
-    cfg = tiny_hf_config("qwen3")
-    state = random_hf_state(cfg)
-    src = _write_source(cfg, state, root / "src")
-    out = _write_output(cfg, state, root / "out")
-    return src, out, state
-
-
-@pytest.fixture
-def bad(tiny, tmp_path) -> Path:
-    """A copy of the good output to corrupt."""
-    return Path(shutil.copytree(tiny[1], tmp_path / "bad"))
-
-
-def _index(out: Path) -> dict:
-    return json.loads((out / INDEX).read_text())
-
-
-def _file_of(out: Path, name: str) -> Path:
-    return out / _index(out)["weight_map"][name]
-
-
-def _data_offset(path: Path, name: str) -> int:
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    return 8 + n + json.loads(raw[8:8 + n])[name]["data_offsets"][0]
-
-
-def _patch(out: Path, name: str, at: int, data: bytes) -> None:
-    """Overwrite bytes of tensor ``name`` in place, ``at`` bytes into its data."""
-    path = _file_of(out, name)
-    with open(path, "r+b") as f:
-        f.seek(_data_offset(path, name) + at)
-        f.write(data)
-
-
-def _rewrite(out: Path, name: str, edit) -> None:
-    """Load the shard holding ``name``, let ``edit(tensors)`` change it, save it and keep the index consistent."""
-    path = _file_of(out, name)
-    tensors = load_file(str(path))
-    edit(tensors)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    index = _index(out)
-    wm = {n: f for n, f in index["weight_map"].items() if f != path.name or n in tensors}
-    wm.update({n: path.name for n in tensors})
-    total = 0
-    for f in set(wm.values()):
-        total += sum(t.numel() * t.element_size() for t in load_file(str(out / f)).values())
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}))
+from fp8_checkpoints import Q, file_of, patch, read_index, rewrite, write_output
 
 
 def _errors_naming(rep, name: str) -> list[str]:
@@ -136,7 +49,7 @@ def test_flipped_fp8_byte_is_caught_against_source(tiny, bad):
     q, _ = quantize_blockfp8(state[Q])
     at = int(q.float().abs().argmax())
     byte = q.view(torch.uint8).reshape(-1)[at].item()
-    _patch(bad, Q, at, bytes([byte ^ 0xFF]))
+    patch(bad, Q, at, bytes([byte ^ 0xFF]))
     rep = verify_checkpoint(bad, source=src)
     assert not rep.ok
     assert _errors_naming(rep, Q) and rep.tensors[Q].status == "FAIL"
@@ -145,7 +58,7 @@ def test_flipped_fp8_byte_is_caught_against_source(tiny, bad):
 
 
 def test_nan_fp8_byte_is_caught_by_scan_without_source(bad):
-    _patch(bad, Q, 5, bytes([0x7F]))
+    patch(bad, Q, 5, bytes([0x7F]))
     assert verify_checkpoint(bad).ok
     rep = verify_checkpoint(bad, scan_weights=True)
     assert [e for e in rep.errors if Q in e and "NaN" in e]
@@ -153,7 +66,7 @@ def test_nan_fp8_byte_is_caught_by_scan_without_source(bad):
 
 def test_wrong_scale_value_is_caught_against_source(tiny, bad):
     src = tiny[0]
-    _patch(bad, Q + "_scale_inv", 4 * 4, struct.pack("<f", 1.0))
+    patch(bad, Q + "_scale_inv", 4 * 4, struct.pack("<f", 1.0))
     rep = verify_checkpoint(bad, source=src)
     assert _errors_naming(rep, Q) and rep.tensors[Q].status == "FAIL"
     assert rep.tensors[Q].scales_differing == 1
@@ -161,13 +74,13 @@ def test_wrong_scale_value_is_caught_against_source(tiny, bad):
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
 def test_non_positive_or_non_finite_scale_is_caught(bad, value):
-    _patch(bad, Q + "_scale_inv", 0, struct.pack("<f", value))
+    patch(bad, Q + "_scale_inv", 0, struct.pack("<f", value))
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if Q + "_scale_inv" in e and "finite and > 0" in e]
 
 
 def test_missing_scale_is_caught(bad):
-    _rewrite(bad, Q, lambda t: t.pop(Q + "_scale_inv"))
+    rewrite(bad, Q, lambda t: t.pop(Q + "_scale_inv"))
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if Q in e and "has no" in e and "_scale_inv" in e]
     assert len(rep.errors) == 1, rep.errors
@@ -175,7 +88,7 @@ def test_missing_scale_is_caught(bad):
 
 
 def test_scale_of_wrong_shape_is_caught(bad):
-    _rewrite(bad, Q, lambda t: t.__setitem__(Q + "_scale_inv", torch.ones(9, 4)))
+    rewrite(bad, Q, lambda t: t.__setitem__(Q + "_scale_inv", torch.ones(9, 4)))
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if Q + "_scale_inv" in e and "[9, 4]" in e and "[9, 3]" in e]
 
@@ -186,7 +99,7 @@ def test_bf16_where_fp8_expected_is_caught(tiny, bad):
     def to_bf16(t):
         t[Q] = state[Q]
         t.pop(Q + "_scale_inv")
-    _rewrite(bad, Q, to_bf16)
+    rewrite(bad, Q, to_bf16)
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if Q in e and "BF16" in e and "modules_to_not_convert" in e]
 
@@ -201,7 +114,7 @@ def test_fp8_module_listed_unconverted_is_caught(bad):
 
 
 def test_missing_index_entry_is_caught(bad):
-    index = _index(bad)
+    index = read_index(bad)
     del index["weight_map"][Q]
     (bad / INDEX).write_text(json.dumps(index))
     rep = verify_checkpoint(bad)
@@ -210,7 +123,7 @@ def test_missing_index_entry_is_caught(bad):
 
 
 def test_index_pointing_at_missing_tensor_and_wrong_total_are_caught(bad):
-    index = _index(bad)
+    index = read_index(bad)
     index["weight_map"]["model.layers.0.mlp.extra.weight"] = index["weight_map"][Q]
     index["metadata"]["total_size"] += 1
     (bad / INDEX).write_text(json.dumps(index))
@@ -255,7 +168,7 @@ def test_fp8_without_quantization_config_is_caught(bad):
 
 def test_input_scale_is_caught(bad):
     name = "model.layers.0.mlp.gate_proj.input_scale"
-    _rewrite(bad, Q, lambda t: t.__setitem__(name, torch.ones(())))
+    rewrite(bad, Q, lambda t: t.__setitem__(name, torch.ones(())))
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if name in e]
 
@@ -312,7 +225,7 @@ def test_small_rounding_difference_is_within_bound(tiny, bad):
     q, _ = quantize_blockfp8(state[Q])
     mid = ((q.float().abs() >= 16) & (q.float().abs() < 32)).reshape(-1).nonzero()[0].item()
     byte = q.view(torch.uint8).reshape(-1)[mid].item()
-    _patch(bad, Q, mid, bytes([byte ^ 0x01]))                      # one e4m3 ulp (2) at |q| in [16, 32)
+    patch(bad, Q, mid, bytes([byte ^ 0x01]))                      # one e4m3 ulp (2) at |q| in [16, 32)
     rep = verify_checkpoint(bad, source=src)                       # exact by default: a changed byte fails
     assert not rep.ok and rep.tensors[Q].status == "FAIL"
     assert [e for e in rep.errors if Q in e and "within the e4m3 bound" in e]
@@ -326,7 +239,7 @@ def test_small_rounding_difference_is_within_bound(tiny, bad):
 
 
 def test_truncated_shard_is_caught(bad):
-    path = _file_of(bad, Q)
+    path = file_of(bad, Q)
     path.write_bytes(path.read_bytes()[:-10])
     rep = verify_checkpoint(bad)
     assert [e for e in rep.errors if path.name in e and "truncated" in e]
@@ -336,7 +249,7 @@ def test_untied_quantized_lm_head_compares_to_the_tied_source_embedding(tmp_path
     cfg = tiny_hf_config("qwen3", tie_embeddings=True)
     state = random_hf_state(cfg)
     assert "lm_head.weight" not in state
-    out = _write_output(cfg, {**state, "lm_head.weight": state["model.embed_tokens.weight"]}, tmp_path / "o", [])
+    out = write_output(cfg, {**state, "lm_head.weight": state["model.embed_tokens.weight"]}, tmp_path / "o", [])
     rep = verify_checkpoint(out, source=DictReader(state))
     assert rep.ok, rep.table()
     assert rep.tensors["lm_head.weight"].quantized and rep.tensors["lm_head.weight"].status == "exact"

@@ -14,7 +14,8 @@ from megatron_fp8pb.serve_check import layers_for_transformers, transformers_pro
 from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
 from megatron_fp8pb.verify import main, verify_checkpoint
 from megatron_fp8pb.verify.serving import quantize_activation
-from test_verify import _output_tensors, _rewrite, bad, tiny  # noqa: F401  (fixtures)
+
+from fp8_checkpoints import Q, output_tensors, rewrite, write_output
 
 
 def test_single_file_checkpoint_is_accepted(tiny, tmp_path):
@@ -22,7 +23,7 @@ def test_single_file_checkpoint_is_accepted(tiny, tmp_path):
     cfg = tiny_hf_config("qwen3")
     out = tmp_path / "single"
     out.mkdir()
-    save_file(_output_tensors(state), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(output_tensors(state), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_bytes(config_json(cfg, cfg.vocab_size, False, torch.bfloat16,
                                                   quantization_config(["lm_head"], True)))
     rep = verify_checkpoint(out, source=src)
@@ -39,8 +40,7 @@ def test_single_file_checkpoint_is_accepted(tiny, tmp_path):
 def test_transformers_load_finds_a_renamed_tensor(bad):
     def rename(t):
         t["model.layers.0.mlp.gate_proj.weight_renamed"] = t.pop("model.layers.0.mlp.gate_proj.weight")
-    from test_verify import Q
-    _rewrite(bad, Q, rename)
+    rewrite(bad, Q, rename)
     rep = verify_checkpoint(bad)
     assert not rep.ok
     assert "model.layers.0.mlp.gate_proj.weight" in rep.transformers_load["missing"]
@@ -86,8 +86,7 @@ def test_transformers_as_a_required_target(tmp_path):
     cfg = tiny_hf_config("qwen3")
     cfg.head_dim = 48                                       # q_proj 288 rows, k/v 96: not multiples of 128
     state = random_hf_state(cfg)
-    from test_verify import _write_output
-    out = _write_output(cfg, state, tmp_path / "o")
+    out = write_output(cfg, state, tmp_path / "o")
     rep = verify_checkpoint(out, load=False)
     assert rep.ok and rep.transformers and [w for w in rep.warnings if w.startswith("transformers-check")]
     rep = verify_checkpoint(out, serve_transformers=True, load=False)

@@ -8,53 +8,20 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from megatron_fp8pb.blockfp8 import quantize_blockfp8
-from megatron_fp8pb.hf_output import config_json, quantization_config
 from megatron_fp8pb.hf_source import DictReader
 from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
-from megatron_fp8pb.verify import INDEX, is_linear_weight, main, verify_checkpoint
-from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
+from megatron_fp8pb.verify import main, verify_checkpoint
 
-Q = "model.layers.0.mlp.gate_proj.weight"          # [1152, 384] -> scale [9, 3]
-
-
-def _write(cfg, state, path: Path, scale_fmt: str, qc_fmt: str | None = None) -> Path:
-    """An output whose tensors are quantized with ``scale_fmt`` and whose config says ``qc_fmt`` (default: the same)."""
-    tensors = {}
-    for name, w in state.items():
-        if is_linear_weight(name, tuple(w.shape)) and name != "lm_head.weight":
-            tensors[name], tensors[name + "_scale_inv"] = quantize_blockfp8(w, name=name, scale_fmt=scale_fmt)
-        else:
-            tensors[name] = w
-    w = CheckpointWriter(path, [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], "1MB")
-    for n, t in tensors.items():
-        w.write(n, t)
-    qc = quantization_config(["lm_head"], True, qc_fmt or scale_fmt)
-    w.finish({"config.json": config_json(cfg, cfg.vocab_size, False, torch.bfloat16, qc)})
-    return path
-
+from fp8_checkpoints import Q, data_offset, file_of, write_output, write_source
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify_ue8m0")
     cfg = tiny_hf_config("qwen3")
     state = random_hf_state(cfg)
-    src = root / "src"
-    src.mkdir()
-    cfg.save_pretrained(str(src))
-    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
-    return cfg, state, src, _write(cfg, state, root / "out", "ue8m0")
-
-
-def _scale_offset(out: Path, name: str) -> tuple[Path, int]:
-    wm = json.loads((out / INDEX).read_text())["weight_map"]
-    path = out / wm[name]
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    return path, 8 + n + json.loads(raw[8:8 + n])[name]["data_offsets"][0]
+    src = write_source(cfg, state, root / "src")
+    return cfg, state, src, write_output(cfg, state, root / "out", scale_fmt="ue8m0")
 
 
 def test_ue8m0_checkpoint_passes_byte_exact(tiny, tmp_path):
@@ -75,7 +42,8 @@ def test_ue8m0_checkpoint_passes_byte_exact(tiny, tmp_path):
 def test_non_power_of_two_scale_is_caught_without_source(tiny, tmp_path):
     bad = Path(shutil.copytree(tiny[3], tmp_path / "bad"))
     sname = Q + "_scale_inv"
-    path, at = _scale_offset(bad, sname)
+    path = file_of(bad, sname)
+    at = data_offset(path, sname)
     old = struct.unpack("<f", path.read_bytes()[at + 4:at + 8])[0]
     with open(path, "r+b") as f:          # block (0, 1): the power of two times 1.5
         f.seek(at + 4)
@@ -89,7 +57,7 @@ def test_non_power_of_two_scale_is_caught_without_source(tiny, tmp_path):
 
 def test_amax_scales_labelled_ue8m0_fail(tiny, tmp_path):
     cfg, state, src, _ = tiny
-    out = _write(cfg, state, tmp_path / "mislabelled", "amax", qc_fmt="ue8m0")
+    out = write_output(cfg, state, tmp_path / "mislabelled", scale_fmt="amax", qc_fmt="ue8m0")
     rep = verify_checkpoint(out, source=src)
     assert not rep.ok
     assert [e for e in rep.errors if Q in e and "not a power of two" in e]
@@ -99,7 +67,7 @@ def test_ue8m0_scales_without_the_key_are_compared_as_amax(tiny, tmp_path):
     """ue8m0 scales in a checkpoint that does not declare scale_fmt: the source comparison uses amax/448 and
     every quantized tensor differs in its scales."""
     cfg, state, src, _ = tiny
-    out = _write(cfg, state, tmp_path / "undeclared", "ue8m0", qc_fmt="amax")
+    out = write_output(cfg, state, tmp_path / "undeclared", scale_fmt="ue8m0", qc_fmt="amax")
     assert "scale_fmt" not in json.loads((out / "config.json").read_text())["quantization_config"]
     rep = verify_checkpoint(out, source=src)
     assert rep.tensors[Q].scales_differing > 0 and rep.tensors[Q].status != "exact"
@@ -108,7 +76,7 @@ def test_ue8m0_scales_without_the_key_are_compared_as_amax(tiny, tmp_path):
 def test_transformers_float_scale_fmt_means_amax(tiny, tmp_path):
     """transformers writes "scale_fmt": "float" for float32 amax/448 scales: compared as the default format."""
     cfg, state, src, _ = tiny
-    out = _write(cfg, state, tmp_path / "float", "amax")
+    out = write_output(cfg, state, tmp_path / "float", scale_fmt="amax")
     conf = json.loads((out / "config.json").read_text())
     conf["quantization_config"]["scale_fmt"] = "float"
     (out / "config.json").write_text(json.dumps(conf))

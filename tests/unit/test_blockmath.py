@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_fp8pb import realign
+from megatron_fp8pb import blockmath
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
 
 
@@ -25,17 +25,17 @@ def test_pieces_concatenate_to_reference(lengths, dim, scale_fmt):
     ref_q, ref_s = quantize_blockfp8_reference(w, scale_fmt=scale_fmt)
     grid = torch.zeros_like(ref_s)
     for off, n in _cuts(lengths):
-        part = realign.partial_block_amax(w.narrow(dim, off, n), dim, off)
-        first, last = realign.block_span(off, n, 128)
+        part = blockmath.partial_block_amax(w.narrow(dim, off, n), dim, off)
+        first, last = blockmath.block_span(off, n, 128)
         g = grid[first:last] if dim == 0 else grid[:, first:last]
         g.copy_(torch.maximum(g, part))
-    scale = realign.scale_inv_from_amax(grid, scale_fmt)
+    scale = blockmath.scale_inv_from_amax(grid, scale_fmt)
     assert torch.equal(scale, ref_s)
-    qs = [realign.quantize_piece(w.narrow(dim, off, n), scale, dim, off) for off, n in _cuts(lengths)]
+    qs = [blockmath.quantize_piece(w.narrow(dim, off, n), scale, dim, off) for off, n in _cuts(lengths)]
     assert torch.equal(torch.cat(qs, dim).view(torch.uint8), ref_q.view(torch.uint8))
 
 
 def test_block_span():
-    assert realign.block_span(0, 128, 128) == (0, 1)
-    assert realign.block_span(120, 16, 128) == (0, 2)
-    assert realign.block_span(320, 0, 128) == (2, 2)
+    assert blockmath.block_span(0, 128, 128) == (0, 1)
+    assert blockmath.block_span(120, 16, 128) == (0, 2)
+    assert blockmath.block_span(320, 0, 128) == (2, 2)

@@ -1,4 +1,5 @@
-"""A local Megatron tensor <-> the HF slices it holds (its ParamPlan's slices), both directions."""
+"""Tensor-parallel slices: a local Megatron tensor <-> the HF slices it holds (its ParamPlan's slices), both
+directions. (Not to be confused with the safetensors shard files of ``writer``.)"""
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ def to_slices(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torch.Tenso
         parts = [local] * len(plan.rule.hf)
     out = []
     for s in plan.slices:
-        t = parts[s.order[3]]
+        t = parts[s.order.member]
         if s.length != t.shape[s.dim]:
             t = t.narrow(s.dim, 0, s.length)
         out.append(t)
