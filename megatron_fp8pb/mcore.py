@@ -86,7 +86,10 @@ def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool
         gradient_accumulation_fusion=False, use_cpu_initialization=not on_gpu, perform_initialization=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tensor_model_parallel_size=layout.tp_size, pipeline_model_parallel_size=layout.pp_size,
-        sequence_parallel=False, hidden_dropout=0.0, attention_dropout=0.0)
+        sequence_parallel=False, hidden_dropout=0.0, attention_dropout=0.0,
+        # the layer specs are megatron-core's local ones (no TransformerEngine): modules the config picks itself
+        # (MLA's q/kv norms) must come from the same backend
+        transformer_impl="local")
     if d.num_experts:
         kw.update(moe_mcore(d, on_gpu), expert_model_parallel_size=layout.ep_size,
                   expert_tensor_parallel_size=layout.etp_size)

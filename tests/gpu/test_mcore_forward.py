@@ -25,9 +25,12 @@ def megatron_world():
     mcore.destroy_parallel()
 
 
-@pytest.mark.parametrize("arch,tie", [("qwen3", False), ("llama", True), ("qwen2", False), ("mistral", False),
-                                      ("qwen3_moe", False), ("deepseek_v3", False), ("glm4_moe", False)])
-def test_megatron_logits_equal_hf(tmp_path, arch, tie):
+@pytest.mark.parametrize("arch,tie,override", [
+    ("qwen3", False, {}), ("llama", True, {}), ("qwen2", False, {}), ("mistral", False, {}), ("qwen3_moe", False, {}),
+    ("deepseek_v3", False, {"q_lora_rank": 192}), ("deepseek_v3", False, {}), ("glm4_moe", False, {})],
+    ids=["qwen3", "llama-tied", "qwen2", "mistral", "qwen3_moe", "deepseek_v3-q_lora", "deepseek_v3-q_proj",
+         "glm4_moe"])
+def test_megatron_logits_equal_hf(tmp_path, arch, tie, override):
     from transformers import AutoModelForCausalLM
 
     from helpers import write_hf_source
@@ -35,8 +38,15 @@ def test_megatron_logits_equal_hf(tmp_path, arch, tie):
     from megatron_fp8pb.config import load_config
     from megatron_fp8pb.sources import build_source
     from megatron_fp8pb.tiny import tiny_hf_config
+    import megatron.core
+    if arch == "deepseek_v3" and not override and tuple(map(int, megatron.core.__version__.split(".")[:2])) >= (0, 19):
+        pytest.skip("megatron-core >= 0.19 builds MLA without a q latent only with TransformerEngine's fused "
+                    "norm+linear (its local spec refuses); tests/dist/test_mcore_forward_cpu.py covers it on 0.16")
     src = tmp_path / "src"
-    write_hf_source(src, tiny_hf_config(arch, tie_embeddings=tie))
+    cfg = tiny_hf_config(arch, tie_embeddings=tie)
+    for key, value in override.items():
+        setattr(cfg, key, value)
+    write_hf_source(src, cfg)
     layout, _ = mcore.layout_and_groups()
     source = build_source(load_config(None, ["source.kind=hf", f"source.path={src}"]), layout, on_gpu=True)
     model = source.model.eval()
