@@ -22,8 +22,10 @@ def quantization_config(not_converted: list[str], quantized_any: bool, scale_fmt
     return qc
 
 
-def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None) -> bytes:
-    """The source config through its transformers class, with the real vocab, the truth about tying, and
+def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None,
+                mtp_layers: int | None = None) -> bytes:
+    """The source config through its transformers class, with the real vocab, the truth about tying and about
+    multi-token-prediction layers (``num_nextn_predict_layers`` = the ``mtp_layers`` written), and
     ``quantization_config``."""
     cfg = copy.deepcopy(hf_config)
     cfg.vocab_size = vocab
@@ -40,6 +42,8 @@ def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: d
         d["architectures"] = [arch] if arch else None
     d["model_type"] = cfg.model_type
     d["vocab_size"], d["tie_word_embeddings"] = vocab, tie
+    if mtp_layers is not None and getattr(cfg, "num_nextn_predict_layers", None) not in (None, mtp_layers):
+        d["num_nextn_predict_layers"] = mtp_layers
     d["torch_dtype"] = d["dtype"] = str(dtype).replace("torch.", "")
     if qconfig is not None:
         d["quantization_config"] = qconfig

@@ -186,6 +186,12 @@ def check_source(reader, expected: dict[str, tuple[int, ...]], where: str) -> No
     missing = sorted(set(expected) - have)
     if missing:
         raise ValueError(f"source {where} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:5]}")
+    extra = sorted(have - set(expected))
+    if extra:
+        from .log import warn0
+        warn0(f"source {where} holds {len(extra)} tensor(s) the architecture's table does not map, which the export "
+              f"does not write, e.g. {extra[:4]} (multi-token-prediction layers of an architecture that maps none, "
+              f"or a tied lm_head)")
     for name, shape in expected.items():
         got, dtype = reader.meta(name)
         if tuple(got) != tuple(shape):

@@ -289,7 +289,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
             result.num_tensors = sum(2 if tiles[0].quantize else 1 for tiles in by_name.values())
             if writer is not None:
                 qc = quantization_config(result.not_converted, bool(result.quantized), quant.scale_fmt)
-                files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype, qc)}
+                files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype, qc,
+                                                    d.mtp_layers)}
                 files.update(extra_files or {})
                 try:
                     with stage("write"):
