@@ -257,7 +257,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
              "tie_word_embeddings=false")
     plans, error = [], None
     try:
-        with stage("plan"):
+        with stage("plan", me):
             plans = make_plans(view, d, layout, quant, untie)
     except (ValueError, TypeError) as e:
         error = str(e)
@@ -280,7 +280,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     _agree(error)
     finish_error = None
     try:
-        with stage("transfer"):
+        with stage("transfer", me):
             _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, tiles in by_name.items() if tiles[0].linear})
@@ -294,7 +294,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype, qc)}
                 files.update(options.extra_files)
                 try:
-                    with stage("write"):
+                    with stage("write", me):
                         writer.finish(files)
                     result.bytes_written = writer.bytes_written
                     result.files = [f.name for f in writer.writer.files]
