@@ -127,7 +127,6 @@ class CheckpointWriter:
     def __init__(self, out_dir: str | os.PathLike, specs: list[TensorSpec], max_shard_size: int | str = "5GB",
                  overwrite: bool = False):
         self.out = prepare_output(out_dir, overwrite)
-        self.overwrite = overwrite
         self.tmp = partial_dir(self.out)
         self.tmp.mkdir(parents=True)
         self.specs = {s.name: s for s in specs}
@@ -290,9 +289,6 @@ class BackgroundWriter:
         self.check()
         self.writer._check(name, tensor, row0)
         self._q.put((name, tensor, event, done, row0))
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.submit(name, tensor.detach().contiguous().cpu())
 
     def _drain(self) -> None:
         if self._thread.is_alive():
