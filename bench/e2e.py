@@ -213,7 +213,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fp8pb-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "e2e.log"
-    rows, runs = [], {}
+    runs = {}
     dropped = False
     for n in layers:
         src, out = work / f"src-{n}", work / f"ours-{n}"

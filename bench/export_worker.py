@@ -52,7 +52,7 @@ def main() -> None:
     from megatron_fp8pb import collectives as coll, mcore
     from megatron_fp8pb.config import load_config
     from megatron_fp8pb.pipeline import run_export
-    from megatron_fp8pb.plan import QuantChoice
+    from megatron_fp8pb.options import ExportOptions, RankView
     from megatron_fp8pb.sources import build_source
     from naive_export import naive_export
     cfg = load_config(None, args.overrides)
@@ -62,21 +62,18 @@ def main() -> None:
     mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
     layout, groups = mcore.layout_and_groups()
     src = build_source(cfg, layout, on_gpu)
-    kw = dict(quant=QuantChoice(), max_shard_size=cfg.output.max_shard_size, out_dtype=src.dtype,
-              layer_of_local=mcore.layer_numbers(src.model), num_local_experts=mcore.num_local_experts(src.dims,
-                                                                                                      layout))
-    params = mcore.local_params(src.model)
+    view = RankView.of_source(src, layout)
+    options = ExportOptions(max_shard_size=cfg.output.max_shard_size, overwrite=True, out_dtype=src.dtype)
     if on_gpu:
         torch.cuda.synchronize()
     coll.barrier()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         if args.mode == "ours":
-            res = run_export(params, src.dims, layout, groups, src.hf_config, cfg.output.dir,
-                             overwrite=True, **kw)
+            res = run_export(view, src.dims, layout, groups, src.hf_config, cfg.output.dir, options)
             traffic = res.traffic
         else:
-            traffic = naive_export(params, src.dims, layout, groups, src.hf_config, cfg.output.dir, **kw)
+            traffic = naive_export(view, src.dims, layout, groups, src.hf_config, cfg.output.dir, options)
         coll.barrier()
         seconds = time.perf_counter() - t0
     moved_total = coll.gather_objects(traffic.p2p_sent + traffic.allreduce)

@@ -21,17 +21,18 @@ from megatron_fp8pb.archs import rules_for  # noqa: E402
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference  # noqa: E402
 from megatron_fp8pb.hf_output import config_json, quantization_config  # noqa: E402
 from megatron_fp8pb.pipeline import make_plans, piece_dtype  # noqa: E402
-from megatron_fp8pb.plan import Piece, QuantChoice, check_coverage, expected_tensors  # noqa: E402
+from megatron_fp8pb.options import ExportOptions, RankView  # noqa: E402
+from megatron_fp8pb.plan import Piece, check_coverage, expected_tensors  # noqa: E402
 from megatron_fp8pb.tp_slices import pieces_of  # noqa: E402
 
 
-def naive_export(params, d, layout, groups, hf_config, out_dir, *, quant=QuantChoice(), max_shard_size="5GB",
-                 out_dtype=torch.bfloat16, layer_of_local=None, num_local_experts=0) -> coll.Traffic:
+def naive_export(view: RankView, d, layout, groups, hf_config, out_dir, options: ExportOptions) -> coll.Traffic:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     traffic = coll.Traffic()
     me = coll.rank()
-    plans = make_plans(params, d, layout, quant, layer_of_local or {}, num_local_experts, False)
+    quant, max_shard_size, out_dtype = options.quant, options.max_shard_size, options.out_dtype or torch.bfloat16
+    plans = make_plans(view, d, layout, quant, False)
     mine = [(Piece(**{**p.__dict__, "src": me}), t) for plan, local in plans
             for p, t in zip(plan.pieces, pieces_of(plan, local, d))]
     mine.sort(key=lambda pt: pt[0].order)

@@ -7,7 +7,7 @@ from . import mcore
 from .archs import dims_from_hf
 from .hf_source import config_dtype
 from .pipeline import ExportResult, run_export
-from .plan import QuantChoice
+from .options import ExportOptions, RankView
 
 
 def _with_model_mtp_layers(model, d, hf_config):
@@ -29,16 +29,17 @@ def _with_model_mtp_layers(model, d, hf_config):
 def export(model, hf_config, out_dir: str, *, quantize: bool = True, exclude: tuple[str, ...] = (),
            quantize_lm_head: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False,
            extra_files: dict | None = None, out_dtype: torch.dtype | None = None,
-           scale_fmt: str = "amax") -> ExportResult:
+           scale_fmt: str = "amax", serve_tp: str | int | None = None) -> ExportResult:
     """Write ``model`` (a megatron-core GPTModel of this rank, or the list of its virtual-pipeline chunks;
     parallel_state initialized) as an HF block-FP8 checkpoint at ``out_dir``. ``hf_config``: the transformers config
     of the architecture (real vocab size). ``scale_fmt``: "amax" (block scale amax/448) or "ue8m0" (rounded up to a
-    power of two; quantization_config says ``"scale_fmt": "ue8m0"``)."""
+    power of two; quantization_config says ``"scale_fmt": "ue8m0"``). ``serve_tp``: the serving targets whose
+    refusals stay unquantized, as the config key quant.serve_tp (``4``, ``"transformers"``, ``"2,8,transformers"``)."""
     d = dims_from_hf(hf_config)
     layout, groups = mcore.layout_and_groups()
     d, hf_config = _with_model_mtp_layers(model, d, hf_config)
-    return run_export(
-        mcore.local_params(model), d, layout, groups, hf_config, out_dir,
-        quant=QuantChoice(quantize, tuple(exclude), quantize_lm_head, scale_fmt), max_shard_size=max_shard_size,
-        overwrite=overwrite, out_dtype=out_dtype or config_dtype(hf_config), layer_of_local=mcore.layer_numbers(model),
-        num_local_experts=mcore.num_local_experts(d, layout), extra_files=extra_files)
+    options = ExportOptions.from_keywords(
+        d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head, scale_fmt=scale_fmt,
+        serve_tp=serve_tp, max_shard_size=max_shard_size, overwrite=overwrite,
+        out_dtype=out_dtype or config_dtype(hf_config), extra_files=extra_files)
+    return run_export(RankView.of_model(model, d, layout), d, layout, groups, hf_config, out_dir, options)

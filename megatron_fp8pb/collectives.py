@@ -1,11 +1,14 @@
-"""The one user of torch.distributed besides launch: amax all-reduce, piece transfer to rank 0, object exchange.
+"""The export's collectives: amax all-reduce, piece transfer to rank 0, object exchange. The other modules that
+touch torch.distributed: ``mcore`` (creates the process group; megatron-core's parallel state, dist checkpoints),
+``errors`` (a refused CLI job with a process group up leaves without its teardown) and ``run`` (destroys the
+process group at the end of the CLI job).
 
 Every function takes its process group explicitly. Tensors travel as uint8 views so fp8 and bf16 need no backend
 dtype support; with NCCL they travel through ``device``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -17,10 +20,6 @@ class Traffic:
     p2p_sent: int = 0
     p2p_received: int = 0
     allreduce: int = 0
-    counts: dict = field(default_factory=dict)
-
-    def total(self) -> int:
-        return self.p2p_sent + self.p2p_received + self.allreduce
 
 
 def is_initialized() -> bool:

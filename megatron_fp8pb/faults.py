@@ -13,7 +13,6 @@ import os
 import signal
 import time
 
-from . import collectives as coll
 from .errors import Refusal, message
 
 ENV = "FP8PB_INJECT_FAULT"
@@ -23,12 +22,13 @@ class ExportError(RuntimeError):
     """An export failure that names the rank and the stage."""
 
 
-def inject(stage: str) -> None:
+def inject(stage: str, rank: int) -> None:
+    """Fail here when FP8PB_INJECT_FAULT names ``rank`` (this process's global rank) and ``stage``."""
     spec = os.environ.get(ENV)
     if not spec:
         return
-    rank, where, kind = spec.split(":")
-    if int(rank) != coll.rank() or where != stage:
+    target, where, kind = spec.split(":")
+    if int(target) != rank or where != stage:
         return
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -41,17 +41,17 @@ def inject(stage: str) -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str):
-    """Run a stage; a failure is re-raised naming this rank and the stage: bad values as a Refusal, anything else as
-    an ExportError (both ``from`` the original)."""
+def stage(name: str, rank: int):
+    """Run a stage of global rank ``rank``; a failure is re-raised naming the rank and the stage: bad values as a
+    Refusal, anything else as an ExportError (both ``from`` the original)."""
     try:
-        inject(name)
+        inject(name, rank)
         yield
     except (ExportError, Refusal):
         raise
     except (ValueError, TypeError, KeyError, FileExistsError, PermissionError) as e:
-        raise Refusal(f"rank {coll.rank()}, stage {name}: {message(e)}") from e
+        raise Refusal(f"rank {rank}, stage {name}: {message(e)}") from e
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ExportError(f"rank {coll.rank()}, stage {name}: {type(e).__name__}: {e}") from e
+        raise ExportError(f"rank {rank}, stage {name}: {type(e).__name__}: {e}") from e

@@ -22,6 +22,7 @@ from .hf_output import config_json, quantization_config
 from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
+from .options import ExportOptions, RankView, view_and_options
 from .progress import Phases, Progress
 from .plan import (Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, final_unit,
                    plan_param)
@@ -52,17 +53,17 @@ def _agree(error: str | None) -> None:
     agree(error)
 
 
-def make_plans(params, d: Dims, layout: Layout, quant: QuantChoice, layer_of_local: dict[int, int],
-               num_local_experts: int, untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
-    """``params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
+def make_plans(view: RankView, d: Dims, layout: Layout, quant: QuantChoice,
+               untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
+    """``view.params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
     sharding is checked against the module that holds the parameter."""
     rules = rules_for(d)
-    styles = getattr(params, "styles", None) or {}
+    styles = getattr(view.params, "styles", None) or {}
     out = []
-    for name, p in params:
+    for name, p in view.params:
         lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
-        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, layer_of_local, num_local_experts, untie,
-                          style=styles.get(name))
+        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, view.layer_of_local, view.num_local_experts,
+                          untie, style=styles.get(name))
         if not lazy and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), d)):
                 check_piece_finite(piece, t, name)
@@ -239,14 +240,15 @@ class _Assembler:
         dst.copy_(rows)
 
 
-def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None, *,
-               quant: QuantChoice = QuantChoice(), max_shard_size="5GB", overwrite: bool = False,
-               out_dtype: torch.dtype = torch.bfloat16, layer_of_local: dict[int, int] | None = None,
-               num_local_experts: int = 0, extra_files: dict | None = None, sink=None) -> ExportResult:
-    """Export this rank's parameters; call on every rank. Returns the result (complete on rank 0).
+def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None,
+               options: ExportOptions | None = None, *, sink=None, **keywords) -> ExportResult:
+    """Export this rank's share of the model (``params``: a RankView, or its parameter list); call on every rank.
+    Returns the result (complete on rank 0). ``options`` (or the keywords ``options.view_and_options`` takes).
     ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
     interface of BackgroundWriter; see stream_api.TensorSink)."""
     t0 = time.perf_counter()
+    view, options = view_and_options(params, options, keywords)
+    quant, out_dtype = options.quant, options.out_dtype or torch.bfloat16
     me = coll.rank()
     traffic = coll.Traffic()
     untie = d.tie_embeddings and quant.lm_head and quant.enabled
@@ -255,8 +257,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
              "tie_word_embeddings=false")
     plans, error = [], None
     try:
-        with stage("plan"):
-            plans = make_plans(params, d, layout, quant, layer_of_local or {}, num_local_experts, untie)
+        with stage("plan", me):
+            plans = make_plans(view, d, layout, quant, untie)
     except (ValueError, TypeError) as e:
         error = str(e)
     _agree(error)
@@ -272,13 +274,13 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
             if sink is not None:
                 writer = sink(specs)
             elif out_dir is not None:
-                writer = BackgroundWriter(CheckpointWriter(out_dir, specs, max_shard_size, overwrite))
+                writer = BackgroundWriter(CheckpointWriter(out_dir, specs, options.max_shard_size, options.overwrite))
         except (ValueError, OSError) as e:
             error = str(e)
     _agree(error)
     finish_error = None
     try:
-        with stage("transfer"):
+        with stage("transfer", me):
             _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, tiles in by_name.items() if tiles[0].linear})
@@ -291,9 +293,9 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 qc = quantization_config(result.not_converted, bool(result.quantized), quant.scale_fmt)
                 files = {"config.json": config_json(hf_config, d.vocab, result.tie_word_embeddings, out_dtype, qc,
                                                     d.mtp_layers)}
-                files.update(extra_files or {})
+                files.update(options.extra_files)
                 try:
-                    with stage("write"):
+                    with stage("write", me):
                         writer.finish(files)
                     result.bytes_written = writer.bytes_written
                     result.files = [f.name for f in writer.writer.files]

@@ -19,9 +19,9 @@ class Phases:
     read_s: float = 0.0
     quantize_s: float = 0.0
     write_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     read_bytes: int = 0
     written_bytes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, phase: str, seconds: float, nbytes: int = 0) -> None:
         with self._lock:

@@ -9,11 +9,11 @@ import torch
 from . import collectives as coll
 from . import mcore
 from .archs import dims_from_hf
-from .config import ExportConfig, load_config, serve_targets
+from .config import ExportConfig, load_config
 from .errors import agree, is_expected, message, refuse_everywhere
-from .log import log0, warn0
+from .log import log0
+from .options import ExportOptions, RankView
 from .pipeline import run_export
-from .plan import QuantChoice
 from .ranks import group_ranks, rank_layout
 from .stream import fixed_mmap_threshold
 from .sources import build_source, source_config
@@ -58,44 +58,6 @@ def check_output_on_rank0(cfg: ExportConfig) -> None:
         except (OSError, ValueError) as e:
             error, cause = message(e), e
     agree(error, name_rank=False, cause=cause)
-
-
-def serve_exclusions(d, quant: QuantChoice, serve_tp: str | None, dtype_name: str = "bfloat16") -> tuple[str, ...]:
-    """Modules a target of ``quant.serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
-    fusion groups: kept unquantized. A loud warning when that is most of the linears."""
-    from .archs import default_exclude, rules_for
-    from .archs.base import hf_module
-    from .plan import linear_weights
-    from .serve_check import layers_for_transformers, layers_to_keep_unquantized
-    tps, for_transformers = serve_targets(serve_tp)
-    if not (tps or for_transformers) or not quant.enabled:
-        return ()
-    mods = {hf_module(n): s for n, s in linear_weights(rules_for(d), d, quant.lm_head and d.tie_embeddings).items()
-            if quant.quantizes(hf_module(n), default_exclude(d))}
-    kv = d.num_query_groups
-    keep = set(layers_to_keep_unquantized(mods, tps, num_kv_heads=kv)) if tps else set()
-    if for_transformers:
-        keep |= set(layers_for_transformers(mods))
-    keep = sorted(keep)
-    if keep:
-        targets = ([f"vLLM/SGLang at tp={','.join(map(str, tps))}"] if tps else []) + \
-            (["transformers"] if for_transformers else [])
-        log0(f"quant.serve_tp={serve_tp}: keeping {len(keep)} layer(s) unquantized so that {' and '.join(targets)} "
-             f"load the checkpoint right, e.g. {keep[:4]}")
-    if mods and 2 * len(keep) > len(mods):
-        fine = [t for t in (1, 2, 4, 8, 16) if not layers_to_keep_unquantized(mods, t, num_kv_heads=kv)]
-        msg = (f"quant.serve_tp={serve_tp} keeps {len(keep)} of {len(mods)} quantizable linears unquantized: the "
-               f"checkpoint is mostly {dtype_name}, not FP8.")
-        if tps:
-            msg += (f" vLLM/SGLang keep every linear quantized at tp={','.join(map(str, fine))}" if fine else
-                    " vLLM/SGLang keep every linear quantized at no tp up to 16") + \
-                " (the per-rank rows/columns of the others are not multiples of 128)."
-        if for_transformers:
-            msg += (f" {len(layers_for_transformers(mods))} of them because transformers' dequantize needs rows and "
-                    f"columns in multiples of 128: leave transformers out of quant.serve_tp where only vLLM/SGLang "
-                    f"serve it.")
-        warn0(msg)
-    return tuple(keep)
 
 
 def process_age() -> float:
@@ -155,9 +117,8 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         if is_expected(e):
             raise refuse_everywhere(e) from e
         raise
-    p = cfg.parallel
-    on_gpu = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
-    backend = p.backend if p.backend != "auto" else ("nccl" if on_gpu else "gloo")
+    p = cfg.parallel.resolved()
+    on_gpu, backend = p.on_gpu, p.backend
     marks = [("start", process_age())]
     mcore.init_distributed(backend, p.timeout_s)
     check_output_on_rank0(cfg)
@@ -185,15 +146,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
          f"{'streamed' if src.model is None else 'built'} for "
          f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
     marks.append(("source", process_age()))
-    q = cfg.quant
-    quant = QuantChoice(q.enabled, tuple(q.exclude), q.lm_head, q.scale_fmt)
-    kept = serve_exclusions(src.dims, quant, q.serve_tp, str(src.dtype).replace("torch.", ""))
-    quant = QuantChoice(q.enabled, tuple(q.exclude) + kept, q.lm_head, q.scale_fmt)
-    result = run_export(
-        src.params, src.dims, layout, groups, src.hf_config, cfg.output.dir,
-        quant=quant, max_shard_size=cfg.output.max_shard_size,
-        overwrite=cfg.output.overwrite, out_dtype=src.dtype, layer_of_local=src.layer_of_local,
-        num_local_experts=mcore.num_local_experts(src.dims, layout), extra_files=src.extra_files)
+    options = ExportOptions.from_config(cfg.quant, cfg.output, src.dims, src.dtype, src.extra_files)
+    result = run_export(RankView.of_source(src, layout), src.dims, layout, groups, src.hf_config, cfg.output.dir,
+                        options)
     ok = True
     if coll.rank() == 0:
         t = result.traffic
@@ -206,14 +161,14 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
             from .verify import verify_checkpoint
-            report = verify_checkpoint(result.out_dir, source=src.truth,
-                                       serve_tp=serve_targets(q.serve_tp)[0],
-                                       serve_transformers=serve_targets(q.serve_tp)[1])
+            tps, for_transformers = options.serve_targets
+            report = verify_checkpoint(result.out_dir, source=src.truth, serve_tp=tps,
+                                       serve_transformers=for_transformers)
             log0("verification:\n" + report.table())
             ok = report.ok
     rss = coll.gather_objects((rss_start, peak_rss_bytes()))
-    log0("peak RSS per rank: " + " ".join(f"{p / 1e9:.3f}" for _, p in rss or []) + " GB; the export added: " +
-         " ".join(f"{(p - s) / 1e9:.3f}" for s, p in rss or []) + " GB")
+    log0("peak RSS per rank: " + " ".join(f"{b / 1e9:.3f}" for _, b in rss or []) + " GB; the export added: " +
+         " ".join(f"{(b - s) / 1e9:.3f}" for s, b in rss or []) + " GB")
     ok = coll.broadcast_object(ok)
     coll.barrier()
     if not streamed:

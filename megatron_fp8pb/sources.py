@@ -52,15 +52,15 @@ def source_config(cfg: ExportConfig):
 
 def load_hf_weights(model, reader, d: Dims, layout: Layout) -> None:
     """Fill every local parameter from the HF slices it holds (each rank reads only its slices)."""
-    rules = rules_for(d)
-    layers = mcore.layer_numbers(model)
-    nle = mcore.num_local_experts(d, layout)
+    from .options import RankView
+    rules, view, off = rules_for(d), RankView.of_model(model, d, layout), QuantChoice(enabled=False)
     with torch.no_grad():
-        for name, p in mcore.local_params(model):
-            plan = plan_param(name, tuple(p.shape), rules, d, layout, QuantChoice(enabled=False), layers, nle)
-            if plan.rule.shard == TIED_COPY:
-                plan = plan_param("embedding.word_embeddings.weight", tuple(p.shape), rules, d, layout,
-                                  QuantChoice(enabled=False), layers, nle)
+        for name, p in view.params:
+            for mcore_name in (name, "embedding.word_embeddings.weight"):   # a tied copy reads the embedding
+                plan = plan_param(mcore_name, tuple(p.shape), rules, d, layout, off, view.layer_of_local,
+                                  view.num_local_experts)
+                if plan.rule.shard != TIED_COPY:
+                    break
             local = from_slices(plan, [read_slice(reader, s) for s in plan.slices], d)
             p.copy_(local.to(p.dtype))
 

@@ -18,7 +18,7 @@ from . import mcore
 from .archs import dims_from_hf
 from .hf_source import config_dtype
 from .pipeline import run_export
-from .plan import QuantChoice
+from .options import ExportOptions, RankView
 from .progress import Phases
 
 _DONE = object()
@@ -71,18 +71,19 @@ class TensorSink:
 
 
 def iter_fp8(model, hf_config, *, quantize: bool = True, exclude: tuple[str, ...] = (),
-             quantize_lm_head: bool = False, out_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+             quantize_lm_head: bool = False, out_dtype: torch.dtype | None = None, scale_fmt: str = "amax",
+             serve_tp: str | int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Call on every rank of the model's job (parallel_state initialized) and exhaust it on every rank. Rank 0 gets
     ``(hf_name, host tensor)`` pairs; a tensor is valid until the next pair is asked for (clone it to keep it).
-    Other ranks get nothing (their pieces go to rank 0)."""
+    Other ranks get nothing (their pieces go to rank 0). ``scale_fmt``, ``serve_tp``: as ``api.export``."""
     d = dims_from_hf(hf_config)
     layout, groups = mcore.layout_and_groups()
-    kwargs = dict(quant=QuantChoice(quantize, tuple(exclude), quantize_lm_head),
-                  out_dtype=out_dtype or config_dtype(hf_config), layer_of_local=mcore.layer_numbers(model),
-                  num_local_experts=mcore.num_local_experts(d, layout))
-    params = mcore.local_params(model)
+    options = ExportOptions.from_keywords(d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head,
+                                          scale_fmt=scale_fmt, serve_tp=serve_tp,
+                                          out_dtype=out_dtype or config_dtype(hf_config))
+    view = RankView.of_model(model, d, layout)
     if coll.rank() != 0:
-        run_export(params, d, layout, groups, hf_config, None, **kwargs)
+        run_export(view, d, layout, groups, hf_config, None, options)
         return
     q: queue.Queue = queue.Queue(maxsize=2)
     holder: dict = {}
@@ -94,7 +95,7 @@ def iter_fp8(model, hf_config, *, quantize: bool = True, exclude: tuple[str, ...
 
     def work():
         try:
-            run_export(params, d, layout, groups, hf_config, None, sink=make_sink, **kwargs)
+            run_export(view, d, layout, groups, hf_config, None, options, sink=make_sink)
             q.put(_DONE)
         except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
             q.put(e)

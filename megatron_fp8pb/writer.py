@@ -127,7 +127,6 @@ class CheckpointWriter:
     def __init__(self, out_dir: str | os.PathLike, specs: list[TensorSpec], max_shard_size: int | str = "5GB",
                  overwrite: bool = False):
         self.out = prepare_output(out_dir, overwrite)
-        self.overwrite = overwrite
         self.tmp = partial_dir(self.out)
         self.tmp.mkdir(parents=True)
         self.specs = {s.name: s for s in specs}
@@ -251,8 +250,8 @@ class BackgroundWriter:
     the thread is raised on the next call.
     """
 
-    def __init__(self, writer: CheckpointWriter):
-        self.writer = writer
+    def __init__(self, writer: CheckpointWriter, rank: int = 0):
+        self.writer, self.rank = writer, rank     # rank: the global rank that writes (named by fault injection)
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fp8pb-writer", daemon=True)
@@ -272,7 +271,7 @@ class BackgroundWriter:
                 if self._error is None:
                     if event is not None:
                         event.synchronize()
-                    inject("write")
+                    inject("write", self.rank)
                     self.writer._pwrite(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), row0 or 0)
             except BaseException as e:  # surfaced to the caller on its next call
                 self._error = e
@@ -283,16 +282,13 @@ class BackgroundWriter:
     def check(self) -> None:
         if self._error is not None:
             e = self._error
-            raise ExportError(f"rank 0, stage write: {type(e).__name__}: {e}") from e
+            raise ExportError(f"rank {self.rank}, stage write: {type(e).__name__}: {e}") from e
 
     def submit(self, name: str, tensor: torch.Tensor, event=None, done=None, row0: int | None = None) -> None:
         """Queue a host tensor (or rows from ``row0`` of a planned tensor) for writing."""
         self.check()
         self.writer._check(name, tensor, row0)
         self._q.put((name, tensor, event, done, row0))
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.submit(name, tensor.detach().contiguous().cpu())
 
     def _drain(self) -> None:
         if self._thread.is_alive():

@@ -1,7 +1,9 @@
 """quant.serve_tp through the real CLI: a loud warning when most linears stay unquantized, naming the serving TP
-sizes that would keep them; the transformers target keeps what transformers' dequantize gets wrong."""
+sizes that would keep them; the transformers target keeps what transformers' dequantize gets wrong; the in-process
+API's serve_tp keeps the same layers."""
 import json
 
+import torch
 import transformers as tf
 
 from helpers import mismatches, torchrun, write_hf_source
@@ -34,3 +36,32 @@ def test_transformers_target_keeps_ragged_weights_unquantized(tmp_path):
     assert "WARNING: quant.serve_tp=transformers keeps 8 of 14 quantizable linears unquantized" in r.stderr
     assert "8 of them because transformers' dequantize needs rows and columns in multiples of 128" in r.stderr
     assert mismatches(out, state) == []
+
+
+def _tensors(out) -> dict:
+    from safetensors import safe_open
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                t = h.get_tensor(name)
+                got[name] = (t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return got
+
+
+def test_api_serve_tp_keeps_what_the_cli_keeps(tmp_path):
+    """api.export(serve_tp=...) resolves the serving targets the way quant.serve_tp does: the same bytes."""
+    src = tmp_path / "src"
+    cfg = tf.LlamaConfig(vocab_size=1003, hidden_size=384, intermediate_size=1152, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=48, max_position_embeddings=256)
+    write_hf_source(src, cfg)
+    cli, api = tmp_path / "cli", tmp_path / "api"
+    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={cli}",
+                     "quant.serve_tp=transformers", "output.verify=false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, ["api", str(src), str(api), "2", "1", "amax", "transformers"], script="tests/dist/worker.py")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    qc = [json.loads((d / "config.json").read_text())["quantization_config"] for d in (cli, api)]
+    assert qc[0] == qc[1] and "model.layers.0.self_attn.q_proj" in qc[0]["modules_to_not_convert"]
+    assert "model.layers.0.mlp.gate_proj" not in qc[0]["modules_to_not_convert"]
+    assert _tensors(cli) == _tensors(api)

@@ -12,7 +12,7 @@ from megatron_fp8pb.config import load_config  # noqa: E402
 from megatron_fp8pb.sources import build_source  # noqa: E402
 
 
-def main(mode: str, src: str, dst: str, tp: int, pp: int, scale_fmt: str = "amax") -> None:
+def main(mode: str, src: str, dst: str, tp: int, pp: int, scale_fmt: str = "amax", serve_tp: str = "none") -> None:
     mcore.init_distributed("gloo", 120)
     mcore.initialize_parallel(tp, pp)
     layout, _ = mcore.layout_and_groups()
@@ -42,7 +42,8 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int, scale_fmt: str = "amax
         else:
             assert names == []
     else:
-        result = export(source.model, source.hf_config, dst, max_shard_size="200KB", scale_fmt=scale_fmt)
+        result = export(source.model, source.hf_config, dst, max_shard_size="200KB", scale_fmt=scale_fmt,
+                        serve_tp=None if serve_tp == "none" else serve_tp)
         if coll.rank() == 0:
             print(f"API_EXPORT_OK tensors={result.num_tensors} bytes={result.bytes_written}")
     coll.barrier()
@@ -51,4 +52,4 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int, scale_fmt: str = "amax
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:7])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:8])

@@ -30,17 +30,16 @@ def test_a_local_error_is_shown_by_its_rank(monkeypatch, capsys):
 
 
 def test_stage_wraps_bad_values_as_refusals_from_the_original(monkeypatch):
-    monkeypatch.setattr("megatron_fp8pb.faults.coll.rank", lambda: 1)
     with pytest.raises(Refusal, match=r"^rank 1, stage plan: Expecting property name") as info:
-        with stage("plan"):
+        with stage("plan", 1):
             json.loads("{not json")
     assert isinstance(info.value.__cause__, json.JSONDecodeError)            # not turned into another type
     with pytest.raises(ExportError) as info:
-        with stage("write"):
+        with stage("write", 1):
             raise OSError(28, "No space left on device")
     assert is_expected(info.value)
     with pytest.raises(ExportError) as info:
-        with stage("transfer"):
+        with stage("transfer", 1):
             raise AttributeError("a bug")
     assert not is_expected(info.value)
 

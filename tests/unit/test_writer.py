@@ -122,3 +122,18 @@ def test_background_writer_row_chunks(tmp_path):
     bw.finish({})
     with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as fh:
         assert torch.equal(fh.get_tensor("a.weight"), w)
+
+
+def test_background_writer_fault_names_the_rank_it_was_given(tmp_path, monkeypatch):
+    """Fault injection asks the writer for its rank, not the process group (none exists here)."""
+    import torch.distributed as dist
+    from megatron_fp8pb.faults import ExportError
+    from megatron_fp8pb.writer import BackgroundWriter
+    assert not dist.is_initialized()
+    monkeypatch.setenv("FP8PB_INJECT_FAULT", "3:write:enospc")
+    spec = [TensorSpec("a.weight", torch.bfloat16, (4, 4))]
+    bw = BackgroundWriter(CheckpointWriter(tmp_path / "ckpt", spec, "1GB"), rank=3)
+    bw.submit("a.weight", torch.zeros(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(ExportError, match=r"^rank 3, stage write: OSError: .*No space left"):
+        bw.finish({})
+    bw.abort()
