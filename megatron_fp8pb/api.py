@@ -4,26 +4,23 @@ from __future__ import annotations
 import torch
 
 from . import mcore
-from .archs import dims_from_hf
+from .archs import Dims, dims_from_hf
 from .hf_source import config_dtype
 from .pipeline import ExportResult, run_export
 from .options import ExportOptions, RankView
 
 
-def _with_model_mtp_layers(model, d, hf_config):
-    """Multi-token-prediction layers are written when the Megatron model has them (the last stage holds them), and
-    config.json then says how many; a config that names MTP layers the model lacks is corrected, not trusted."""
-    import copy
+def model_dims(model, hf_config) -> Dims:
+    """Collective: the dims of ``hf_config`` with the multi-token-prediction layers the Megatron model has (the last
+    stage holds them): they are written when present, and config.json says how many (a config that names MTP
+    layers the model lacks is corrected, not trusted)."""
     from dataclasses import replace
 
     from . import collectives as coll
+    d = dims_from_hf(hf_config)
     counts = coll.gather_objects(mcore.mtp_layer_count(model))
     have = coll.broadcast_object(max(counts) if counts is not None else None)
-    if have == d.mtp_layers:
-        return d, hf_config
-    hf_config = copy.deepcopy(hf_config)
-    hf_config.num_nextn_predict_layers = have
-    return replace(d, mtp_layers=have), hf_config
+    return d if have == d.mtp_layers else replace(d, mtp_layers=have)
 
 
 def export(model, hf_config, out_dir: str, *, quantize: bool = True, exclude: tuple[str, ...] = (),
@@ -35,9 +32,8 @@ def export(model, hf_config, out_dir: str, *, quantize: bool = True, exclude: tu
     of the architecture (real vocab size). ``scale_fmt``: "amax" (block scale amax/448) or "ue8m0" (rounded up to a
     power of two; quantization_config says ``"scale_fmt": "ue8m0"``). ``serve_tp``: the serving targets whose
     refusals stay unquantized, as the config key quant.serve_tp (``4``, ``"transformers"``, ``"2,8,transformers"``)."""
-    d = dims_from_hf(hf_config)
+    d = model_dims(model, hf_config)
     layout, groups = mcore.layout_and_groups()
-    d, hf_config = _with_model_mtp_layers(model, d, hf_config)
     options = ExportOptions.from_keywords(
         d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head, scale_fmt=scale_fmt,
         serve_tp=serve_tp, max_shard_size=max_shard_size, overwrite=overwrite,

@@ -115,15 +115,12 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
     Block amax is made global with one MAX all-reduce per axis group ("tp", "etp") over full-size amax grids.
     """
     payload: dict[int, tuple] = {}
+    # whole on this rank (replicated, or a 1-way split): the fused single-pass quantizer, no collective
     for k, (p, t) in enumerate(items):
-        if p.quantize and p.axis is None:   # whole on this rank (replicated, or a 1-way split): no collective
+        if p.quantize and p.axis is None:
             payload[k] = quantize_checked(t, BLOCK, p.scale_fmt)
     for axis in ("tp", "etp"):
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
-        if todo and coll.group_size(getattr(groups, axis)) == 1:
-            for k, p, t in todo:   # whole tensors on one rank: the fused single-pass quantizer
-                payload[k] = quantize_checked(t, BLOCK, p.scale_fmt)
-            continue
         grids = []
         for _, p, t in todo:
             grid = torch.zeros(_grid_shape(p), dtype=torch.float32, device=t.device)

@@ -15,7 +15,7 @@ import torch
 
 from . import collectives as coll
 from . import mcore
-from .archs import dims_from_hf
+from .api import model_dims
 from .hf_source import config_dtype
 from .pipeline import run_export
 from .options import ExportOptions, RankView
@@ -76,7 +76,7 @@ def iter_fp8(model, hf_config, *, quantize: bool = True, exclude: tuple[str, ...
     """Call on every rank of the model's job (parallel_state initialized) and exhaust it on every rank. Rank 0 gets
     ``(hf_name, host tensor)`` pairs; a tensor is valid until the next pair is asked for (clone it to keep it).
     Other ranks get nothing (their pieces go to rank 0). ``scale_fmt``, ``serve_tp``: as ``api.export``."""
-    d = dims_from_hf(hf_config)
+    d = model_dims(model, hf_config)
     layout, groups = mcore.layout_and_groups()
     options = ExportOptions.from_keywords(d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head,
                                           scale_fmt=scale_fmt, serve_tp=serve_tp,
