@@ -20,7 +20,8 @@ from megatron_fp8pb import collectives as coll  # noqa: E402
 from megatron_fp8pb.archs import rules_for  # noqa: E402
 from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference  # noqa: E402
 from megatron_fp8pb.hf_output import config_json, quantization_config  # noqa: E402
-from megatron_fp8pb.pipeline import make_plans, piece_dtype  # noqa: E402
+from megatron_fp8pb.pipeline import make_plans  # noqa: E402
+from megatron_fp8pb.tp_slices import piece_dtype  # noqa: E402
 from megatron_fp8pb.options import ExportOptions, RankView  # noqa: E402
 from megatron_fp8pb.plan import Piece, check_coverage, expected_tensors  # noqa: E402
 from megatron_fp8pb.tp_slices import pieces_of  # noqa: E402

@@ -26,7 +26,7 @@ from .options import ExportOptions, RankView, view_and_options
 from .progress import Phases, Progress
 from .plan import (Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, final_unit,
                    plan_param)
-from .tp_slices import check_piece_finite, pieces_of
+from .tp_slices import check_piece_finite, piece_dtype, pieces_of
 from .staging import SlabPool
 from .stream import Deferred, LazyParam, Prefetch, materialize
 from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
@@ -137,11 +137,6 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
         if not p.quantize:
             payload[k] = (t.to(piece_dtype(p, out_dtype)).contiguous(),)
     return [payload[k] for k in range(len(items))]
-
-
-def piece_dtype(p: Piece, out_dtype: torch.dtype) -> torch.dtype:
-    """The dtype an unquantized piece is written in: its rule's own (float32 expert bias) or the checkpoint's."""
-    return getattr(torch, p.dtype) if p.dtype else out_dtype
 
 
 def _nbytes(shape, dtype) -> int:

@@ -253,6 +253,17 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
     return plan
 
 
+def local_shape(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layout) -> tuple[int, ...]:
+    """The shape of a replicated, column- or row-parallel Megatron tensor on one of ``size`` ranks (``shapes``: the
+    full HF shapes of ``rule``); refuses a split the shapes do not allow, naming ``name``."""
+    if rule.shard == REPLICATED:
+        return tuple(shapes[0])
+    dim = 1 if rule.shard == ROWWISE else 0
+    want = list(shapes[0])
+    want[dim] = sum(_shard_sizes(rule, d, shapes, size, name, layout))
+    return tuple(want)
+
+
 def _check_local_shape(plan: ParamPlan, shapes, size: int, d: Dims, layout: Layout) -> None:
     rule, local = plan.rule, plan.local_shape
     if rule.shard == VOCAB:
@@ -261,15 +272,8 @@ def _check_local_shape(plan: ParamPlan, shapes, size: int, d: Dims, layout: Layo
             raise ValueError(f"{plan.mcore_name}: local shape {local} cannot hold vocab {shapes[0][0]} x {want_rest} "
                              f"split {size} ways under {layout.describe()} (padded vocab must be >= real vocab)")
         return
-    if rule.shard == REPLICATED:
-        want = shapes[0]
-    else:
-        dim = 1 if rule.shard == ROWWISE else 0
-        lens = _shard_sizes(rule, d, shapes, size, plan.mcore_name, layout)
-        want = list(shapes[0])
-        want[dim] = sum(lens)
-        want = tuple(want)
-    if tuple(local) != tuple(want):
+    want = local_shape(rule, d, shapes, size, plan.mcore_name, layout)
+    if tuple(local) != want:
         raise ValueError(f"{plan.mcore_name}: local shape {tuple(local)} != {tuple(want)} expected from the HF config "
                          f"({', '.join(_fill(h, plan.layer, plan.expert) for h in rule.hf)} full shapes {shapes}) under "
                          f"{layout.describe()}; the model and source.hf_config disagree")

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 
 from .archs import Dims, rules_for
-from .archs.base import DUPLICATE, EXPERT, GLOBAL, REPLICATED, ROWWISE, TIED_COPY, VOCAB, rule_layers
+from .archs.base import DUPLICATE, EXPERT, GLOBAL, TIED_COPY, VOCAB, rule_layers
 from .hf_source import read_slice
 from .mcore import padded_vocab
-from .plan import Layout, ParamPlan, _shard_sizes
-from .tp_slices import check_piece_finite
+from .plan import EMBEDDING_UNIT, Layout, ParamPlan, local_shape, write_unit
+from .tp_slices import check_piece_finite, piece_dtype
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -
     the layers of its selector (dense / MoE layers); multi-token-prediction layers (HF layer ``num_layers + k``)
     are Megatron's ``mtp.layers.{k}.transformer_layer`` on the last stage."""
     rules = rules_for(d)
-    first_layer_rule = min((k for k, r in enumerate(rules) if r.scope != GLOBAL), default=len(rules))
     first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
     nle = d.num_experts // layout.ep_size if d.num_experts else 0
     prefixes = {i: f"decoder.layers.{j}." for j, i in stage_layers(d, layout).items()}
@@ -53,8 +52,8 @@ def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -
         if rule.shard == TIED_COPY:
             continue
         shape = _local_shape(rule, d, layout, vocab_rows)
-        if rule.scope == GLOBAL:
-            if (k < first_layer_rule and first) or (k > first_layer_rule and last):
+        if rule.scope == GLOBAL:    # the embedding's unit on the first stage, the final norm's on the last
+            if (first if write_unit(rules, k, None, d) == EMBEDDING_UNIT else last):
                 out.append((rule.mcore[0], shape))
             continue
         for i in rule_layers(rule, d):
@@ -73,24 +72,17 @@ def _local_shape(rule, d: Dims, layout: Layout, vocab_rows: int | None) -> tuple
     if rule.shard == VOCAB:
         rows = vocab_rows or padded_vocab(d.vocab, layout.tp_size)
         return (rows // layout.tp_size,) + tuple(shapes[0][1:])
-    if rule.shard == REPLICATED:
-        return tuple(shapes[0])
-    dim = 1 if rule.shard == ROWWISE else 0
-    shape = list(shapes[0])
-    shape[dim] = sum(_shard_sizes(rule, d, shapes, size, rule.mcore[0], layout))
-    return tuple(shape)
+    return local_shape(rule, d, shapes, size, rule.mcore[0], layout)
 
 
 def hf_params(reader, d: Dims, layout: Layout, dtype: torch.dtype) -> list[tuple[str, LazyParam]]:
-    """This rank's parameters over an HF checkpoint reader: each loads the HF slices it exports, in ``dtype``."""
-    def as_written(p, t: torch.Tensor) -> torch.Tensor:     # a rule's own dtype (fp32 expert bias) or ``dtype``
-        return t.to(getattr(torch, p.dtype) if p.dtype else dtype)
-
+    """This rank's parameters over an HF checkpoint reader: each loads the HF slices it exports, in ``dtype`` (or the
+    rule's own, e.g. the float32 expert bias)."""
     def load(plan: ParamPlan) -> list[torch.Tensor]:
         if plan.fusion == DUPLICATE:   # one source tensor written under several names (an untied lm_head)
-            return [as_written(p, read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)))
+            return [read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)).to(piece_dtype(p, dtype))
                     for p in plan.pieces]
-        return [as_written(p, read_slice(reader, p)) for p in plan.pieces]
+        return [read_slice(reader, p).to(piece_dtype(p, dtype)) for p in plan.pieces]
     return [(name, LazyParam(shape, load, dtype)) for name, shape in local_param_shapes(d, layout)]
 
 

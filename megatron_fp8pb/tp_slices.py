@@ -66,3 +66,8 @@ def check_piece_finite(piece: Piece, t: torch.Tensor, mcore_name: str) -> None:
     idx[piece.dim if len(idx) > 1 else 0] += piece.offset
     raise ValueError(f"HF tensor {piece.hf_name!r} {list(piece.full_shape)} holds {value} at index {idx} (Megatron "
                      f"parameter {mcore_name}); fix the source weights (an FP8 scale of NaN/Inf would serve garbage)")
+
+
+def piece_dtype(p: Piece, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an unquantized piece is written in: its rule's own (float32 expert bias) or the checkpoint's."""
+    return getattr(torch, p.dtype) if p.dtype else out_dtype
