@@ -34,6 +34,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def comm_device() -> torch.device:
+    """Where tensors go through collectives: this rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def group_size(group) -> int:
     return dist.get_world_size(group) if is_initialized() and group is not None else 1
 

@@ -68,7 +68,8 @@ def layout_and_groups() -> tuple[Layout, Groups]:
         etp_size=st.get_expert_tensor_parallel_world_size(), etp_rank=st.get_expert_tensor_parallel_rank(),
         exporting=st.get_data_parallel_rank() == 0,
         expert_exporting=st.get_expert_data_parallel_rank() == 0)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    from . import collectives as coll
+    device = coll.comm_device()
     return layout, Groups(st.get_tensor_model_parallel_group(), st.get_expert_tensor_parallel_group(), device)
 
 

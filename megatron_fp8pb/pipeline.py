@@ -48,11 +48,6 @@ class ExportResult:
     files: list[str] = field(default_factory=list)
 
 
-def _agree(error: str | None) -> None:
-    """All ranks learn whether any rank failed a check; everyone raises the first failure."""
-    agree(error)
-
-
 def make_plans(view: RankView, d: Dims, layout: Layout, quant: QuantChoice,
                untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
     """``view.params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
@@ -253,7 +248,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
             plans = make_plans(view, d, layout, quant, untie)
     except (ValueError, TypeError) as e:
         error = str(e)
-    _agree(error)
+    agree(error)
     mine = local_pieces(plans, d, me)
     streamed = any(isinstance(local, LazyParam) for _, local in plans)
     all_pieces = coll.gather_objects([p for p, _ in mine])
@@ -269,7 +264,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 writer = BackgroundWriter(CheckpointWriter(out_dir, specs, options.max_shard_size, options.overwrite))
         except (ValueError, OSError) as e:
             error = str(e)
-    _agree(error)
+    agree(error)
     finish_error = None
     try:
         with stage("transfer", me):
@@ -298,7 +293,7 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         if writer is not None:
             writer.abort()
         raise
-    _agree(finish_error)     # every rank learns whether the checkpoint was written
+    agree(finish_error)     # every rank learns whether the checkpoint was written
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -342,7 +337,7 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
     try:
         for u, items, error in pre:
             if coll.any_true(error is not None, device):
-                _agree(error and f"rank {me}, stage read: {error}")
+                agree(error and f"rank {me}, stage read: {error}")
             yield u, items
             pre.release()
     finally:

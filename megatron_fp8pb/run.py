@@ -16,7 +16,7 @@ from .options import ExportOptions, RankView
 from .pipeline import run_export
 from .ranks import group_ranks, rank_layout
 from .stream import fixed_mmap_threshold
-from .sources import build_source, source_config
+from .sources import STREAMED_KINDS, build_source, source_config
 from .validate import check_layout
 
 
@@ -32,8 +32,6 @@ def preflight(cfg: ExportConfig, world: int):
     for src in (cfg.source.path,):
         if src and (out == os.path.realpath(src) or out.startswith(os.path.realpath(src) + os.sep)):
             raise ValueError(f"output.dir {cfg.output.dir} lies inside source.path {src}; write elsewhere")
-    from .writer import parse_size
-    parse_size(cfg.output.max_shard_size)
     return hfc, d
 
 
@@ -124,13 +122,12 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     check_output_on_rank0(cfg)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     marks.append(("process group", process_age()))
-    streamed = cfg.source.kind in ("hf", "tiny")
+    streamed = cfg.source.kind in STREAMED_KINDS
     if streamed:    # no Megatron model: the layout and its groups without megatron-core
         fixed_mmap_threshold()
         layout = rank_layout(coll.rank(), coll.world_size(), p.tp, p.pp, p.ep, p.etp)
         g = coll.new_groups(group_ranks(coll.world_size(), p.tp, p.pp, p.ep, p.etp))
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        groups = mcore.Groups(g.get("tp"), g.get("etp"), device)
+        groups = mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device())
     else:
         mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
         layout, groups = mcore.layout_and_groups()

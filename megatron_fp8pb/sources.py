@@ -80,6 +80,9 @@ def fill_random(model, seed: int) -> None:
                 p.add_(1.0)
 
 
+STREAMED_KINDS = ("tiny", "hf")     # sources read unit by unit from HF tensors: no Megatron model is built
+
+
 def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False) -> Source:
     """The source on this rank. ``stream``: an HF (or tiny) source is not loaded into a Megatron model; its
     parameters are read unit by unit while the export runs (``Source.params`` are LazyParams, ``model`` None)."""
@@ -99,7 +102,7 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     else:
         reader, extra = None, source_side_files(s.hf_config)
         dtype = config_dtype(hfc)
-    if stream and reader is not None:
+    if stream and s.kind in STREAMED_KINDS:
         return Source(None, hfc, d, dtype, reader, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
     rows = None
     if s.kind == "megatron":
