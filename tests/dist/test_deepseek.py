@@ -42,17 +42,9 @@ IDS = [f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS]
 
 
 @pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
-def test_deepseek_v3_byte_identical(tmp_path, tp, ep, etp, pp, world):
-    cfg = ragged_deepseek_v3()
-    _, out, state = _export(tmp_path, cfg, world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
-                                                   f"parallel.pp={pp}", "output.max_shard_size=1MB"])
-    assert mismatches(out, state) == []
-    _check_written_once(out, cfg, state)
-
-
-@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
-def test_glm4_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
-    cfg = ragged_glm4_moe()
+@pytest.mark.parametrize("make_cfg", [ragged_deepseek_v3, ragged_glm4_moe], ids=["deepseek_v3", "glm4_moe"])
+def test_byte_identical(tmp_path, make_cfg, tp, ep, etp, pp, world):
+    cfg = make_cfg()
     _, out, state = _export(tmp_path, cfg, world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
                                                    f"parallel.pp={pp}", "output.max_shard_size=1MB"])
     assert mismatches(out, state) == []

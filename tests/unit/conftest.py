@@ -4,18 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from fp8_checkpoints import write_output, write_source
-from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
+from fp8_checkpoints import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(source dir, good output dir, source state) of a tiny qwen3."""
-    root = tmp_path_factory.mktemp("verify")
-    cfg = tiny_hf_config("qwen3")
-    state = random_hf_state(cfg)
-    src = write_source(cfg, state, root / "src")
-    out = write_output(cfg, state, root / "out")
+    _, state, src, out = tiny_checkpoint(tmp_path_factory.mktemp("verify"))
     return src, out, state
 
 

@@ -49,6 +49,15 @@ def write_output(cfg, state: dict[str, torch.Tensor], path: Path, skip: list[str
     return path
 
 
+def tiny_checkpoint(root: Path, scale_fmt: str = "amax"):
+    """(cfg, state, source dir, FP8 output dir) of the tiny qwen3 under ``root``, its scales in ``scale_fmt``."""
+    from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
+    cfg = tiny_hf_config("qwen3")
+    state = random_hf_state(cfg)
+    src = write_source(cfg, state, root / "src")
+    return cfg, state, src, write_output(cfg, state, root / "out", scale_fmt=scale_fmt)
+
+
 def read_index(out: Path) -> dict:
     return json.loads((out / INDEX).read_text())
 

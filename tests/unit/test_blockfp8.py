@@ -8,8 +8,8 @@ from megatron_fp8pb.blockfp8 import (dequantize_blockfp8, e4m3_error_bound, quan
                                      quantize_blockfp8_reference)
 
 
-def naive(w: torch.Tensor, b: int = 128):
-    """Per-block Python loop, written straight from FORMAT.md."""
+def naive(w: torch.Tensor, b: int = 128, scale_fmt: str = "amax"):
+    """Per-block Python loop, written straight from FORMAT.md (and its ue8m0 option)."""
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
     s = torch.empty(math.ceil(n / b), math.ceil(k / b), dtype=torch.float32)
@@ -17,9 +17,12 @@ def naive(w: torch.Tensor, b: int = 128):
         for j in range(s.shape[1]):
             blk = w[i * b:(i + 1) * b, j * b:(j + 1) * b].float()
             amax = blk.abs().max()
-            scale = amax / 448.0 if amax != 0 else torch.tensor(1.0)
+            scale = float(amax / 448.0) if amax != 0 else 1.0      # float32 quotient, exact as a double
+            if scale_fmt == "ue8m0" and amax != 0:
+                scale = _pow2_at_least(scale)
             s[i, j] = scale
-            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = torch.clamp(blk / scale, -448, 448).to(torch.float8_e4m3fn)
+            div = blk / torch.full_like(blk, scale)     # elementwise true division (a scalar may become a reciprocal)
+            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = torch.clamp(div, -448, 448).to(torch.float8_e4m3fn)
     return q, s
 
 
@@ -92,19 +95,7 @@ def _pow2_at_least(x: float) -> float:
 
 
 def naive_ue8m0(w: torch.Tensor, b: int = 128):
-    """Per-block Python loop, written straight from FORMAT.md's ue8m0 option."""
-    n, k = w.shape
-    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
-    s = torch.empty(math.ceil(n / b), math.ceil(k / b), dtype=torch.float32)
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            blk = w[i * b:(i + 1) * b, j * b:(j + 1) * b].float()
-            amax = blk.abs().max()
-            scale = _pow2_at_least(float(amax / 448.0)) if amax != 0 else 1.0
-            s[i, j] = scale
-            div = blk / torch.full_like(blk, scale)     # elementwise true division (a scalar may become a reciprocal)
-            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = torch.clamp(div, -448, 448).to(torch.float8_e4m3fn)
-    return q, s
+    return naive(w, b, "ue8m0")
 
 
 def _is_pow2(s: torch.Tensor) -> bool:

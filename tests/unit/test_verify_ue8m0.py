@@ -10,18 +10,13 @@ from pathlib import Path
 import pytest
 
 from megatron_fp8pb.hf_source import DictReader
-from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
 from megatron_fp8pb.verify import main, verify_checkpoint
 
-from fp8_checkpoints import Q, data_offset, file_of, write_output, write_source
+from fp8_checkpoints import Q, data_offset, file_of, tiny_checkpoint, write_output
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify_ue8m0")
-    cfg = tiny_hf_config("qwen3")
-    state = random_hf_state(cfg)
-    src = write_source(cfg, state, root / "src")
-    return cfg, state, src, write_output(cfg, state, root / "out", scale_fmt="ue8m0")
+    return tiny_checkpoint(tmp_path_factory.mktemp("verify_ue8m0"), scale_fmt="ue8m0")
 
 
 def test_ue8m0_checkpoint_passes_byte_exact(tiny, tmp_path):
