@@ -16,7 +16,7 @@ from .options import ExportOptions, RankView
 from .pipeline import run_export
 from .ranks import group_ranks, rank_layout
 from .stream import fixed_mmap_threshold
-from .sources import STREAMED_KINDS, build_source, source_config
+from .sources import MCORE_FREE_KINDS, STREAMED_KINDS, build_source, source_config
 from .validate import check_layout
 
 
@@ -122,9 +122,10 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     check_output_on_rank0(cfg)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     marks.append(("process group", process_age()))
-    streamed = cfg.source.kind in STREAMED_KINDS
-    if streamed:    # no Megatron model: the layout and its groups without megatron-core
+    streamed, mcore_free = cfg.source.kind in STREAMED_KINDS, cfg.source.kind in MCORE_FREE_KINDS
+    if streamed:
         fixed_mmap_threshold()
+    if mcore_free:    # no Megatron model: the layout and its groups without megatron-core
         layout = rank_layout(coll.rank(), coll.world_size(), p.tp, p.pp, p.ep, p.etp)
         g = coll.new_groups(group_ranks(coll.world_size(), p.tp, p.pp, p.ep, p.etp))
         groups = mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device())
@@ -168,7 +169,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
          " ".join(f"{(b - s) / 1e9:.3f}" for s, b in rss or []) + " GB")
     ok = coll.broadcast_object(ok)
     coll.barrier()
-    if not streamed:
+    if not mcore_free:
         mcore.destroy_parallel()
     torch.distributed.destroy_process_group()
     return 0 if ok else 1

@@ -80,12 +80,14 @@ def fill_random(model, seed: int) -> None:
                 p.add_(1.0)
 
 
-STREAMED_KINDS = ("tiny", "hf")     # sources read unit by unit from HF tensors: no Megatron model is built
+STREAMED_KINDS = ("tiny", "hf", "megatron")   # sources read unit by unit: no Megatron model is loaded
+MCORE_FREE_KINDS = ("tiny", "hf")    # streamed without megatron-core (a megatron source asks it for its layout)
 
 
 def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False) -> Source:
-    """The source on this rank. ``stream``: an HF (or tiny) source is not loaded into a Megatron model; its
-    parameters are read unit by unit while the export runs (``Source.params`` are LazyParams, ``model`` None)."""
+    """The source on this rank. ``stream``: an HF, tiny or Megatron dist checkpoint source is not loaded into a
+    Megatron model; its parameters are read unit by unit while the export runs (``Source.params`` are LazyParams,
+    ``model`` None). A Megatron source needs megatron-core's parallel state initialized."""
     s = cfg.source
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
@@ -102,8 +104,6 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     else:
         reader, extra = None, source_side_files(s.hf_config)
         dtype = config_dtype(hfc)
-    if stream and s.kind in STREAMED_KINDS:
-        return Source(None, hfc, d, dtype, reader, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
     rows = None
     if s.kind == "megatron":
         if not __import__("os").path.isdir(s.path):
@@ -112,6 +112,12 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         if rows is not None and rows < d.vocab:
             raise ValueError(f"Megatron checkpoint {s.path} has {rows} vocabulary rows but source.hf_config says "
                              f"vocab_size={d.vocab}; the config describes another model")
+    if stream and s.kind == "megatron":
+        from .dist_ckpt_source import megatron_params
+        return Source(None, hfc, d, dtype, None, extra, megatron_params(s.path, d, layout, dtype, rows),
+                      stage_layers(d, layout))
+    if stream and s.kind in STREAMED_KINDS:
+        return Source(None, hfc, d, dtype, reader, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
     model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu, vocab_rows=rows)
     if reader is not None:
         load_hf_weights(model, reader, d, layout)

@@ -1,0 +1,201 @@
+"""A Megatron distributed checkpoint (torch_dist format) streamed unit by unit: no model is loaded.
+
+What each local parameter is in the checkpoint (its key, global shape, offset, the layer axis Megatron prepends, the
+[gate; up] split of a gated fc1, the expert axes, the key renames of the local layer spec) comes from megatron-core
+itself: a GPTModel of the export layout built on the meta device (no memory) gives its ``sharded_state_dict()``. The
+bytes are read with torch.distributed.checkpoint's own reader, one parameter at a time and on this rank alone (no
+collective, so the export's reader thread can run it): only the saved chunks that overlap this rank's slice are
+read, whatever tp/pp/ep the checkpoint was saved at.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from . import mcore
+from .archs import Dims
+from .plan import Layout, ParamPlan
+from .stream import LazyParam, local_param_shapes
+from .tp_slices import pieces_of
+
+
+def read_checkpoint_metadata(path: str) -> Metadata:
+    """The torch.distributed.checkpoint metadata of a Megatron torch_dist checkpoint (every saved chunk's place)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
+    try:
+        with open(os.path.join(path, "metadata.json")) as f:
+            backend = json.load(f).get("sharded_backend")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/metadata.json is missing or unreadable ({e}): source.path must be a Megatron "
+                         f"distributed checkpoint directory (one iteration's folder, e.g. iter_0001000)") from e
+    if backend != "torch_dist":
+        raise ValueError(f"Megatron checkpoint {path} is in the {backend!r} format; the export reads 'torch_dist' "
+                         f"(megatron-core's default): convert it with megatron-core's checkpoint converter first")
+    return FileSystemReader(path).read_metadata()
+
+
+class _Reader(FileSystemReader):
+    """A FileSystemReader that reuses metadata read once (every parameter's read would otherwise re-read it)."""
+
+    def __init__(self, path: str, metadata: Metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        return self._metadata
+
+
+class _RegionPlanner(LoadPlanner):
+    """Reads regions of saved tensors into given buffers: ``regions`` maps a checkpoint key to
+    [(offsets in the global tensor, buffer shaped as the region)]. Fails when the saved chunks do not cover them."""
+
+    def __init__(self, regions: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]]):
+        self.regions = regions
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False, *args, **kwargs) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, regions in self.regions.items():
+            chunks = [ChunkStorageMetadata(offsets=torch.Size(off), sizes=buf.shape) for off, buf in regions]
+            got = create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
+            for k, (off, buf) in enumerate(regions):
+                covered = sum(_numel(r.lengths) for r in got if r.dest_index.index == k)
+                if covered != buf.numel():
+                    raise ValueError(f"Megatron checkpoint tensor {key!r}: the saved chunks cover {covered} of the "
+                                     f"{buf.numel()} elements at offset {list(off)} size {list(buf.shape)}; the "
+                                     f"checkpoint is incomplete (an interrupted save?)")
+            items += got
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        raise AssertionError(f"unexpected non-tensor read of {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        buf = self.regions[read_item.dest_index.fqn][read_item.dest_index.index][1]
+        for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            buf = buf.narrow(dim, off, n)
+        return buf
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _sharded_tensors(obj) -> list:
+    """The ShardedTensors of a nested dict / list (what a factory builds), in order."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    if isinstance(obj, ShardedTensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _sharded_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _sharded_tensors(v)]
+    return []
+
+
+def _with_data(obj):
+    """The nested structure with every ShardedTensor replaced by its (loaded) data: what a factory's merge takes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    if isinstance(obj, ShardedTensor):
+        return obj.data
+    if isinstance(obj, dict):
+        return {k: _with_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_with_data(v) for v in obj)
+    return obj
+
+
+def _region(st) -> tuple[tuple[int, ...], torch.Tensor]:
+    """A ShardedTensor -> (its offsets in the global tensor, its data viewed with the prepended axes as size 1)."""
+    return tuple(st.global_offset), st.data.view((1,) * st.prepend_axis_num + tuple(st.local_shape))
+
+
+def read_sharded(path: str, metadata: Metadata, spec) -> torch.Tensor:
+    """One local parameter from the checkpoint: ``spec`` is its entry of the meta model's sharded_state_dict (a
+    ShardedTensor, or a ShardedTensorFactory such as the gated fc1's) -> the tensor Megatron would hold."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    factory = isinstance(spec, ShardedTensorFactory)
+    dtype = spec.data.dtype
+    buf = torch.empty(tuple(spec.data.shape), dtype=dtype)
+    built = replace(spec, data=buf).build() if factory else replace(spec, data=buf)
+    regions: dict[str, list] = {}
+    for st in _sharded_tensors(built):
+        regions.setdefault(st.key, []).append(_region(st))
+    from torch.distributed.checkpoint import load
+    load({}, storage_reader=_Reader(path, metadata), planner=_RegionPlanner(regions), no_dist=True)
+    return spec.merge_fn(_with_data(built)) if factory else buf
+
+
+def sharded_specs(d: Dims, dtype: torch.dtype, layout: Layout, vocab_rows: int | None) -> dict:
+    """Local parameter name -> its ShardedTensor / ShardedTensorFactory, from a GPTModel of this layout built on the
+    meta device (megatron-core's parallel state must be initialized)."""
+    with torch.device("meta"):
+        model = mcore.build_gpt(d, dtype, layout, vocab_rows=vocab_rows)
+    return {name: spec for name, spec in model.sharded_state_dict().items() if not name.endswith("_extra_state")}
+
+
+def check_against_metadata(path: str, metadata: Metadata, specs: dict, names: list[str]) -> None:
+    """Every parameter the export reads is in the checkpoint with the global shape this layout expects."""
+    saved = metadata.state_dict_metadata
+    for name in names:
+        spec = specs[name]
+        built = spec.build() if not hasattr(spec, "global_shape") else spec
+        for st in _sharded_tensors(built):
+            md = saved.get(st.key)
+            if not isinstance(md, TensorStorageMetadata):
+                raise ValueError(f"Megatron checkpoint {path} has no tensor {st.key!r} (parameter {name}): it does "
+                                 f"not fit the architecture of source.hf_config; point source.hf_config at the "
+                                 f"config of the model that was saved")
+            if tuple(md.size) != tuple(st.global_shape):
+                raise ValueError(f"Megatron checkpoint {path} holds {st.key!r} as {list(md.size)}, but the "
+                                 f"architecture of source.hf_config makes it {list(st.global_shape)} (parameter "
+                                 f"{name}): the checkpoint does not fit the architecture of source.hf_config; point "
+                                 f"source.hf_config at the config of the model that was saved")
+
+
+def megatron_params(path: str, d: Dims, layout: Layout, dtype: torch.dtype,
+                    vocab_rows: int | None) -> list[tuple[str, LazyParam]]:
+    """This rank's parameters over a Megatron dist checkpoint, each read when its unit comes: the local tensor this
+    layout's model would load (``vocab_rows``: the checkpoint's padded vocabulary), split into the pieces it
+    exports."""
+    metadata = read_checkpoint_metadata(path)
+    specs = sharded_specs(d, dtype, layout, vocab_rows)
+    shapes = local_param_shapes(d, layout, vocab_rows)
+    missing = [name for name, _ in shapes if name not in specs]
+    if missing:
+        raise ValueError(f"the Megatron model of source.hf_config has no parameters {missing[:5]} that the export "
+                         f"rules read; the architecture's Megatron names and its rules disagree")
+    check_against_metadata(path, metadata, specs, [name for name, _ in shapes])
+    out = []
+    for name, shape in shapes:
+        spec = specs[name]
+        if tuple(spec.data.shape) != tuple(shape):
+            raise ValueError(f"Megatron parameter {name} is {list(spec.data.shape)} in the model of "
+                             f"source.hf_config but the export rules expect {list(shape)} at {layout.describe()}")
+
+        def load(plan: ParamPlan, spec=spec) -> list[torch.Tensor]:
+            return pieces_of(plan, read_sharded(path, metadata, spec), d)
+        out.append((name, LazyParam(tuple(shape), load, spec.data.dtype)))
+    return out
