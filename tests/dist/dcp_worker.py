@@ -1,0 +1,36 @@
+"""torchrun worker for tests at tp/pp/ep: ``save`` builds a Megatron model from an HF checkpoint and saves it as a
+Megatron distributed checkpoint (torch_dist); ``built`` exports such a checkpoint the reference way, loaded whole
+into a built Megatron model by megatron-core's dist_checkpointing.load, through the in-process API."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from megatron_fp8pb import collectives as coll, export, mcore  # noqa: E402
+from megatron_fp8pb.config import load_config  # noqa: E402
+from megatron_fp8pb.sources import build_source  # noqa: E402
+
+
+def main(mode: str, src: str, dst: str, tp: int, pp: int, ep: int, ckpt: str = "") -> None:
+    mcore.init_distributed("gloo", 120)
+    mcore.initialize_parallel(tp, pp, ep)
+    layout, _ = mcore.layout_and_groups()
+    layout_args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
+    if mode == "save":
+        cfg = load_config(None, ["source.kind=hf", f"source.path={src}", *layout_args])
+        mcore.save_dist_checkpoint(build_source(cfg, layout, on_gpu=False).model, dst)
+    else:
+        cfg = load_config(None, ["source.kind=megatron", f"source.path={ckpt}",
+                                 f"source.hf_config={src}/config.json", *layout_args])
+        source = build_source(cfg, layout, on_gpu=False, stream=False)
+        assert source.model is not None
+        export(source.model, source.hf_config, dst)
+    coll.barrier()
+    mcore.destroy_parallel()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), *sys.argv[7:8])
