@@ -65,3 +65,31 @@ def test_moe_resharded_as_the_loaded_model(tmp_path, case):
                  script="tests/dist/dcp_worker.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _different(tmp_path / "out", tmp_path / "built") == []
+
+
+WIDE = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
+            max_position_embeddings=256)
+GROWTH = 32e6     # a rank's peak may grow by this while the checkpoint grows by ~250 MB (loaded whole: ~125 MB a rank)
+BUDGET = 160e6    # what the export may add on any rank: staging slabs (3 x 64 MiB on rank 0) plus two units
+
+
+def _peak_rss(tmp_path, layers: int) -> tuple[int, list[float]]:
+    """A checkpoint of ``layers`` saved at tp=1, exported at tp=2: its bytes and the RSS the export added per rank."""
+    src, ckpt, state = _save(tmp_path, tf.LlamaConfig(num_hidden_layers=layers, **WIDE), 1, tp=1, name=f"m{layers}")
+    out = tmp_path / f"out{layers}"
+    stdout = _export(src, ckpt, out, 2, ["parallel.tp=2"])
+    assert mismatches(out, state) == []
+    added = re.search(r"the export added: ([\d. ]+) GB", stdout).group(1)
+    return sum(t.numel() * t.element_size() for t in state.values()), [float(x) * 1e9 for x in added.split()]
+
+
+def test_peak_rss_flat_in_depth(tmp_path):
+    small_bytes, small = _peak_rss(tmp_path, 2)
+    big_bytes, big = _peak_rss(tmp_path, 12)
+    assert big_bytes - small_bytes > 200e6
+    growth = [b - s for b, s in zip(big, small)]
+    print(f"peak RSS added per rank (MB): 2 layers {[round(x / 1e6) for x in small]}, "
+          f"12 layers {[round(x / 1e6) for x in big]}")
+    assert max(small + big) < BUDGET, f"the export added {[round(x / 1e6) for x in small + big]} MB"
+    assert max(growth) < GROWTH, f"peak RSS per rank grew by {[g / 1e6 for g in growth]} MB for " \
+                                 f"{(big_bytes - small_bytes) / 1e6:.0f} MB more checkpoint"
