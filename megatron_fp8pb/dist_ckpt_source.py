@@ -116,10 +116,13 @@ def _sharded_tensors(obj) -> list:
 
 
 def _with_data(obj):
-    """The nested structure with every ShardedTensor replaced by its (loaded) data: what a factory's merge takes."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    """The nested structure with every ShardedTensor replaced by its (loaded) data and every local object unwrapped:
+    what a factory's merge takes."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
     if isinstance(obj, ShardedTensor):
         return obj.data
+    if isinstance(obj, LocalNonpersistentObject):
+        return obj.unwrap()
     if isinstance(obj, dict):
         return {k: _with_data(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -148,12 +151,15 @@ def read_sharded(path: str, metadata: Metadata, spec) -> torch.Tensor:
     return spec.merge_fn(_with_data(built)) if factory else buf
 
 
-def sharded_specs(d: Dims, dtype: torch.dtype, layout: Layout, vocab_rows: int | None) -> dict:
+def sharded_specs(d: Dims, dtype: torch.dtype, layout: Layout, vocab_rows: int | None,
+                  content_metadata: dict | None = None) -> dict:
     """Local parameter name -> its ShardedTensor / ShardedTensorFactory, from a GPTModel of this layout built on the
-    meta device (megatron-core's parallel state must be initialized)."""
+    meta device (megatron-core's parallel state must be initialized). ``content_metadata``: the checkpoint's (how
+    its state dict was laid out)."""
     with torch.device("meta"):
         model = mcore.build_gpt(d, dtype, layout, vocab_rows=vocab_rows)
-    return {name: spec for name, spec in model.sharded_state_dict().items() if not name.endswith("_extra_state")}
+    specs = model.sharded_state_dict(metadata=content_metadata)
+    return {name: spec for name, spec in specs.items() if not name.endswith("_extra_state")}
 
 
 def check_against_metadata(path: str, metadata: Metadata, specs: dict, names: list[str]) -> None:
@@ -181,7 +187,7 @@ def megatron_params(path: str, d: Dims, layout: Layout, dtype: torch.dtype,
     layout's model would load (``vocab_rows``: the checkpoint's padded vocabulary), split into the pieces it
     exports."""
     metadata = read_checkpoint_metadata(path)
-    specs = sharded_specs(d, dtype, layout, vocab_rows)
+    specs = sharded_specs(d, dtype, layout, vocab_rows, mcore.checkpoint_content_metadata(path))
     shapes = local_param_shapes(d, layout, vocab_rows)
     missing = [name for name, _ in shapes if name not in specs]
     if missing:

@@ -352,11 +352,26 @@ def _cpu_safe_cuda_sync():
         torch.cuda.synchronize, torch.cuda.current_device = saved
 
 
-def save_dist_checkpoint(model, path: str) -> None:
+def save_dist_checkpoint(model, path: str, content_metadata: dict | None = None) -> None:
+    """``content_metadata``: how the state dict is laid out (e.g. ``{"singleton_local_shards": True}``: experts as
+    one tensor each), saved with the checkpoint as a Megatron training job does."""
     from megatron.core import dist_checkpointing
     os.makedirs(path, exist_ok=True)
     with _cpu_safe_cuda_sync():
-        dist_checkpointing.save(unwrap(model).sharded_state_dict(), path)
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(metadata=content_metadata), path,
+                                content_metadata=content_metadata)
+
+
+def checkpoint_content_metadata(path: str) -> dict | None:
+    """The content metadata a Megatron job saved with its dist checkpoint (how its state dict was laid out, e.g.
+    experts as singleton shards): ``sharded_state_dict(metadata=...)`` must be asked with it to describe the same
+    layout. None when absent or unreadable (the common file may hold objects only the training code can load)."""
+    import pickle
+    from megatron.core import dist_checkpointing
+    try:
+        return dist_checkpointing.load_content_metadata(path)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return None
 
 
 def load_dist_checkpoint(model, path: str) -> None:
@@ -369,7 +384,7 @@ def load_dist_checkpoint(model, path: str) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     try:
         with _cpu_safe_cuda_sync():
-            state = dist_checkpointing.load(m.sharded_state_dict(), path)
+            state = dist_checkpointing.load(m.sharded_state_dict(metadata=checkpoint_content_metadata(path)), path)
     except (CheckpointingException, CheckpointException) as e:
         raise ValueError(f"Megatron checkpoint {path} does not fit the architecture of source.hf_config ({e}); it "
                          f"was saved from a different model: point source.hf_config at that model's config") from e

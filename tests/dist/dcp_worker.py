@@ -1,6 +1,7 @@
 """torchrun worker for tests at tp/pp/ep: ``save`` builds a Megatron model from an HF checkpoint and saves it as a
-Megatron distributed checkpoint (torch_dist); ``built`` exports such a checkpoint the reference way, loaded whole
-into a built Megatron model by megatron-core's dist_checkpointing.load, through the in-process API."""
+Megatron distributed checkpoint (torch_dist; with a last argument ``singleton``, experts saved as one tensor each
+and the content metadata that says so); ``built`` exports such a checkpoint the reference way, loaded whole into a
+built Megatron model by megatron-core's dist_checkpointing.load, through the in-process API."""
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int, ep: int, ckpt: str = "
     layout_args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
     if mode == "save":
         cfg = load_config(None, ["source.kind=hf", f"source.path={src}", *layout_args])
-        mcore.save_dist_checkpoint(build_source(cfg, layout, on_gpu=False).model, dst)
+        meta = {"singleton_local_shards": True} if ckpt == "singleton" else None
+        mcore.save_dist_checkpoint(build_source(cfg, layout, on_gpu=False).model, dst, meta)
     else:
         cfg = load_config(None, ["source.kind=megatron", f"source.path={ckpt}",
                                  f"source.hf_config={src}/config.json", *layout_args])

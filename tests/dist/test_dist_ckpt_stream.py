@@ -11,11 +11,12 @@ import transformers as tf
 from helpers import RAGGED, mismatches, ragged_deepseek_v3, ragged_qwen3_moe, read_output, torchrun, write_hf_source
 
 
-def _save(tmp_path, cfg, world: int, tp: int, pp: int = 1, ep: int = 1, name: str = "mcore"):
-    """An HF source of ``cfg`` and the Megatron dist checkpoint a job at tp/pp/ep saves of it."""
+def _save(tmp_path, cfg, world: int, tp: int, pp: int = 1, ep: int = 1, *how: str, name: str = "mcore"):
+    """An HF source of ``cfg`` and the Megatron dist checkpoint a job at tp/pp/ep saves of it (``how``: "singleton"
+    saves every expert as its own tensor)."""
     src, ckpt = tmp_path / f"src_{name}", tmp_path / name
     state = write_hf_source(src, cfg)
-    r = torchrun(world, ["save", str(src), str(ckpt), str(tp), str(pp), str(ep)], script="tests/dist/dcp_worker.py")
+    r = torchrun(world, ["save", str(src), str(ckpt), str(tp), str(pp), str(ep), *how], script="tests/dist/dcp_worker.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return src, ckpt, state
 
@@ -50,13 +51,15 @@ def _different(a, b) -> list[str]:
             got[n].reshape(-1).view(torch.uint8), want[n].reshape(-1).view(torch.uint8))]
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["deepseek_v3", "qwen3_moe", "qwen3_moe_singleton_experts"])
 def test_moe_resharded_as_the_loaded_model(tmp_path, case):
     """DeepSeek-V3 (multi-latent attention, shared expert, expert bias, a multi-token-prediction layer) saved at ep=2
-    exported at tp=2; Qwen3-MoE saved at tp=2 (experts split by etp=2) exported at ep=2. Both byte for byte the
+    exported at tp=2; Qwen3-MoE saved at tp=2 (experts split by etp=2) exported at ep=2, and saved at ep=2 with every
+    expert its own tensor (content metadata ``singleton_local_shards``) exported at tp=2. All byte for byte the
     reference, and the same files as megatron-core's own load of the whole model at the export layout."""
     cfg, save, export = {"deepseek_v3": (ragged_deepseek_v3(), (1, 1, 2), (2, 1, 1)),
-                         "qwen3_moe": (ragged_qwen3_moe(), (2, 1, 1), (1, 1, 2))}[case]
+                         "qwen3_moe": (ragged_qwen3_moe(), (2, 1, 1), (1, 1, 2)),
+                         "qwen3_moe_singleton_experts": (ragged_qwen3_moe(), (1, 1, 2, "singleton"), (2, 1, 1))}[case]
     src, ckpt, state = _save(tmp_path, cfg, 2, *save)
     tp, pp, ep = export
     _export(src, ckpt, tmp_path / "out", 2, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"])
