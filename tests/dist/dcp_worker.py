@@ -14,17 +14,18 @@ from megatron_fp8pb.config import load_config  # noqa: E402
 from megatron_fp8pb.sources import build_source  # noqa: E402
 
 
-def main(mode: str, src: str, dst: str, tp: int, pp: int, ep: int, ckpt: str = "") -> None:
+def main(mode: str, src: str, dst: str, tp: int, pp: int, ep: int, extra: str = "") -> None:
+    """``extra``: "singleton" or nothing for ``save``, the checkpoint for ``built``."""
     mcore.init_distributed("gloo", 120)
     mcore.initialize_parallel(tp, pp, ep)
     layout, _ = mcore.layout_and_groups()
     layout_args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
     if mode == "save":
         cfg = load_config(None, ["source.kind=hf", f"source.path={src}", *layout_args])
-        meta = {"singleton_local_shards": True} if ckpt == "singleton" else None
+        meta = {"singleton_local_shards": True} if extra == "singleton" else None
         mcore.save_dist_checkpoint(build_source(cfg, layout, on_gpu=False).model, dst, meta)
     else:
-        cfg = load_config(None, ["source.kind=megatron", f"source.path={ckpt}",
+        cfg = load_config(None, ["source.kind=megatron", f"source.path={extra}",
                                  f"source.hf_config={src}/config.json", *layout_args])
         source = build_source(cfg, layout, on_gpu=False, stream=False)
         assert source.model is not None

@@ -16,7 +16,8 @@ def _save(tmp_path, cfg, world: int, tp: int, pp: int = 1, ep: int = 1, *how: st
     saves every expert as its own tensor)."""
     src, ckpt = tmp_path / f"src_{name}", tmp_path / name
     state = write_hf_source(src, cfg)
-    r = torchrun(world, ["save", str(src), str(ckpt), str(tp), str(pp), str(ep), *how], script="tests/dist/dcp_worker.py")
+    r = torchrun(world, ["save", str(src), str(ckpt), str(tp), str(pp), str(ep), *how],
+                 script="tests/dist/dcp_worker.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return src, ckpt, state
 
