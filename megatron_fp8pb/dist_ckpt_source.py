@@ -42,6 +42,23 @@ def read_checkpoint_metadata(path: str) -> Metadata:
     return FileSystemReader(path).read_metadata()
 
 
+def padded_vocab_rows(metadata: Metadata, path: str, tp_size: int, vocab: int) -> int | None:
+    """The padded vocabulary the checkpoint was saved with (its embedding's global rows), which the export layout
+    must reuse to read it; None when the checkpoint holds no embedding."""
+    saved = metadata.state_dict_metadata
+    emb = saved.get("embedding.word_embeddings.weight") or saved.get("output_layer.weight")
+    if not isinstance(emb, TensorStorageMetadata):
+        return None
+    rows = int(emb.size[0])
+    if rows % tp_size:
+        raise ValueError(f"Megatron checkpoint {path} has a padded vocabulary of {rows} rows, which tp({tp_size}) "
+                         f"does not divide ({rows} % {tp_size} = {rows % tp_size}); choose a tp that divides it")
+    if rows < vocab:
+        raise ValueError(f"Megatron checkpoint {path} has {rows} vocabulary rows but source.hf_config says "
+                         f"vocab_size={vocab}; the config describes another model")
+    return rows
+
+
 class _Reader(FileSystemReader):
     """A FileSystemReader that reuses metadata read once (every parameter's read would otherwise re-read it)."""
 
@@ -54,28 +71,17 @@ class _Reader(FileSystemReader):
 
 
 class _RegionPlanner(LoadPlanner):
-    """Reads regions of saved tensors into given buffers: ``regions`` maps a checkpoint key to
-    [(offsets in the global tensor, buffer shaped as the region)]. Fails when the saved chunks do not cover them."""
+    """Runs reads planned beforehand (``items``, from ``plan_reads``) into ``regions``: (checkpoint key, offsets of
+    the region in the global tensor) -> the buffer, shaped as the region."""
 
-    def __init__(self, regions: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]]):
-        self.regions = regions
+    def __init__(self, items: list[ReadItem], regions: dict[tuple[str, tuple[int, ...]], torch.Tensor]):
+        self.items, self.regions = items, regions
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator=False, *args, **kwargs) -> None:
-        self.metadata = metadata
+        pass
 
     def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, regions in self.regions.items():
-            chunks = [ChunkStorageMetadata(offsets=torch.Size(off), sizes=buf.shape) for off, buf in regions]
-            got = create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
-            for k, (off, buf) in enumerate(regions):
-                covered = sum(_numel(r.lengths) for r in got if r.dest_index.index == k)
-                if covered != buf.numel():
-                    raise ValueError(f"Megatron checkpoint tensor {key!r}: the saved chunks cover {covered} of the "
-                                     f"{buf.numel()} elements at offset {list(off)} size {list(buf.shape)}; the "
-                                     f"checkpoint is incomplete (an interrupted save?)")
-            items += got
-        return LoadPlan(items)
+        return LoadPlan(list(self.items))
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         return global_plan
@@ -87,7 +93,7 @@ class _RegionPlanner(LoadPlanner):
         raise AssertionError(f"unexpected non-tensor read of {read_item.dest_index.fqn}")
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        buf = self.regions[read_item.dest_index.fqn][read_item.dest_index.index][1]
+        buf = self.regions[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
         for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
             buf = buf.narrow(dim, off, n)
         return buf
@@ -135,20 +141,32 @@ def _region(st) -> tuple[tuple[int, ...], torch.Tensor]:
     return tuple(st.global_offset), st.data.view((1,) * st.prepend_axis_num + tuple(st.local_shape))
 
 
-def read_sharded(path: str, metadata: Metadata, spec) -> torch.Tensor:
-    """One local parameter from the checkpoint: ``spec`` is its entry of the meta model's sharded_state_dict (a
-    ShardedTensor, or a ShardedTensorFactory such as the gated fc1's) -> the tensor Megatron would hold."""
+def _built(spec):
+    """A parameter's entry of a sharded_state_dict -> what is saved: the ShardedTensor, or what its factory builds."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-    factory = isinstance(spec, ShardedTensorFactory)
-    dtype = spec.data.dtype
-    buf = torch.empty(tuple(spec.data.shape), dtype=dtype)
-    built = replace(spec, data=buf).build() if factory else replace(spec, data=buf)
-    regions: dict[str, list] = {}
-    for st in _sharded_tensors(built):
-        regions.setdefault(st.key, []).append(_region(st))
+    return spec.build() if isinstance(spec, ShardedTensorFactory) else spec
+
+
+def read_sharded(path: str, metadata: Metadata, spec, items: list[ReadItem]) -> torch.Tensor:
+    """One local parameter from the checkpoint: ``spec`` is its entry of the meta model's sharded_state_dict (a
+    ShardedTensor, or a ShardedTensorFactory such as the gated fc1's), ``items`` its reads (``plan_reads``) -> the
+    tensor Megatron would hold."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from torch.distributed.checkpoint import load
-    load({}, storage_reader=_Reader(path, metadata), planner=_RegionPlanner(regions), no_dist=True)
-    return spec.merge_fn(_with_data(built)) if factory else buf
+    from torch.distributed.checkpoint.api import CheckpointException
+    buf = torch.empty(tuple(spec.data.shape), dtype=spec.data.dtype)
+    built = _built(replace(spec, data=buf))
+    regions = {}
+    for st in _sharded_tensors(built):
+        off, region = _region(st)
+        regions[(st.key, off)] = region
+    try:
+        load({}, storage_reader=_Reader(path, metadata), planner=_RegionPlanner(items, regions), no_dist=True)
+    except CheckpointException as e:   # what failed on this rank, as torch.distributed.checkpoint wraps it
+        cause = next(iter(e.failures.values()))[0] if e.failures else e
+        raise ValueError(f"Megatron checkpoint {path}: reading {sorted({k for k, _ in regions})} failed: "
+                         f"{type(cause).__name__}: {cause}") from cause
+    return spec.merge_fn(_with_data(built)) if isinstance(spec, ShardedTensorFactory) else buf
 
 
 def sharded_specs(d: Dims, dtype: torch.dtype, layout: Layout, vocab_rows: int | None,
@@ -162,13 +180,14 @@ def sharded_specs(d: Dims, dtype: torch.dtype, layout: Layout, vocab_rows: int |
     return {name: spec for name, spec in specs.items() if not name.endswith("_extra_state")}
 
 
-def check_against_metadata(path: str, metadata: Metadata, specs: dict, names: list[str]) -> None:
-    """Every parameter the export reads is in the checkpoint with the global shape this layout expects."""
+def plan_reads(path: str, metadata: Metadata, specs: dict, names: list[str]) -> dict[str, list[ReadItem]]:
+    """Parameter name -> the reads of saved chunks that fill it, planned once per checkpoint key for all of this
+    rank's parameters. Every parameter must be in the checkpoint with the global shape this layout expects, and the
+    saved chunks must cover this rank's region of it."""
     saved = metadata.state_dict_metadata
+    wanted: dict[str, list[tuple[str, tuple[int, ...], torch.Tensor]]] = {}
     for name in names:
-        spec = specs[name]
-        built = spec.build() if not hasattr(spec, "global_shape") else spec
-        for st in _sharded_tensors(built):
+        for st in _sharded_tensors(_built(specs[name])):
             md = saved.get(st.key)
             if not isinstance(md, TensorStorageMetadata):
                 raise ValueError(f"Megatron checkpoint {path} has no tensor {st.key!r} (parameter {name}): it does "
@@ -179,21 +198,35 @@ def check_against_metadata(path: str, metadata: Metadata, specs: dict, names: li
                                  f"architecture of source.hf_config makes it {list(st.global_shape)} (parameter "
                                  f"{name}): the checkpoint does not fit the architecture of source.hf_config; point "
                                  f"source.hf_config at the config of the model that was saved")
+            wanted.setdefault(st.key, []).append((name, *_region(st)))
+    out: dict[str, list[ReadItem]] = {name: [] for name in names}
+    for key, regions in wanted.items():
+        chunks = [ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(r.shape)) for _, off, r in regions]
+        covered = [0] * len(regions)
+        for item in create_read_items_for_chunk_list(key, saved[key], chunks):
+            k = item.dest_index.index
+            out[regions[k][0]].append(item)
+            covered[k] += _numel(item.lengths)
+        for (name, off, region), n in zip(regions, covered):
+            if n != region.numel():
+                raise ValueError(f"Megatron checkpoint {path}: the saved chunks of {key!r} cover {n} of the "
+                                 f"{region.numel()} elements at offset {list(off)} size {list(region.shape)} "
+                                 f"(parameter {name}); the checkpoint is incomplete (an interrupted save?)")
+    return out
 
 
-def megatron_params(path: str, d: Dims, layout: Layout, dtype: torch.dtype,
+def megatron_params(path: str, metadata: Metadata, d: Dims, layout: Layout, dtype: torch.dtype,
                     vocab_rows: int | None) -> list[tuple[str, LazyParam]]:
-    """This rank's parameters over a Megatron dist checkpoint, each read when its unit comes: the local tensor this
-    layout's model would load (``vocab_rows``: the checkpoint's padded vocabulary), split into the pieces it
-    exports."""
-    metadata = read_checkpoint_metadata(path)
+    """This rank's parameters over a Megatron dist checkpoint (``metadata``: its ``read_checkpoint_metadata``), each
+    read when its unit comes: the local tensor this layout's model would load (``vocab_rows``: the checkpoint's
+    padded vocabulary), split into the pieces it exports."""
     specs = sharded_specs(d, dtype, layout, vocab_rows, mcore.checkpoint_content_metadata(path))
     shapes = local_param_shapes(d, layout, vocab_rows)
     missing = [name for name, _ in shapes if name not in specs]
     if missing:
         raise ValueError(f"the Megatron model of source.hf_config has no parameters {missing[:5]} that the export "
                          f"rules read; the architecture's Megatron names and its rules disagree")
-    check_against_metadata(path, metadata, specs, [name for name, _ in shapes])
+    reads = plan_reads(path, metadata, specs, [name for name, _ in shapes])
     out = []
     for name, shape in shapes:
         spec = specs[name]
@@ -201,7 +234,7 @@ def megatron_params(path: str, d: Dims, layout: Layout, dtype: torch.dtype,
             raise ValueError(f"Megatron parameter {name} is {list(spec.data.shape)} in the model of "
                              f"source.hf_config but the export rules expect {list(shape)} at {layout.describe()}")
 
-        def load(plan: ParamPlan, spec=spec) -> list[torch.Tensor]:
-            return pieces_of(plan, read_sharded(path, metadata, spec), d)
+        def load(plan: ParamPlan, spec=spec, items=reads[name]) -> list[torch.Tensor]:
+            return pieces_of(plan, read_sharded(path, metadata, spec, items), d)
         out.append((name, LazyParam(tuple(shape), load, spec.data.dtype)))
     return out

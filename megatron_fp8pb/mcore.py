@@ -148,22 +148,6 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     return block
 
 
-def checkpoint_padded_vocab(path: str, tp_size: int) -> int | None:
-    """The padded vocabulary a Megatron dist checkpoint was saved with (its embedding's global rows), which the
-    export layout must reuse to load it; None when the checkpoint holds no embedding."""
-    from megatron.core import dist_checkpointing
-    with _cpu_safe_cuda_sync():
-        meta = dist_checkpointing.load_tensors_metadata(path)
-    emb = meta.get("embedding.word_embeddings.weight") or meta.get("output_layer.weight")
-    if emb is None:
-        return None
-    rows = int(emb.global_shape[0])
-    if rows % tp_size:
-        raise ValueError(f"Megatron checkpoint {path} has a padded vocabulary of {rows} rows, which tp({tp_size}) "
-                         f"does not divide ({rows} % {tp_size} = {rows % tp_size}); choose a tp that divides it")
-    return rows
-
-
 def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = False, vocab_divisible_by: int = 128,
               vocab_rows: int | None = None, vp_stage: int | None = None):
     """A megatron-core GPTModel for this pipeline stage (its chunk ``vp_stage`` under a virtual pipeline), weights

@@ -106,16 +106,12 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         dtype = config_dtype(hfc)
     rows = None
     if s.kind == "megatron":
-        if not __import__("os").path.isdir(s.path):
-            raise FileNotFoundError(f"source.path {s.path} is not a Megatron distributed checkpoint directory")
-        rows = mcore.checkpoint_padded_vocab(s.path, layout.tp_size)
-        if rows is not None and rows < d.vocab:
-            raise ValueError(f"Megatron checkpoint {s.path} has {rows} vocabulary rows but source.hf_config says "
-                             f"vocab_size={d.vocab}; the config describes another model")
-    if stream and s.kind == "megatron":
-        from .dist_ckpt_source import megatron_params
-        return Source(None, hfc, d, dtype, None, extra, megatron_params(s.path, d, layout, dtype, rows),
-                      stage_layers(d, layout))
+        from . import dist_ckpt_source as dcs
+        metadata = dcs.read_checkpoint_metadata(s.path)
+        rows = dcs.padded_vocab_rows(metadata, s.path, layout.tp_size, d.vocab)
+        if stream:
+            params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows)
+            return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
     if stream and s.kind in STREAMED_KINDS:
         return Source(None, hfc, d, dtype, reader, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
     model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu, vocab_rows=rows)

@@ -97,3 +97,28 @@ def test_peak_rss_flat_in_depth(tmp_path):
     assert max(small + big) < BUDGET, f"the export added {[round(x / 1e6) for x in small + big]} MB"
     assert max(growth) < GROWTH, f"peak RSS per rank grew by {[g / 1e6 for g in growth]} MB for " \
                                  f"{(big_bytes - small_bytes) / 1e6:.0f} MB more checkpoint"
+
+
+def test_refuses_what_it_cannot_read(tmp_path):
+    """A checkpoint in another format, or one whose saved chunks leave part of a tensor uncovered (an interrupted
+    save), is refused on every rank with one line, and nothing is written."""
+    import pickle
+    import shutil
+    src, ckpt, _ = _save(tmp_path, tf.LlamaConfig(**RAGGED), 1, tp=1)
+    zarr, holed = tmp_path / "zarr", tmp_path / "holed"
+    shutil.copytree(ckpt, zarr)
+    (zarr / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1}')
+    shutil.copytree(ckpt, holed)
+    meta = pickle.loads((holed / ".metadata").read_bytes())
+    chunks = meta.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"].chunks
+    assert len(chunks) == 2    # one per layer
+    chunks.pop()
+    (holed / ".metadata").write_bytes(pickle.dumps(meta))
+    for bad, says in ((zarr, "in the 'zarr' format"), (holed, "the checkpoint is incomplete")):
+        out = tmp_path / f"out_{bad.name}"
+        r = torchrun(2, ["source.kind=megatron", f"source.path={bad}", f"source.hf_config={src}/config.json",
+                         f"output.dir={out}", "parallel.tp=2"])
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert r.returncode != 0 and len(errors) == 1 and says in errors[0], r.stderr[-3000:]
+        assert "megatron_fp8pb/" not in r.stderr     # no traceback of ours
+        assert not out.exists()
