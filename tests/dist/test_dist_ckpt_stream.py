@@ -100,8 +100,8 @@ def test_peak_rss_flat_in_depth(tmp_path):
 
 
 def test_refuses_what_it_cannot_read(tmp_path):
-    """A checkpoint in another format, or one whose saved chunks leave part of a tensor uncovered (an interrupted
-    save), is refused on every rank with one line, and nothing is written."""
+    """A checkpoint in another format, one whose saved chunks leave part of a tensor uncovered (an interrupted save),
+    or one missing a data file is refused on every rank with one line, and nothing is written."""
     import pickle
     import shutil
     src, ckpt, _ = _save(tmp_path, tf.LlamaConfig(**RAGGED), 1, tp=1)
@@ -114,7 +114,11 @@ def test_refuses_what_it_cannot_read(tmp_path):
     assert len(chunks) == 2    # one per layer
     chunks.pop()
     (holed / ".metadata").write_bytes(pickle.dumps(meta))
-    for bad, says in ((zarr, "in the 'zarr' format"), (holed, "the checkpoint is incomplete")):
+    lost = tmp_path / "lost"      # a data file gone: found when its first unit is read, mid-export
+    shutil.copytree(ckpt, lost)
+    (lost / "__0_0.distcp").unlink()
+    for bad, says in ((zarr, "in the 'zarr' format"), (holed, "the checkpoint is incomplete"),
+                      (lost, "FileNotFoundError")):
         out = tmp_path / f"out_{bad.name}"
         r = torchrun(2, ["source.kind=megatron", f"source.path={bad}", f"source.hf_config={src}/config.json",
                          f"output.dir={out}", "parallel.tp=2"])
