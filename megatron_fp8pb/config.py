@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -128,7 +129,6 @@ class OutputConfig:
 
     def __post_init__(self):
         _check_choices(self)
-        from .writer import parse_size
         parse_size(self.max_shard_size)
 
 
@@ -278,3 +278,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise TypeError(f"config file {path} must hold a mapping")
         cfg = _merge(cfg, data)
     return _merge(cfg, _dotted(list(overrides)))
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (huggingface_hub's convention: GB = 10**9, GiB = 2**30)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"output.max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
+    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(num * mult)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import mcore
+from . import mcore, readahead
 from .archs import Dims, dims_from_hf, rules_for
 from .archs.base import TIED_COPY
 from .config import ExportConfig
@@ -96,7 +96,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     elif s.kind == "random":
         reader, extra, dtype = None, {}, torch.bfloat16
     elif s.kind == "hf":
-        reader, extra = HFReader(s.path), source_side_files(s.path)
+        ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank)
+        reader, extra = HFReader(s.path, ahead), source_side_files(s.path)
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)
     else:
