@@ -158,7 +158,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
             from .verify import verify_checkpoint
-            tps, for_transformers = options.serve_targets
+            tps, for_transformers = options.quant.serve_targets()
             report = verify_checkpoint(result.out_dir, source=src.truth, serve_tp=tps,
                                        serve_transformers=for_transformers)
             log0("verification:\n" + report.table())

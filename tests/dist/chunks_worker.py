@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from megatron_fp8pb import collectives as coll, export, mcore  # noqa: E402
 from megatron_fp8pb.archs import dims_from_hf  # noqa: E402
 from megatron_fp8pb.hf_source import HFReader, hf_config  # noqa: E402
+from megatron_fp8pb.options import ExportOptions, RankView  # noqa: E402
 from megatron_fp8pb.pipeline import run_export  # noqa: E402
 from megatron_fp8pb.sources import load_hf_weights  # noqa: E402
 
@@ -40,9 +41,9 @@ def main(mode: str, src: str, dst: str, tp: int, pp: int, vp: int) -> None:
                 t = reader.read(f"model.layers.{layer}.self_attn.{hf}.weight")     # whole, on every tp rank
                 styles[name] = "replicated"
             items.append((name, t))
-        result = run_export(mcore.LocalParams(items, styles), d, layout, groups, cfg, dst, max_shard_size="200KB",
-                            layer_of_local=mcore.layer_numbers(model),
-                            num_local_experts=mcore.num_local_experts(d, layout))
+        view = RankView(mcore.LocalParams(items, styles), mcore.layer_numbers(model),
+                        mcore.num_local_experts(d, layout))
+        result = run_export(view, d, layout, groups, cfg, dst, ExportOptions(max_shard_size="200KB"))
     if coll.rank() == 0:
         print(f"CHUNKS_OK tensors={result.num_tensors} traffic={result.traffic.__dict__}")
     coll.barrier()
