@@ -26,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
     from megatron_fp8pb.errors import cli
-    from megatron_fp8pb.log import quiet_known_warnings
-    quiet_known_warnings()
     from megatron_fp8pb.run import run
     return cli(run, args.config, args.overrides)
 
