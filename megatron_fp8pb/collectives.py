@@ -1,7 +1,7 @@
 """The export's collectives: amax all-reduce, piece transfer to rank 0, object exchange. The other modules that
-touch torch.distributed: ``mcore`` (creates the process group; megatron-core's parallel state, dist checkpoints),
-``errors`` (a refused CLI job with a process group up leaves without its teardown) and ``run`` (destroys the
-process group at the end of the CLI job).
+touch torch.distributed: ``session`` (starts and destroys the process group of a job), ``mcore`` (megatron-core's
+parallel state, dist checkpoints) and ``errors`` (a refused job with a process group still up leaves without its
+teardown).
 
 Every function takes its process group explicitly. Tensors travel as uint8 views so fp8 and bf16 need no backend
 dtype support; with NCCL they travel through ``device``.

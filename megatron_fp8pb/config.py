@@ -8,6 +8,7 @@ the run uses.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import re
 import typing
@@ -103,6 +104,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """What is quantized: the config's quant section, the in-process API's keywords (``quantize``, ``exclude``,
+    ``quantize_lm_head``, ``scale_fmt``, ``serve_tp``) and what the planner asks (``quantizes``). In an
+    ``options.ExportOptions``, ``exclude`` also holds the modules the serve targets would refuse."""
     SECTION: ClassVar[str] = "quant"
     enabled: bool = True            # false: write the source dtype, byte-identical to the source
     exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
@@ -113,10 +117,19 @@ class QuantConfig:
     def __post_init__(self):
         _check_choices(self)
         serve_targets(self.serve_tp)
+        object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def serve_targets(self) -> tuple[tuple[int, ...], bool]:
         """(vLLM/SGLang TP sizes, whether transformers is a target) of ``serve_tp``."""
         return serve_targets(self.serve_tp)
+
+    def quantizes(self, module: str, defaults: tuple[str, ...] = ()) -> bool:
+        """Whether HF module ``module`` is written in FP8. ``defaults``: the architecture's default excludes
+        (``archs.default_exclude``); ``lm_head`` lifts the default exclusion of lm_head."""
+        pats = tuple(defaults) + self.exclude
+        if module == "lm_head" and self.lm_head:
+            pats = tuple(p for p in pats if p != "lm_head")
+        return self.enabled and not any(fnmatch.fnmatchcase(module, p) for p in pats)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from .hf_output import config_json, quantization_config
 from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
-from .options import ExportOptions, RankView, view_and_options
+from .options import ExportOptions, RankView
 from .progress import Phases, Progress
-from .plan import (Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, final_unit,
+from .plan import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, final_unit,
                    plan_param)
 from .tp_slices import check_piece_finite, piece_dtype, pieces_of
 from .staging import SlabPool
@@ -48,19 +48,16 @@ class ExportResult:
     files: list[str] = field(default_factory=list)
 
 
-def make_plans(view: RankView, d: Dims, layout: Layout, quant: QuantChoice,
-               untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
+def make_plans(view: RankView, ctx: PlanContext) -> list[tuple[ParamPlan, torch.Tensor]]:
     """``view.params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
     sharding is checked against the module that holds the parameter."""
-    rules = rules_for(d)
     styles = getattr(view.params, "styles", None) or {}
     out = []
     for name, p in view.params:
         lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
-        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, view.layer_of_local, view.num_local_experts,
-                          untie, style=styles.get(name))
+        plan = plan_param(name, tuple(p.shape), ctx, style=styles.get(name))
         if not lazy and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
-            for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), d)):
+            for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), ctx.d)):
                 check_piece_finite(piece, t, name)
         out.append((plan, p if lazy else p.detach()))
     return out
@@ -227,14 +224,12 @@ class _Assembler:
         dst.copy_(rows)
 
 
-def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None,
-               options: ExportOptions | None = None, *, sink=None, **keywords) -> ExportResult:
-    """Export this rank's share of the model (``params``: a RankView, or its parameter list); call on every rank.
-    Returns the result (complete on rank 0). ``options`` (or the keywords ``options.view_and_options`` takes).
+def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None,
+               options: ExportOptions, *, sink=None) -> ExportResult:
+    """Export this rank's share of the model (``view``); call on every rank. Returns the result (complete on rank 0).
     ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
     interface of BackgroundWriter; see stream_api.TensorSink)."""
     t0 = time.perf_counter()
-    view, options = view_and_options(params, options, keywords)
     quant, out_dtype = options.quant, options.out_dtype or torch.bfloat16
     me = coll.rank()
     traffic = coll.Traffic()
@@ -245,7 +240,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     plans, error = [], None
     try:
         with stage("plan", me):
-            plans = make_plans(view, d, layout, quant, untie)
+            plans = make_plans(view, PlanContext.make(d, layout, quant, view.layer_of_local, view.num_local_experts,
+                                                      untie))
     except (ValueError, TypeError) as e:
         error = str(e)
     agree(error)

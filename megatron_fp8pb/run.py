@@ -4,18 +4,14 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 from . import collectives as coll
-from . import mcore
+from . import session
 from .archs import dims_from_hf
 from .config import ExportConfig, load_config
 from .errors import agree, is_expected, message, refuse_everywhere
 from .log import log0
 from .options import ExportOptions, RankView
 from .pipeline import run_export
-from .ranks import group_ranks, rank_layout
-from .stream import fixed_mmap_threshold
 from .sources import STREAMED_KINDS, build_source, source_config
 from .validate import check_layout
 
@@ -56,16 +52,6 @@ def check_output_on_rank0(cfg: ExportConfig) -> None:
         except (OSError, ValueError) as e:
             error, cause = message(e), e
     agree(error, name_rank=False, cause=cause)
-
-
-def process_age() -> float:
-    """Seconds since this process started (Linux /proc), so that interpreter start and imports are counted."""
-    try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return uptime - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def _status_bytes(field: str) -> int | None:
@@ -115,50 +101,46 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         if is_expected(e):
             raise refuse_everywhere(e) from e
         raise
-    p = cfg.parallel.resolved()
-    on_gpu, backend = p.on_gpu, p.backend
-    marks = [("start", process_age())]
-    mcore.init_distributed(backend, p.timeout_s)
+    start = session.process_age()
+    streamed = cfg.source.kind in STREAMED_KINDS     # no Megatron model: the layout and its groups without it
+    with session.started(cfg.parallel, megatron=not streamed) as sess:
+        ok = export_job(cfg, sess, [("start", start)] + sess.marks)
+    return 0 if ok else 1
+
+
+def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, float]]) -> bool:
+    """The CLI job inside its session: source -> export -> verification; whether every check passed (on every
+    rank). ``marks``: (step, seconds since the process started) so far."""
     check_output_on_rank0(cfg)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
-    marks.append(("process group", process_age()))
-    streamed = cfg.source.kind in STREAMED_KINDS
-    if streamed:    # no Megatron model: the layout and its groups without megatron-core
-        fixed_mmap_threshold()
-        layout = rank_layout(coll.rank(), coll.world_size(), p.tp, p.pp, p.ep, p.etp)
-        g = coll.new_groups(group_ranks(coll.world_size(), p.tp, p.pp, p.ep, p.etp))
-        groups = mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device())
-    else:
-        mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
-        layout, groups = mcore.layout_and_groups()
-    marks.append(("parallel state", process_age()))
+    layout = sess.layout
     rss_start = reset_peak_rss()
     src = error = cause = None
     try:
-        src = build_source(cfg, layout, on_gpu, stream=True)
+        src = build_source(cfg, layout, sess.on_gpu, stream=True)
     except (ValueError, TypeError, KeyError, OSError) as e:
         error, cause = message(e), e
     agree(error, cause=cause)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) "
          f"{'streamed' if src.model is None else 'built'} for "
-         f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
-    marks.append(("source", process_age()))
+         f"tp={layout.tp_size} pp={layout.pp_size} ep={layout.ep_size} on {sess.world} rank(s)")
+    marks.append(("source", session.process_age()))
     options = ExportOptions.from_config(cfg.quant, cfg.output, src.dims, src.dtype, src.extra_files)
-    result = run_export(RankView.of_source(src, layout), src.dims, layout, groups, src.hf_config, cfg.output.dir,
+    result = run_export(RankView.of_source(src, layout), src.dims, layout, sess.groups, src.hf_config, cfg.output.dir,
                         options)
     ok = True
-    if coll.rank() == 0:
+    if sess.rank == 0:
         t = result.traffic
         log0(f"wrote {result.num_tensors} tensors, {result.bytes_written / 1e9:.3f} GB to {result.out_dir} in "
              f"{result.seconds:.1f} s; bytes moved to rank 0: {t.p2p_received / 1e6:.2f} MB, amax all-reduce "
              f"{t.allreduce / 1e6:.3f} MB on rank 0; {len(result.quantized)} linears quantized, "
              f"not converted: {result.not_converted}")
-        marks.append(("export", process_age()))
+        marks.append(("export", session.process_age()))
         log0(f"phases: {result.phases.summary()}; files: {', '.join(result.files)}")
         log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
             from .verify import verify_checkpoint
-            tps, for_transformers = options.serve_targets
+            tps, for_transformers = options.quant.serve_targets()
             report = verify_checkpoint(result.out_dir, source=src.truth, serve_tp=tps,
                                        serve_transformers=for_transformers)
             log0("verification:\n" + report.table())
@@ -166,10 +148,4 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     rss = coll.gather_objects((rss_start, peak_rss_bytes()))
     log0("peak RSS per rank: " + " ".join(f"{b / 1e9:.3f}" for _, b in rss or []) + " GB; the export added: " +
          " ".join(f"{(b - s) / 1e9:.3f}" for s, b in rss or []) + " GB")
-    ok = coll.broadcast_object(ok)
-    coll.barrier()
-    if not streamed:
-        mcore.destroy_parallel()
-    torch.distributed.destroy_process_group()
-    return 0 if ok else 1
-
+    return coll.broadcast_object(ok)
