@@ -21,6 +21,7 @@ SourceKind = Literal["tiny", "hf", "megatron", "random"]
 Backend = Literal["auto", "gloo", "nccl"]
 Device = Literal["auto", "cpu", "cuda"]
 ScaleFmt = Literal["amax", "ue8m0"]
+Writers = Literal["rank0", "node"]
 
 
 def choices(cls, name: str) -> tuple | None:
@@ -125,6 +126,7 @@ class OutputConfig:
     max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
     overwrite: bool = False         # replace a non-empty output.dir
     verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
+    writers: Writers = "rank0"      # rank0: one writer | node: each node's first rank writes into the shared files
 
     def __post_init__(self):
         _check_choices(self)
