@@ -270,11 +270,11 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
         except (ValueError, OSError) as e:
             error = str(e)
     agree(error)
-    by_name, writer = routes.share(by_name, writer, out_dir, options)
+    own, writer = routes.share(by_name, writer, out_dir, options)     # the tensors this rank assembles
     finish_error = None
     try:
         with stage("transfer", me):
-            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases, routes)
+            _transfer(mine, own, groups, traffic, writer, out_dtype, d, streamed, result.phases, routes)
         routes.flush(writer)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, tiles in by_name.items() if tiles[0].linear})
