@@ -14,10 +14,12 @@ from helpers import free_port, launch_nodes, torchrun
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["parallel.backend=gloo", "parallel.device=cpu", "output.max_shard_size=1MB", "output.verify=false"]
 # (processes per node, layout): pp across the nodes; tp inside each node and pp across them; a tp group across
-# the nodes (node 1's writer sends its dense halves to node 0's) while node 1 writes its experts whole
+# the nodes (node 1's writer sends its dense halves to node 0's) while node 1 writes its experts whole; a Megatron
+# model built in each process (the tiny source is streamed from HF tensors, the random one is not)
 LAYOUTS = {"pp2": (1, ["parallel.pp=2"]),
            "tp2-pp2": (2, ["parallel.tp=2", "parallel.pp=2"]),
-           "moe-tp2-ep2": (1, ["source.arch=qwen3_moe", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"])}
+           "moe-tp2-ep2": (1, ["source.arch=qwen3_moe", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+           "built-model-tp2-pp2": (2, ["source.kind=random", "parallel.tp=2", "parallel.pp=2"])}
 
 
 def _two_nodes(out: Path, nproc: int, args: list[str], env: dict | None = None) -> list[tuple[int, str, str]]:
