@@ -126,6 +126,15 @@ def launch_nodes(cmds: list[list[str]], timeout: int = 300, env: dict | None = N
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
+def private_mounts_reason() -> str | None:
+    """Why a process cannot get a private mount namespace here (``unshare --mount``), or None when it can."""
+    try:
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "unshare (util-linux) is not installed"
+    return None if r.returncode == 0 else f"unshare --mount is not permitted here: {r.stderr.strip()}"
+
+
 def read_output(out: Path) -> dict[str, torch.Tensor]:
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     got = {}

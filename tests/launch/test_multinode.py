@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, launch_nodes
+from helpers import free_port, launch_nodes, private_mounts_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -43,17 +43,9 @@ def test_two_nodes_equal_one_node(tmp_path):
     assert _digests(one) == _digests(two)
 
 
-def _private_mounts_reason() -> str | None:
-    try:
-        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True)
-    except FileNotFoundError:
-        return "unshare (util-linux) is not installed"
-    return None if r.returncode == 0 else f"unshare --mount is not permitted here: {r.stderr.strip()}"
-
-
 def test_second_node_needs_no_output_filesystem(tmp_path):
     """Node 1 sees the output's parent as an empty read-only directory of its own (a private tmpfs)."""
-    reason = _private_mounts_reason()
+    reason = private_mounts_reason()
     if reason:
         print(f"skipping: {reason}")
         pytest.skip(reason)

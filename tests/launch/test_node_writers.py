@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, launch_nodes, torchrun
+from helpers import free_port, launch_nodes, private_mounts_reason, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["parallel.backend=gloo", "parallel.device=cpu", "output.max_shard_size=1MB", "output.verify=false"]
@@ -22,12 +22,17 @@ LAYOUTS = {"pp2": (1, ["parallel.pp=2"]),
            "built-model-tp2-pp2": (2, ["source.kind=random", "parallel.tp=2", "parallel.pp=2"])}
 
 
-def _two_nodes(out: Path, nproc: int, args: list[str], env: dict | None = None) -> list[tuple[int, str, str]]:
+def _two_nodes(out: Path, nproc: int, args: list[str], env: dict | None = None,
+               node1_prefix: tuple = ()) -> list[tuple[int, str, str]]:
     port = free_port()
-    return launch_nodes([[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}",
-                          f"--node_rank={k}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                          str(ROOT / "launch" / "export.py"), *BASE, *args, f"output.dir={out}",
-                          "output.writers=node"] for k in (0, 1)], env=env)
+    return launch_nodes([[*(node1_prefix if k else ()), sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                          f"--nproc_per_node={nproc}", f"--node_rank={k}", "--master_addr=127.0.0.1",
+                          f"--master_port={port}", str(ROOT / "launch" / "export.py"), *BASE, *args,
+                          f"output.dir={out}", "output.writers=node"] for k in (0, 1)], env=env)
+
+
+def _errors(results) -> list[str]:
+    return [line for _, o, e in results for line in (o + e).splitlines() if line.startswith("error:")]
 
 
 def _digests(out: Path) -> dict:
@@ -64,8 +69,7 @@ def test_writer_failure_on_node_1_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     results = _two_nodes(out, 1, ["parallel.pp=2"], env={"FP8PB_INJECT_FAULT": "1:write:enospc"})
     assert all(rc != 0 for rc, _, _ in results)
-    errors = [line for _, o, e in results for line in (o + e).splitlines() if line.startswith("error:")]
-    assert errors == ["error: rank 1, stage write: OSError: [Errno 28] No space left on device (injected)"], \
+    assert _errors(results) == ["error: rank 1, stage write: OSError: [Errno 28] No space left on device (injected)"], \
         "".join(e[-2000:] for _, _, e in results)
     assert not out.exists() and not out.with_name("out.partial").exists()
 
@@ -77,3 +81,22 @@ def test_one_node_is_one_writer(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "GB written by each writer rank" not in r.stdout
     assert (out / "model.safetensors.index.json").exists()
+
+
+def test_output_not_shared_with_node_1_is_refused(tmp_path):
+    """Node 1 sees the output's parent as an empty read-only directory of its own (a private tmpfs)."""
+    reason = private_mounts_reason()
+    if reason:
+        pytest.skip(reason)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    out = shared / "out"
+    results = _two_nodes(out, 1, ["parallel.pp=2"], node1_prefix=(
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        f'mount -t tmpfs -o ro tmpfs "{shared}" && exec "$0" "$@"'))
+    assert all(rc != 0 for rc, _, _ in results)
+    errors = _errors(results)
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1, stage write: ") and errors[0].endswith(
+        "is not visible here; output.writers=node needs output.dir on a filesystem that every node shares (or use "
+        "output.writers=rank0)"), errors
+    assert not out.exists() and not out.with_name("out.partial").exists()
