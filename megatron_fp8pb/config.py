@@ -126,7 +126,7 @@ class OutputConfig:
     max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
     overwrite: bool = False         # replace a non-empty output.dir
     verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
-    writers: Writers = "rank0"      # rank0: one writer | node: each node's first rank writes into the shared files
+    writers: Writers = "rank0"      # rank0 | node: a writer per node into a shared output.dir (one node: as rank0)
 
     def __post_init__(self):
         _check_choices(self)

@@ -80,3 +80,11 @@ def test_second_writer_refuses_a_missing_or_different_plan(tmp_path):
     assert first.tmp.exists()
     first.abort()
     assert not first.tmp.exists()
+
+
+def test_config_key():
+    from megatron_fp8pb.config import ExportConfig, load_config
+    assert ExportConfig().output.writers == "rank0"
+    assert load_config(None, ["output.writers=node"]).output.writers == "node"
+    with pytest.raises(ValueError, match="output.writers='disk': choose one of rank0, node"):
+        load_config(None, ["output.writers=disk"])
