@@ -1,9 +1,9 @@
 """Where assembled tensors are written: by rank 0 (``output.writers=rank0``), or by one writer per node
 (``output.writers=node``), so that a large export is not limited by one node's disk and network.
 
-With one writer per node, every node's first rank (its lowest global rank: torchrun's local rank 0) writes the tensors its node's ranks
-produce into the same shard files, at the offsets of the one shard plan, so the files are byte-identical to the
-single-writer export:
+With one writer per node, every node's first rank (its lowest global rank: torchrun's local rank 0) writes the
+tensors its node's ranks produce into the same shard files, at the offsets of the one shard plan, so the files are
+byte-identical to the single-writer export:
 
 1. rank 0 plans the shards, creates ``<out>.partial`` and preallocates every file (headers written) for all writers;
 2. every rank learns where its pieces go (a scatter); the other writers open the files and check their headers;

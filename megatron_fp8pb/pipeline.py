@@ -359,7 +359,8 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
     if not routes.writer:
         for u, items in _units(mine, d, streamed, groups.device):
             if items:
-                routes.wait(routes.send(items, quantize_unit(items, groups, traffic, out_dtype), traffic, groups.device))
+                payloads = quantize_unit(items, groups, traffic, out_dtype)
+                routes.wait(routes.send(items, payloads, traffic, groups.device))
         return
     asm = None
     if writer is not None:

@@ -61,7 +61,8 @@ class Progress:
         eta = f"{(self.total - p.written_bytes) / rate:.0f} s" if rate > 0 else "-"   # none before a write lands
         line = (f"{100 * p.written_bytes / self.total:3.0f}% | quantized {units_done}/{self.units} units | read "
                 f"{p.read_bytes / 1e9:.2f} GB ({p.read_bytes / 1e9 / dt:.2f} GB/s) | written "
-                f"{p.written_bytes / 1e9:.2f}/{self.total / 1e9:.2f} GB{self.scope} ({rate / 1e9:.2f} GB/s) | ETA {eta}")
+                f"{p.written_bytes / 1e9:.2f}/{self.total / 1e9:.2f} GB{self.scope} ({rate / 1e9:.2f} GB/s) | ETA "
+                f"{eta}")
         if self.tty:
             sys.stdout.write("\r[fp8pb] " + line + ("\n" if force else ""))
             sys.stdout.flush()
