@@ -66,6 +66,7 @@ class Routes:
         self.dest: dict[str, int] = {}     # HF name -> writer, for this rank's pieces (node mode)
         self.owner: dict[str, int] = {}    # rank 0: every tensor's writer (node mode)
         self.written: dict[int, int] = {}  # rank 0: bytes written by each other writer, once flushed
+        self.specs: list = []              # rank 0: the whole write plan, for the other writers
         self.scope = "rank 0's node" if self.node else ""
 
     @classmethod
