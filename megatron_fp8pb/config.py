@@ -23,6 +23,7 @@ SourceKind = Literal["tiny", "hf", "megatron", "random"]
 Backend = Literal["auto", "gloo", "nccl"]
 Device = Literal["auto", "cpu", "cuda"]
 ScaleFmt = Literal["amax", "ue8m0"]
+Writers = Literal["rank0", "node"]
 
 
 def choices(cls, name: str) -> tuple | None:
@@ -139,6 +140,7 @@ class OutputConfig:
     max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
     overwrite: bool = False         # replace a non-empty output.dir
     verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
+    writers: Writers = "rank0"      # rank0 | node: a writer per node into a shared output.dir (one node: as rank0)
 
     def __post_init__(self):
         _check_choices(self)

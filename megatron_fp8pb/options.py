@@ -22,6 +22,7 @@ class ExportOptions:
     overwrite: bool = False
     out_dtype: torch.dtype | None = None
     extra_files: dict = field(default_factory=dict)
+    writers: str = "rank0"      # output.writers: rank0 | node (node_writers.py)
 
     @classmethod
     def build(cls, d: Dims, quant: QuantConfig, *, out_dtype: torch.dtype | None = None,
@@ -37,8 +38,8 @@ class ExportOptions:
     def from_config(cls, q: QuantConfig, output, d: Dims, out_dtype: torch.dtype,
                     extra_files: dict | None = None) -> "ExportOptions":
         """The CLI's options: ``q`` the quant section, ``output`` the output section of the config."""
-        return cls.build(d, q, out_dtype=out_dtype, max_shard_size=output.max_shard_size,
-                         overwrite=output.overwrite, extra_files=extra_files)
+        return replace(cls.build(d, q, out_dtype=out_dtype, max_shard_size=output.max_shard_size,
+                                 overwrite=output.overwrite, extra_files=extra_files), writers=output.writers)
 
     @classmethod
     def from_keywords(cls, d: Dims, *, quantize: bool = True, exclude=(), quantize_lm_head: bool = False,

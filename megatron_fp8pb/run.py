@@ -137,6 +137,9 @@ def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, 
              f"not converted: {result.not_converted}")
         marks.append(("export", session.process_age()))
         log0(f"phases: {result.phases.summary()}; files: {', '.join(result.files)}")
+        if len(result.bytes_by_writer) > 1:
+            log0("GB written by each writer rank (output.writers=node; the phases count rank 0's): " +
+                 ", ".join(f"rank {r} {b / 1e9:.6f}" for r, b in sorted(result.bytes_by_writer.items())))
         log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
             from .verify import verify_checkpoint
