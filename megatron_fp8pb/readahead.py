@@ -155,7 +155,7 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
     try:
         from .config import load_config
         cfg = load_config(config_path, overrides)
-        if cfg.source.kind != "hf" or not cfg.source.path:
+        if cfg.source.kind != "hf" or not cfg.source.path or not cfg.source.readahead:
             return None
         hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
         hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc

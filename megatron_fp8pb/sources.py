@@ -96,7 +96,7 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     elif s.kind == "random":
         reader, extra, dtype = None, {}, torch.bfloat16
     elif s.kind == "hf":
-        ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank)
+        ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank) if s.readahead else None
         reader, extra = HFReader(s.path, ahead), source_side_files(s.path)
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)

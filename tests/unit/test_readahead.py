@@ -83,6 +83,8 @@ def test_reader_bytes_identical_with_readahead(tmp_path):
 
 def test_command_line_start_ignores_other_sources(tmp_path):
     assert readahead.start_for_command_line(None, ["source.kind=tiny"]) is None
+    assert readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}",
+                                                   "source.readahead=false"]) is None
     assert readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}/none"]) is None
     _checkpoint(tmp_path)
     (tmp_path / "config.json").write_text('{"num_hidden_layers": 6}')
