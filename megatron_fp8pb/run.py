@@ -92,6 +92,7 @@ def _exit_on_sigterm() -> None:
 
 
 def run(config_path: str | None, overrides: list[str]) -> int:
+    imported = session.process_age()
     _exit_on_sigterm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -104,7 +105,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     start = session.process_age()
     streamed = cfg.source.kind in STREAMED_KINDS     # no Megatron model: the layout and its groups without it
     with session.started(cfg.parallel, megatron=not streamed) as sess:
-        ok = export_job(cfg, sess, [("start", start)] + sess.marks)
+        ok = export_job(cfg, sess, [("imports", imported), ("checks", start)] + sess.marks)
     return 0 if ok else 1
 
 
