@@ -19,7 +19,6 @@ from .safetensors_layout import byte_ranges
 
 CHUNK = 4 << 20        # bytes per read
 THREADS = 8            # reads in flight (the disk's queue depth)
-EARLY_THREADS = 1      # while the interpreter imports: its own page faults must not queue behind the readahead
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 _ACTIVE: dict[str, "Readahead"] = {}
 _LOCK = threading.Lock()
@@ -30,7 +29,7 @@ class Readahead:
     ``window`` bytes ahead of the tensor the reader last asked for (``consumed``)."""
 
     def __init__(self, ranges: list[tuple[str, Path, int, int]], window: int, threads: int = THREADS,
-                 chunk: int = CHUNK, early: int | None = None):
+                 chunk: int = CHUNK):
         self._pos: dict[str, int] = {}
         self._chunks: list[tuple[Path, int, int, int]] = []
         pos = 0
@@ -44,22 +43,10 @@ class Readahead:
         self._stop = False
         self._cv = threading.Condition()
         self._fds: dict[Path, int] = {}
-        self._threads: list[threading.Thread] = []
-        self._wanted = min(threads, len(self._chunks))
-        self._add_threads(self._wanted if early is None else min(early, self._wanted))
-
-    def _add_threads(self, n: int) -> None:
-        while len(self._threads) < n:
-            t = threading.Thread(target=self._run, name="fp8pb-readahead", daemon=True)
-            self._threads.append(t)
+        self._threads = [threading.Thread(target=self._run, name="fp8pb-readahead", daemon=True)
+                         for _ in range(min(threads, len(self._chunks)))]
+        for t in self._threads:
             t.start()
-
-    def full_speed(self) -> None:
-        """Every thread at work (the imports are done)."""
-        with self._cv:
-            if self._stop:
-                return
-            self._add_threads(self._wanted)
 
     def consumed(self, name: str) -> None:
         """The reader has reached tensor ``name``: the window moves up to its start."""
@@ -128,14 +115,10 @@ def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int) -> lis
     return [n for _, n in sorted(keyed)]
 
 
-def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 0, early: bool = False) -> Readahead:
-    """The readahead of ``path`` for this stage (one per source and process: started once, then shared).
-    ``early``: the process is still importing, so only ``EARLY_THREADS`` read; a later call (``early`` False) puts
-    every thread to work."""
+def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 0) -> Readahead:
+    """The readahead of ``path`` for this stage (one per source and process: started once, then shared)."""
     key = os.path.realpath(path)
     with _LOCK:
-        if key in _ACTIVE and not early:
-            _ACTIVE[key].full_speed()
         if key not in _ACTIVE:
             where = byte_ranges(path)
             order = stage_order(list(where), num_layers, pp, pp_rank)
@@ -143,7 +126,7 @@ def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 
             total = sum(r[3] for r in ranges)
             local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             window = min(total, max(256 << 20, mem_available() // (2 * local)))
-            _ACTIVE[key] = Readahead(ranges, window, early=EARLY_THREADS if early else None)
+            _ACTIVE[key] = Readahead(ranges, window)
         return _ACTIVE[key]
 
 
@@ -178,6 +161,6 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
         hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
         pp, world = cfg.parallel.pp, int(os.environ.get("WORLD_SIZE", "1"))
         return start(cfg.source.path, int(hfc["num_hidden_layers"]), pp,
-                     pp_rank_of(int(os.environ.get("RANK", "0")), world, pp), early=True)
+                     pp_rank_of(int(os.environ.get("RANK", "0")), world, pp))
     except Exception:
         return None

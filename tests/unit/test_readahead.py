@@ -94,14 +94,3 @@ def test_command_line_start_ignores_other_sources(tmp_path):
         assert ra is not None and ra.total == sum(r[2] for r in byte_ranges(tmp_path).values())
     finally:
         readahead.stop(tmp_path)
-
-
-def test_early_readahead_reads_on_one_thread_until_started_again(tmp_path):
-    _checkpoint(tmp_path, n=8)
-    ra = readahead.start(tmp_path, num_layers=8, early=True)
-    try:
-        assert len(ra._threads) == readahead.EARLY_THREADS
-        assert readahead.start(tmp_path, num_layers=8) is ra      # after the imports: the same readahead ...
-        assert len(ra._threads) == min(readahead.THREADS, len(ra._chunks))    # ... at full speed
-    finally:
-        readahead.stop(tmp_path)
