@@ -64,6 +64,8 @@ def write_random_source(path: Path, arch: str, layers: int, seed: int = 0, shard
         if "norm" in n:
             t.add_(1.0)
         w.write(n, t.to(torch.bfloat16))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]     # as a published checkpoint names it
     tmp = Path(tempfile.mkdtemp())
     cfg.save_pretrained(str(tmp))
     w.finish({"config.json": tmp / "config.json"})

@@ -49,18 +49,21 @@ def main() -> None:
     ap.add_argument("--metrics", required=True)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    from megatron_fp8pb import collectives as coll, mcore
+    from megatron_fp8pb import session
     from megatron_fp8pb.config import load_config
+    cfg = load_config(None, args.overrides)
+    with session.started(cfg.parallel) as job:
+        timed_export(args, cfg, job)
+
+
+def timed_export(args, cfg, job) -> None:
+    """Build the source, time one export (``args.mode``), write rank 0's metrics to ``args.metrics``."""
+    from megatron_fp8pb import collectives as coll
     from megatron_fp8pb.pipeline import run_export
     from megatron_fp8pb.options import ExportOptions, RankView
     from megatron_fp8pb.sources import build_source
     from naive_export import naive_export
-    cfg = load_config(None, args.overrides)
-    p = cfg.parallel.resolved()
-    on_gpu = p.on_gpu
-    mcore.init_distributed(p.backend, p.timeout_s)
-    mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
-    layout, groups = mcore.layout_and_groups()
+    layout, groups, on_gpu = job.layout, job.groups, job.on_gpu
     src = build_source(cfg, layout, on_gpu)
     view = RankView.of_source(src, layout)
     options = ExportOptions(max_shard_size=cfg.output.max_shard_size, overwrite=True, out_dtype=src.dtype)
@@ -82,8 +85,6 @@ def main() -> None:
         Path(args.metrics).write_text(json.dumps({
             "mode": args.mode, "seconds": seconds, "bytes_moved": sum(moved_total),
             "rank0_rss_start": mem.start, "rank0_rss_peak": mem.peak, "out_bytes": out_bytes}))
-    mcore.destroy_parallel()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

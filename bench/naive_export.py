@@ -23,7 +23,7 @@ from megatron_fp8pb.hf_output import config_json, quantization_config  # noqa: E
 from megatron_fp8pb.pipeline import make_plans  # noqa: E402
 from megatron_fp8pb.tp_slices import piece_dtype  # noqa: E402
 from megatron_fp8pb.options import ExportOptions, RankView  # noqa: E402
-from megatron_fp8pb.plan import Piece, check_coverage, expected_tensors  # noqa: E402
+from megatron_fp8pb.plan import Piece, PlanContext, check_coverage, expected_tensors  # noqa: E402
 from megatron_fp8pb.tp_slices import pieces_of  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def naive_export(view: RankView, d, layout, groups, hf_config, out_dir, options:
     traffic = coll.Traffic()
     me = coll.rank()
     quant, max_shard_size, out_dtype = options.quant, options.max_shard_size, options.out_dtype or torch.bfloat16
-    plans = make_plans(view, d, layout, quant, False)
+    plans = make_plans(view, PlanContext.make(d, layout, quant, view.layer_of_local, view.num_local_experts))
     mine = [(Piece(**{**p.__dict__, "src": me}), t) for plan, local in plans
             for p, t in zip(plan.pieces, pieces_of(plan, local, d))]
     mine.sort(key=lambda pt: pt[0].order)

@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="YAML file: a diff over the defaults")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
+    from megatron_fp8pb.readahead import start_for_command_line
+    start_for_command_line(args.config, args.overrides)     # the disk reads the source while torch is imported
     from megatron_fp8pb.errors import cli
-    from megatron_fp8pb.log import quiet_known_warnings
-    quiet_known_warnings()
     from megatron_fp8pb.run import run
     return cli(run, args.config, args.overrides)
 

@@ -1,6 +1,18 @@
-"""megatron-fp8pb: export a Megatron-core LLM under TP/PP/EP to a Hugging Face block-FP8 (W8A8) checkpoint."""
-from .api import export
-from .blockfp8 import dequantize_blockfp8, quantize_blockfp8
-from .stream_api import iter_fp8
+"""megatron-fp8pb: export a Megatron-core LLM under TP/PP/EP to a Hugging Face block-FP8 (W8A8) checkpoint.
 
-__all__ = ["export", "iter_fp8", "quantize_blockfp8", "dequantize_blockfp8"]
+The public names are imported on first use, so that the torch-free modules (``config``, ``readahead``) load without
+importing torch: the command line starts reading the source while torch is still being imported."""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {"export": "api", "iter_fp8": "stream_api", "quantize_blockfp8": "blockfp8",
+           "dequantize_blockfp8": "blockfp8"}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

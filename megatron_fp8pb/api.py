@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import mcore
+from . import mcore, session
 from .archs import Dims, dims_from_hf
 from .hf_source import config_dtype
 from .pipeline import ExportResult, run_export
@@ -33,9 +33,9 @@ def export(model, hf_config, out_dir: str, *, quantize: bool = True, exclude: tu
     power of two; quantization_config says ``"scale_fmt": "ue8m0"``). ``serve_tp``: the serving targets whose
     refusals stay unquantized, as the config key quant.serve_tp (``4``, ``"transformers"``, ``"2,8,transformers"``)."""
     d = model_dims(model, hf_config)
-    layout, groups = mcore.layout_and_groups()
+    job = session.joined()
     options = ExportOptions.from_keywords(
         d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head, scale_fmt=scale_fmt,
         serve_tp=serve_tp, max_shard_size=max_shard_size, overwrite=overwrite,
         out_dtype=out_dtype or config_dtype(hf_config), extra_files=extra_files)
-    return run_export(RankView.of_model(model, d, layout), d, layout, groups, hf_config, out_dir, options)
+    return run_export(RankView.of_model(model, d, job.layout), d, job.layout, job.groups, hf_config, out_dir, options)

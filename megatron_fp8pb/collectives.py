@@ -1,7 +1,7 @@
-"""The export's collectives: amax all-reduce, piece transfer to rank 0, object exchange. The other modules that
-touch torch.distributed: ``mcore`` (creates the process group; megatron-core's parallel state, dist checkpoints),
-``errors`` (a refused CLI job with a process group up leaves without its teardown) and ``run`` (destroys the
-process group at the end of the CLI job).
+"""The export's collectives: amax all-reduce, piece transfer to the writers, object exchange. The other modules that
+touch torch.distributed: ``session`` (starts and destroys the process group of a job), ``mcore`` (megatron-core's
+parallel state, dist checkpoints) and ``errors`` (a refused job with a process group still up leaves without its
+teardown).
 
 Every function takes its process group explicitly. Tensors travel as uint8 views so fp8 and bf16 need no backend
 dtype support; with NCCL they travel through ``device``.
@@ -68,6 +68,19 @@ def send_tensor(t: torch.Tensor, dst: int, traffic: Traffic, device: torch.devic
     traffic.p2p_sent += buf.numel()
 
 
+def isend_tensor(t: torch.Tensor, dst: int, traffic: Traffic, device: torch.device) -> tuple:
+    """Start sending a tensor (received with recv_tensor); returns what ``wait_sends`` waits for."""
+    buf = _bytes(t).to(device)
+    work = dist.isend(buf, dst=dst)
+    traffic.p2p_sent += buf.numel()
+    return work, buf
+
+
+def wait_sends(pending: list[tuple]) -> None:
+    for work, _ in pending:
+        work.wait()
+
+
 def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, traffic: Traffic,
                 device: torch.device) -> torch.Tensor:
     """Receive a tensor sent with send_tensor; it stays on ``device``."""
@@ -88,6 +101,24 @@ def gather_objects(obj, dst: int = 0) -> list | None:
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` on every rank (a list by rank)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def scatter_objects(objs: list | None, src: int = 0):
+    """``objs[r]`` (given on ``src``, a list by rank) on each rank ``r``."""
+    if not is_initialized():
+        return objs[0]
+    box = [None]
+    dist.scatter_object_list(box, objs if dist.get_rank() == src else None, src=src)
+    return box[0]
 
 
 def broadcast_object(obj, src: int = 0):

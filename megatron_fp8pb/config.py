@@ -8,7 +8,9 @@ the run uses.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -21,6 +23,7 @@ SourceKind = Literal["tiny", "hf", "megatron", "random"]
 Backend = Literal["auto", "gloo", "nccl"]
 Device = Literal["auto", "cpu", "cuda"]
 ScaleFmt = Literal["amax", "ue8m0"]
+Writers = Literal["rank0", "node"]
 
 
 def choices(cls, name: str) -> tuple | None:
@@ -46,6 +49,7 @@ class SourceConfig:
     hf_config: str | None = None    # megatron: an HF config.json (or its directory) describing the architecture
     seed: int = 0                   # tiny: weights seed
     tie_embeddings: bool = False    # tiny: tie embeddings and lm_head
+    readahead: bool = True          # hf: read the source into the page cache from process start, ahead of the export
 
     def __post_init__(self):
         _check_choices(self)
@@ -102,6 +106,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """What is quantized: the config's quant section, the in-process API's keywords (``quantize``, ``exclude``,
+    ``quantize_lm_head``, ``scale_fmt``, ``serve_tp``) and what the planner asks (``quantizes``). In an
+    ``options.ExportOptions``, ``exclude`` also holds the modules the serve targets would refuse."""
     SECTION: ClassVar[str] = "quant"
     enabled: bool = True            # false: write the source dtype, byte-identical to the source
     exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
@@ -112,10 +119,19 @@ class QuantConfig:
     def __post_init__(self):
         _check_choices(self)
         serve_targets(self.serve_tp)
+        object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def serve_targets(self) -> tuple[tuple[int, ...], bool]:
         """(vLLM/SGLang TP sizes, whether transformers is a target) of ``serve_tp``."""
         return serve_targets(self.serve_tp)
+
+    def quantizes(self, module: str, defaults: tuple[str, ...] = ()) -> bool:
+        """Whether HF module ``module`` is written in FP8. ``defaults``: the architecture's default excludes
+        (``archs.default_exclude``); ``lm_head`` lifts the default exclusion of lm_head."""
+        pats = tuple(defaults) + self.exclude
+        if module == "lm_head" and self.lm_head:
+            pats = tuple(p for p in pats if p != "lm_head")
+        return self.enabled and not any(fnmatch.fnmatchcase(module, p) for p in pats)
 
 
 @dataclass(frozen=True)
@@ -125,10 +141,10 @@ class OutputConfig:
     max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
     overwrite: bool = False         # replace a non-empty output.dir
     verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
+    writers: Writers = "rank0"      # rank0 | node: a writer per node into a shared output.dir (one node: as rank0)
 
     def __post_init__(self):
         _check_choices(self)
-        from .writer import parse_size
         parse_size(self.max_shard_size)
 
 
@@ -278,3 +294,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise TypeError(f"config file {path} must hold a mapping")
         cfg = _merge(cfg, data)
     return _merge(cfg, _dotted(list(overrides)))
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (huggingface_hub's convention: GB = 10**9, GiB = 2**30)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"output.max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
+    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(num * mult)

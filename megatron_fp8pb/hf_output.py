@@ -24,7 +24,7 @@ def quantization_config(not_converted: list[str], quantized_any: bool, scale_fmt
 
 def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None,
                 mtp_layers: int | None = None) -> bytes:
-    """The source config through its transformers class, with the real vocab, the truth about tying and about
+    """The source config (its transformers class, or ``config.json`` as read: ``hf_config_json``), with the real vocab, the truth about tying and about
     multi-token-prediction layers (``num_nextn_predict_layers`` = the ``mtp_layers`` written), and
     ``quantization_config``."""
     cfg = copy.deepcopy(hf_config)

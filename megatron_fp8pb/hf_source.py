@@ -1,7 +1,6 @@
 """Reading an HF checkpoint lazily (only the slices a rank needs), and the HF config of a source."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .plan import Piece
+from .safetensors_layout import header, tensor_files
 
 
 class HFReader:
@@ -16,17 +16,10 @@ class HFReader:
     bytes read land in the returned tensor only, so host memory stays what the caller holds, and the reads release
     the GIL, so a reader thread overlaps the quantizer)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, readahead=None):
         self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        if index.exists():
-            self.files = {n: self.path / f for n, f in json.loads(index.read_text())["weight_map"].items()}
-        elif single.exists():
-            self.files = {n: single for n in _header(single)[0]}
-        else:
-            raise FileNotFoundError(f"source.path {self.path} holds no model.safetensors or "
-                                    f"model.safetensors.index.json; point source.path at an HF checkpoint directory")
+        self.readahead = readahead      # a readahead.Readahead of this source, told which tensor is read next
+        self.files = tensor_files(self.path)
         self._headers: dict[Path, tuple[dict, int]] = {}
         self._fds: dict[Path, int] = {}
         self._pool = None
@@ -42,7 +35,7 @@ class HFReader:
         f = self.files[name]
         with self._lock:
             if f not in self._headers:
-                self._headers[f] = _header(f)
+                self._headers[f] = header(f)
             entries, base = self._headers[f]
         if name not in entries:
             raise ValueError(f"source file {f} has no tensor {name!r} although the index names it there; the index "
@@ -56,6 +49,8 @@ class HFReader:
     def read(self, name: str, dim: int = 0, offset: int = 0, length: int | None = None) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of ``name`` as a new host tensor."""
         f, e, base = self._entry(name)
+        if self.readahead is not None:
+            self.readahead.consumed(name)
         shape, dtype = tuple(e["shape"]), _ST_DTYPES.get(e["dtype"])
         if dtype is None:
             raise ValueError(f"source tensor {name!r} in {f} has dtype {e['dtype']}, which the export does not read")
@@ -98,6 +93,10 @@ class HFReader:
             self.bytes_read += len(view)
 
     def close(self) -> None:
+        if self.readahead is not None:
+            from .readahead import stop
+            stop(self.path)
+            self.readahead = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -135,24 +134,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's tensor entries and the byte where its data starts; refuses a truncated file by name."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header of {n} bytes does not fit a file of {size} bytes")
-            entries = json.loads(fh.read(n))
-        entries.pop("__metadata__", None)
-        end = max((e["data_offsets"][1] for e in entries.values()), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"its tensors end at byte {8 + n + end}, the file has {size}")
-        return entries, 8 + n
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"source file {path} cannot be read as safetensors ({e}); it is truncated or corrupt") from e
 
 
 class DictReader:
@@ -206,13 +187,23 @@ def read_slice(reader, p: Piece) -> torch.Tensor:
 
 
 def hf_config(path: str | os.PathLike):
-    from transformers import AutoConfig
+    """The source's config: ``config.json`` read directly where that reads the same as transformers' config class
+    (``hf_config_json``), else that class (importing transformers)."""
+    import json
+    from .hf_config_json import reads_like_transformers
     p = Path(path)
     if p.is_file():
         p = p.parent
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} has no config.json; an HF checkpoint directory (source.path with "
                                 f"source.kind=hf) or source.hf_config (source.kind=megatron) must hold one")
+    try:
+        view = reads_like_transformers(json.loads((p / "config.json").read_text()))
+    except ValueError:      # not JSON: transformers names the problem
+        view = None
+    if view is not None:
+        return view
+    from transformers import AutoConfig
     return AutoConfig.from_pretrained(str(p))
 
 

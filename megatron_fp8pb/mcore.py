@@ -1,14 +1,12 @@
-"""The export's side of megatron.core: process groups, ranks, building a GPTModel from Dims, dist checkpoints
-(``sources.fill_random`` also reads parallel_state ranks)."""
+"""The export's side of megatron.core: its parallel state (started by ``session``), ranks, building a GPTModel from
+Dims, dist checkpoints (``sources.fill_random`` also reads parallel_state ranks)."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .archs.base import Dims
@@ -27,19 +25,6 @@ def padded_vocab(vocab: int, tp_size: int, divisible_by: int = 128) -> int:
     """Megatron's padding: the smallest multiple of ``divisible_by * tp_size`` >= vocab."""
     m = divisible_by * tp_size
     return -(-vocab // m) * m
-
-
-def init_distributed(backend: str, timeout_s: float) -> None:
-    """Start the default process group from torchrun's environment (single process when absent). ``backend``: gloo
-    or nccl, as ``ParallelConfig.resolved()`` decides it."""
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None, vp: int | None = None) -> None:

@@ -8,44 +8,38 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .archs import Dims
-from .config import QuantConfig, serve_targets
+from .config import QuantConfig
 from .log import log0, warn0
-from .plan import Layout, QuantChoice
+from .plan import Layout
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """Everything an export is asked to do besides the model and the layout. ``quant.exclude`` already holds the
-    modules the serve targets (``serve_tp``) would refuse in FP8; ``out_dtype`` None: the config's dtype."""
-    quant: QuantChoice = QuantChoice()
-    serve_tp: str | None = None
+    modules the serve targets (``quant.serve_tp``) would refuse in FP8; ``out_dtype`` None: the config's dtype."""
+    quant: QuantConfig = QuantConfig()
     max_shard_size: str | int = "5GB"
     overwrite: bool = False
     out_dtype: torch.dtype | None = None
     extra_files: dict = field(default_factory=dict)
-
-    @property
-    def serve_targets(self) -> tuple[tuple[int, ...], bool]:
-        """(vLLM/SGLang TP sizes, whether transformers is a target) of ``serve_tp``."""
-        return serve_targets(self.serve_tp)
+    writers: str = "rank0"      # output.writers: rank0 | node (node_writers.py)
 
     @classmethod
-    def build(cls, d: Dims, quant: QuantChoice, serve_tp: str | None = None, *, out_dtype: torch.dtype | None = None,
+    def build(cls, d: Dims, quant: QuantConfig, *, out_dtype: torch.dtype | None = None,
               max_shard_size: str | int = "5GB", overwrite: bool = False,
               extra_files: dict | None = None) -> "ExportOptions":
-        """The options with ``serve_tp`` resolved to excludes for the model ``d``."""
-        serve_targets(serve_tp)     # a malformed value is refused before anything else
+        """The options with ``quant.serve_tp`` resolved to excludes for the model ``d``."""
         dtype_name = str(out_dtype or torch.bfloat16).replace("torch.", "")
-        kept = serve_exclusions(d, quant, serve_tp, dtype_name)
-        return cls(replace(quant, exclude=tuple(quant.exclude) + kept), serve_tp, max_shard_size, overwrite, out_dtype,
+        kept = serve_exclusions(d, quant, dtype_name)
+        return cls(replace(quant, exclude=quant.exclude + kept), max_shard_size, overwrite, out_dtype,
                    dict(extra_files or {}))
 
     @classmethod
     def from_config(cls, q: QuantConfig, output, d: Dims, out_dtype: torch.dtype,
                     extra_files: dict | None = None) -> "ExportOptions":
         """The CLI's options: ``q`` the quant section, ``output`` the output section of the config."""
-        return cls.build(d, quant_choice(q), q.serve_tp, out_dtype=out_dtype, max_shard_size=output.max_shard_size,
-                         overwrite=output.overwrite, extra_files=extra_files)
+        return replace(cls.build(d, q, out_dtype=out_dtype, max_shard_size=output.max_shard_size,
+                                 overwrite=output.overwrite, extra_files=extra_files), writers=output.writers)
 
     @classmethod
     def from_keywords(cls, d: Dims, *, quantize: bool = True, exclude=(), quantize_lm_head: bool = False,
@@ -53,14 +47,10 @@ class ExportOptions:
                       overwrite: bool = False, out_dtype: torch.dtype | None = None,
                       extra_files: dict | None = None) -> "ExportOptions":
         """The in-process API's options (``api.export``, ``stream_api.iter_fp8``)."""
-        quant = QuantChoice(quantize, tuple(exclude), quantize_lm_head, scale_fmt)
-        return cls.build(d, quant, None if serve_tp is None else str(serve_tp), out_dtype=out_dtype,
-                         max_shard_size=max_shard_size, overwrite=overwrite, extra_files=extra_files)
-
-
-def quant_choice(q: QuantConfig) -> QuantChoice:
-    """The config's quant section as the planner's choice (serve targets not yet resolved)."""
-    return QuantChoice(q.enabled, tuple(q.exclude), q.lm_head, q.scale_fmt)
+        quant = QuantConfig(enabled=quantize, exclude=tuple(exclude), lm_head=quantize_lm_head,
+                            serve_tp=None if serve_tp is None else str(serve_tp), scale_fmt=scale_fmt)
+        return cls.build(d, quant, out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                         extra_files=extra_files)
 
 
 @dataclass(frozen=True)
@@ -84,14 +74,15 @@ class RankView:
         return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout))
 
 
-def serve_exclusions(d: Dims, quant: QuantChoice, serve_tp: str | None, dtype_name: str = "bfloat16") -> tuple[str, ...]:
-    """Modules a target of ``serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
+def serve_exclusions(d: Dims, quant: QuantConfig, dtype_name: str = "bfloat16") -> tuple[str, ...]:
+    """Modules a target of ``quant.serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
     fusion groups: kept unquantized. A loud warning when that is most of the linears."""
     from .archs import default_exclude, rules_for
     from .archs.base import hf_module
     from .plan import linear_weights
     from .serve_check import layers_for_transformers, layers_to_keep_unquantized
-    tps, for_transformers = serve_targets(serve_tp)
+    serve_tp = quant.serve_tp
+    tps, for_transformers = quant.serve_targets()
     if not (tps or for_transformers) or not quant.enabled:
         return ()
     mods = {hf_module(n): s for n, s in linear_weights(rules_for(d), d, quant.lm_head and d.tie_embeddings).items()
@@ -120,29 +111,3 @@ def serve_exclusions(d: Dims, quant: QuantChoice, serve_tp: str | None, dtype_na
                     f"serve it.")
         warn0(msg)
     return tuple(keep)
-
-
-_VIEW_KEYS = ("layer_of_local", "num_local_experts")
-_OPTION_KEYS = ("quant", "max_shard_size", "overwrite", "out_dtype", "extra_files")
-
-
-def view_and_options(params, options: ExportOptions | None, keywords: dict) -> tuple[RankView, ExportOptions]:
-    """``run_export``'s arguments as (RankView, ExportOptions): ``params`` a RankView or a parameter list with the
-    keywords ``layer_of_local``/``num_local_experts``; ``options`` or the keywords ``quant`` (a QuantChoice, excludes
-    already resolved), ``max_shard_size``, ``overwrite``, ``out_dtype``, ``extra_files``."""
-    unknown = sorted(set(keywords) - set(_VIEW_KEYS) - set(_OPTION_KEYS))
-    if unknown:
-        raise TypeError(f"run_export got unexpected keyword(s) {unknown}; it takes {list(_VIEW_KEYS + _OPTION_KEYS)}")
-    if isinstance(params, RankView):
-        view = params
-        if any(k in keywords for k in _VIEW_KEYS):
-            raise TypeError(f"run_export got a RankView and {[k for k in _VIEW_KEYS if k in keywords]}: pass one")
-    else:
-        view = RankView(params, keywords.get("layer_of_local") or {}, keywords.get("num_local_experts", 0))
-    given = {k: keywords[k] for k in _OPTION_KEYS if k in keywords}
-    if options is not None and given:
-        raise TypeError(f"run_export got options and the keyword(s) {sorted(given)}: set them in the options")
-    if options is None:
-        given["extra_files"] = dict(given.get("extra_files") or {})
-        options = ExportOptions(**given)
-    return view, options

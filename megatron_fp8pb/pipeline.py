@@ -3,7 +3,8 @@
 Units (the embedding, each layer, the final norm + lm_head) are processed in one global order on every rank; a rank
 skips units it holds nothing of. Inside a unit, quantized pieces first agree on block amax in their TP (or expert-TP)
 group, then every piece travels to rank 0 as fp8 bytes plus the scale rows it touches; rank 0 checks that straddling
-scale rows agree, assembles each HF tensor and hands it to the writer.
+scale rows agree, assembles each HF tensor and hands it to the writer. With ``output.writers=node`` a piece goes to
+the writer of its tensor's node instead (node_writers.py).
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from .hf_output import config_json, quantization_config
 from .errors import agree
 from .faults import ExportError, stage
 from .log import log0
-from .options import ExportOptions, RankView, view_and_options
+from .node_writers import Routes
+from .options import ExportOptions, RankView
 from .progress import Phases, Progress
-from .plan import (Layout, ParamPlan, Piece, QuantChoice, check_coverage, expected_tensors, final_unit,
+from .plan import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, final_unit,
                    plan_param)
 from .tp_slices import check_piece_finite, piece_dtype, pieces_of
 from .staging import SlabPool
 from .stream import Deferred, LazyParam, Prefetch, materialize
-from .writer import BackgroundWriter, CheckpointWriter, TensorSpec
+from .writer import TensorSpec
 
 SCALE = ".weight_scale_inv"
 
@@ -46,21 +48,19 @@ class ExportResult:
     tie_word_embeddings: bool = False
     phases: Phases = field(default_factory=Phases)
     files: list[str] = field(default_factory=list)
+    bytes_by_writer: dict[int, int] = field(default_factory=dict)
 
 
-def make_plans(view: RankView, d: Dims, layout: Layout, quant: QuantChoice,
-               untie: bool) -> list[tuple[ParamPlan, torch.Tensor]]:
+def make_plans(view: RankView, ctx: PlanContext) -> list[tuple[ParamPlan, torch.Tensor]]:
     """``view.params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
     sharding is checked against the module that holds the parameter."""
-    rules = rules_for(d)
     styles = getattr(view.params, "styles", None) or {}
     out = []
     for name, p in view.params:
         lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
-        plan = plan_param(name, tuple(p.shape), rules, d, layout, quant, view.layer_of_local, view.num_local_experts,
-                          untie, style=styles.get(name))
+        plan = plan_param(name, tuple(p.shape), ctx, style=styles.get(name))
         if not lazy and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
-            for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), d)):
+            for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), ctx.d)):
                 check_piece_finite(piece, t, name)
         out.append((plan, p if lazy else p.detach()))
     return out
@@ -163,11 +163,12 @@ def write_specs(by_name: dict[str, list[Piece]], out_dtype: torch.dtype) -> list
 
 
 class _Assembler:
-    """Rank 0: builds each full HF tensor in a staging slab from its pieces (local or received) and hands it to the
+    """A writer: builds each full HF tensor in a staging slab from its pieces (local or received) and hands it to the
     background writer; straddling scale rows from different ranks must agree."""
 
-    def __init__(self, writer, traffic: coll.Traffic, device: torch.device, out_dtype, pool: SlabPool):
+    def __init__(self, writer, traffic: coll.Traffic, device: torch.device, out_dtype, pool: SlabPool, me: int = 0):
         self.writer, self.traffic, self.device, self.out_dtype, self.pool = writer, traffic, device, out_dtype, pool
+        self.me = me
 
     def tensor(self, tiles: list[Piece], local: dict[tuple, tuple]) -> None:
         p0 = tiles[0]
@@ -179,7 +180,7 @@ class _Assembler:
             full, slab = self.pool.take(p0.full_shape, dtype, check=self.writer.check)
         try:
             for p in tiles:
-                got = local.get((p.hf_name, p.offset)) if p.src == 0 else self._recv(p, dtype)
+                got = local.get((p.hf_name, p.offset)) if p.src == self.me else self._recv(p, dtype)
                 if whole:
                     full.narrow(p.dim, p.offset, p.length).copy_(got[0], non_blocking=got[0].is_cuda)
                 else:   # larger than a slab (dim-0 pieces only): streamed in row chunks
@@ -227,14 +228,12 @@ class _Assembler:
         dst.copy_(rows)
 
 
-def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None,
-               options: ExportOptions | None = None, *, sink=None, **keywords) -> ExportResult:
-    """Export this rank's share of the model (``params``: a RankView, or its parameter list); call on every rank.
-    Returns the result (complete on rank 0). ``options`` (or the keywords ``options.view_and_options`` takes).
+def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_dir: str | None,
+               options: ExportOptions, *, sink=None) -> ExportResult:
+    """Export this rank's share of the model (``view``); call on every rank. Returns the result (complete on rank 0).
     ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
     interface of BackgroundWriter; see stream_api.TensorSink)."""
     t0 = time.perf_counter()
-    view, options = view_and_options(params, options, keywords)
     quant, out_dtype = options.quant, options.out_dtype or torch.bfloat16
     me = coll.rank()
     traffic = coll.Traffic()
@@ -245,13 +244,15 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
     plans, error = [], None
     try:
         with stage("plan", me):
-            plans = make_plans(view, d, layout, quant, untie)
+            plans = make_plans(view, PlanContext.make(d, layout, quant, view.layer_of_local, view.num_local_experts,
+                                                      untie))
     except (ValueError, TypeError) as e:
         error = str(e)
     agree(error)
     mine = local_pieces(plans, d, me)
     streamed = any(isinstance(local, LazyParam) for _, local in plans)
     all_pieces = coll.gather_objects([p for p, _ in mine])
+    routes = Routes.start(options.writers if out_dir is not None else "rank0")
     writer, by_name, error = None, {}, None
     result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic, tie_word_embeddings=d.tie_embeddings and not untie)
     if me == 0:
@@ -261,14 +262,16 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
             if sink is not None:
                 writer = sink(specs)
             elif out_dir is not None:
-                writer = BackgroundWriter(CheckpointWriter(out_dir, specs, options.max_shard_size, options.overwrite))
+                writer = routes.open(by_name, specs, out_dir, options)
         except (ValueError, OSError) as e:
             error = str(e)
     agree(error)
+    own, writer = routes.share(by_name, writer, out_dir, options)     # the tensors this rank assembles
     finish_error = None
     try:
         with stage("transfer", me):
-            _transfer(mine, by_name, groups, traffic, writer, out_dtype, d, streamed, result.phases)
+            _transfer(mine, own, groups, traffic, writer, out_dtype, d, streamed, result.phases, routes)
+        routes.flush(writer)
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, tiles in by_name.items() if tiles[0].linear})
             result.quantized = sorted(hf_module(n) for n, tiles in by_name.items() if tiles[0].quantize)
@@ -284,7 +287,8 @@ def run_export(params, d: Dims, layout: Layout, groups, hf_config, out_dir: str 
                 try:
                     with stage("write", me):
                         writer.finish(files)
-                    result.bytes_written = writer.bytes_written
+                    result.bytes_by_writer = routes.bytes_by_writer(writer)
+                    result.bytes_written = sum(result.bytes_by_writer.values())
                     result.files = [f.name for f in writer.writer.files]
                 except (ExportError, OSError, ValueError) as e:
                     writer.abort()
@@ -346,42 +350,41 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
 
 
 def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False,
-              phases: Phases | None = None) -> None:
-    me = coll.rank()
-    if me != 0:
+              phases: Phases | None = None, routes: Routes | None = None) -> None:
+    me, routes = coll.rank(), routes or Routes(coll.rank())
+    if not routes.writer:
         for u, items in _units(mine, d, streamed, groups.device):
-            if not items:
-                continue
-            for p, payload in zip((p for p, _ in items), quantize_unit(items, groups, traffic, out_dtype)):
-                for t in payload if p.length else ():
-                    coll.send_tensor(t, 0, traffic, groups.device)
+            if items:
+                payloads = quantize_unit(items, groups, traffic, out_dtype)
+                routes.wait(routes.send(items, payloads, traffic, groups.device))
         return
     asm = None
     if writer is not None:
         cuda = groups.device.type == "cuda" or any(torch.is_tensor(t) and t.is_cuda for _, t in mine)
-        asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda))
+        asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda),
+                         me)
     by_unit: dict[int, list[list[Piece]]] = {}
     for name, tiles in sorted(by_name.items(), key=lambda kv: kv[1][0].order):
         by_unit.setdefault(tiles[0].order.unit, []).append(tiles)
     phases = phases or Phases()
     if writer is not None:
         writer.writer.phases = phases
-    total = sum(s.nbytes for s in writer.writer.specs.values()) if writer is not None else 0
-    progress = Progress(phases, total, len(by_unit))
+    progress = Progress(phases, routes.write_total(writer), len(by_unit), routes.scope)
     mine_by_unit = dict(_units(mine, d, False, groups.device)) if not streamed else None
     stream = _units(mine, d, True, groups.device, phases) if streamed else \
-        ((u, mine_by_unit.get(u, [])) for u in sorted(by_unit))
+        ((u, mine_by_unit.get(u, [])) for u in sorted(set(by_unit) | set(mine_by_unit)))
     done = 0
     for u, items in stream:
-        if u not in by_unit:
+        if u not in by_unit and not items:
             continue
         t0 = time.perf_counter()
-        local = {}
-        for (p, _), payload in zip(items, quantize_unit(items, groups, traffic, out_dtype) if items else []):
-            local[(p.hf_name, p.offset)] = payload
+        payloads = quantize_unit(items, groups, traffic, out_dtype) if items else []
+        local = {(p.hf_name, p.offset): payload for (p, _), payload in zip(items, payloads)}
+        sent = routes.send(items, payloads, traffic, groups.device)   # pieces other writers write
         phases.add("quantize", time.perf_counter() - t0)
-        for tiles in by_unit[u]:
+        for tiles in by_unit.get(u, ()):
             if asm is not None:
                 asm.tensor(tiles, local)
-        done += 1
-        progress.update(done, force=done == len(by_unit))
+        routes.wait(sent)
+        done += u in by_unit
+        progress.update(done, force=done == len(by_unit) and u in by_unit)

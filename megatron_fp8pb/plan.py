@@ -6,15 +6,14 @@ tensor the architecture needs is covered exactly once, and nothing else is produ
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .archs import default_exclude
+from .archs import default_exclude, rules_for
 from .archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB,
                          Dims, Rule, hf_module, rule_layers)
-from .blockmath import check_scale_fmt
+from .config import QuantConfig
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MTP_LAYER_RE = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.+)$")
@@ -39,24 +38,6 @@ class Layout:
     def describe(self) -> str:
         return (f"tp={self.tp_size} pp={self.pp_size} ep={self.ep_size} etp={self.etp_size} "
                 f"(tp_rank={self.tp_rank} pp_rank={self.pp_rank} ep_rank={self.ep_rank} etp_rank={self.etp_rank})")
-
-
-@dataclass(frozen=True)
-class QuantChoice:
-    enabled: bool = True
-    exclude: tuple[str, ...] = ()
-    lm_head: bool = False
-    scale_fmt: str = "amax"     # block scales: "amax" (amax/448) or "ue8m0" (rounded up to a power of two)
-
-    def __post_init__(self):
-        check_scale_fmt(self.scale_fmt, "quant.scale_fmt")
-
-    def quantizes(self, module: str, defaults: tuple[str, ...] = ()) -> bool:
-        """``defaults``: the architecture's default excludes (``archs.default_exclude``)."""
-        pats = tuple(defaults) + tuple(self.exclude)
-        if module == "lm_head" and self.lm_head:
-            pats = tuple(p for p in pats if p != "lm_head")
-        return self.enabled and not any(fnmatch.fnmatchcase(module, p) for p in pats)
 
 
 class WriteOrder(NamedTuple):
@@ -101,7 +82,7 @@ class Piece:
     order: WriteOrder       # global write order, the same for every layout
     src: int = 0            # global rank holding it (set on rank 0)
     linear: bool = False    # a linear layer's weight (listed in modules_to_not_convert when not quantized)
-    scale_fmt: str = "amax"  # of a quantized piece: how its block scales are made (QuantChoice.scale_fmt)
+    scale_fmt: str = "amax"  # of a quantized piece: how its block scales are made (QuantConfig.scale_fmt)
     dtype: str | None = None  # written in this dtype when not quantized (None: the checkpoint's dtype)
 
 
@@ -168,10 +149,31 @@ def _shard_sizes(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layo
     return out
 
 
-def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule], d: Dims, layout: Layout,
-               quant: QuantChoice, layer_of_local: dict[int, int], num_local_experts: int,
-               untie_lm_head: bool = False, style: str | None = None) -> ParamPlan:
+@dataclass(frozen=True)
+class PlanContext:
+    """What every parameter of one rank is planned against, made once per rank (``make``): the architecture's
+    rules and dims, this rank's layout, the quant choice (serve-target excludes resolved), local layer index ->
+    global layer number, the experts each expert-parallel rank holds, and whether a tied lm_head is written."""
+    rules: tuple[Rule, ...]
+    d: Dims
+    layout: Layout
+    quant: QuantConfig = QuantConfig()
+    layer_of_local: dict[int, int] = field(default_factory=dict)
+    num_local_experts: int = 0
+    untie_lm_head: bool = False
+
+    @classmethod
+    def make(cls, d: Dims, layout: Layout, quant: QuantConfig = QuantConfig(), layer_of_local: dict | None = None,
+             num_local_experts: int = 0, untie_lm_head: bool = False) -> "PlanContext":
+        return cls(tuple(rules_for(d)), d, layout, quant, dict(layer_of_local or {}), num_local_experts,
+                   untie_lm_head)
+
+
+def plan_param(mcore_name: str, local_shape: tuple[int, ...], ctx: PlanContext,
+               style: str | None = None) -> ParamPlan:
     """One local Megatron parameter -> its pieces on this rank. Raises ValueError naming the parameter."""
+    rules, d, layout, quant = ctx.rules, ctx.d, ctx.layout, ctx.quant
+    layer_of_local, num_local_experts = ctx.layer_of_local, ctx.num_local_experts
     layer = expert = None
     m = _LAYER_RE.match(mcore_name)
     mtp = _MTP_LAYER_RE.match(mcore_name)
@@ -212,7 +214,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], rules: list[Rule],
                          f"the HF config agree")
     k, rule = hit
     rule = effective_shard(rule, style, mcore_name, [_fill(h, layer, expert) for h in rule.hf])
-    if untie_lm_head and rule.shard == VOCAB and rule.hf == ("model.embed_tokens.weight",):
+    if ctx.untie_lm_head and rule.shard == VOCAB and rule.hf == ("model.embed_tokens.weight",):
         rule = Rule(rule.mcore, rule.hf + ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),) * 2, VOCAB,
                     DUPLICATE, False, GLOBAL)
     plan = ParamPlan(mcore_name, tuple(local_shape), rule, layer, expert)

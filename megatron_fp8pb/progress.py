@@ -1,7 +1,8 @@
 """Rank 0's progress line across reading, quantizing and writing, and the phase times of the summary.
 
 Reading and writing run on their own threads; each adds the seconds it spent and the bytes it moved here. Written
-bytes are counted when they land on disk (by the writer thread), not when queued.
+bytes are counted when they land on disk (by the writer thread), not when queued. With one writer per node
+(``output.writers=node``) the line counts rank 0's writer, named as "rank 0's node"; the summary adds the others.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import collectives
 from .log import log0
 
 
@@ -41,15 +43,16 @@ class Progress:
     """One line on rank 0, at most every ``every`` seconds: units quantized, GB read and written with GB/s, ETA from
     the bytes still to write. On a terminal the line is redrawn in place."""
 
-    def __init__(self, phases: Phases, total_write_bytes: int, num_units: int, every: float = 2.0):
+    def __init__(self, phases: Phases, total_write_bytes: int, num_units: int, scope: str = "", every: float = 2.0):
         self.phases, self.total, self.units, self.every = phases, max(total_write_bytes, 1), num_units, every
+        self.scope = f" ({scope})" if scope else ""     # whose writes are counted, when not all
         self.t0 = time.perf_counter()
         self.last = -1e9
         self.tty = sys.stdout.isatty()
 
     def update(self, units_done: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now - self.last < self.every:
+        if (not force and now - self.last < self.every) or collectives.rank() != 0:
             return
         self.last = now
         dt = max(now - self.t0, 1e-9)
@@ -58,7 +61,8 @@ class Progress:
         eta = f"{(self.total - p.written_bytes) / rate:.0f} s" if rate > 0 else "-"   # none before a write lands
         line = (f"{100 * p.written_bytes / self.total:3.0f}% | quantized {units_done}/{self.units} units | read "
                 f"{p.read_bytes / 1e9:.2f} GB ({p.read_bytes / 1e9 / dt:.2f} GB/s) | written "
-                f"{p.written_bytes / 1e9:.2f}/{self.total / 1e9:.2f} GB ({rate / 1e9:.2f} GB/s) | ETA {eta}")
+                f"{p.written_bytes / 1e9:.2f}/{self.total / 1e9:.2f} GB{self.scope} ({rate / 1e9:.2f} GB/s) | ETA "
+                f"{eta}")
         if self.tty:
             sys.stdout.write("\r[fp8pb] " + line + ("\n" if force else ""))
             sys.stdout.flush()

@@ -6,14 +6,29 @@ Dense parameters: ``rank = tp_rank + tp * (dp_rank + dp * pp_rank)``. Experts:
 """
 from __future__ import annotations
 
-from .plan import Layout
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .plan import Layout
+
+
+def pp_rank_of(rank: int, world: int, pp: int) -> int:
+    """The pipeline stage of a global rank (each stage holds world / pp consecutive ranks)."""
+    return rank // (world // pp)
+
+
+def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
+    """Global decoder layers of a pipeline stage (Megatron's even split)."""
+    per = num_layers // pp
+    return range(pp_rank * per, (pp_rank + 1) * per)
 
 
 def rank_layout(rank: int, world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> Layout:
+    from .plan import Layout
     etp = etp or tp
     dp, edp = world // (tp * pp), world // (etp * ep * pp)
     tp_rank, rest = rank % tp, rank // tp
-    dp_rank, pp_rank = rest % dp, rest // dp
+    dp_rank, pp_rank = rest % dp, pp_rank_of(rank, world, pp)
     etp_rank, rest = rank % etp, rank // etp
     ep_rank, rest = rest % ep, rest // ep
     edp_rank = rest % edp

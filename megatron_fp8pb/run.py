@@ -4,19 +4,16 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 from . import collectives as coll
-from . import mcore
+from . import session
 from .archs import dims_from_hf
 from .config import ExportConfig, load_config
 from .errors import agree, is_expected, message, refuse_everywhere
 from .log import log0
 from .options import ExportOptions, RankView
 from .pipeline import run_export
-from .ranks import group_ranks, rank_layout
-from .stream import fixed_mmap_threshold
 from .sources import MCORE_FREE_KINDS, STREAMED_KINDS, build_source, source_config
+from .stream import fixed_mmap_threshold
 from .validate import check_layout
 
 
@@ -58,16 +55,6 @@ def check_output_on_rank0(cfg: ExportConfig) -> None:
     agree(error, name_rank=False, cause=cause)
 
 
-def process_age() -> float:
-    """Seconds since this process started (Linux /proc), so that interpreter start and imports are counted."""
-    try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return uptime - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -106,6 +93,7 @@ def _exit_on_sigterm() -> None:
 
 
 def run(config_path: str | None, overrides: list[str]) -> int:
+    imported = session.process_age()
     _exit_on_sigterm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -115,51 +103,51 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         if is_expected(e):
             raise refuse_everywhere(e) from e
         raise
-    p = cfg.parallel.resolved()
-    on_gpu, backend = p.on_gpu, p.backend
-    marks = [("start", process_age())]
-    mcore.init_distributed(backend, p.timeout_s)
+    start = session.process_age()
+    mcore_free = cfg.source.kind in MCORE_FREE_KINDS     # the layout and its groups without megatron-core
+    with session.started(cfg.parallel, megatron=not mcore_free) as sess:
+        if cfg.source.kind in STREAMED_KINDS:
+            fixed_mmap_threshold()      # a streamed source's tensors come and go: each gets its own pages
+        ok = export_job(cfg, sess, [("imports", imported), ("checks", start)] + sess.marks)
+    return 0 if ok else 1
+
+
+def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, float]]) -> bool:
+    """The CLI job inside its session: source -> export -> verification; whether every check passed (on every
+    rank). ``marks``: (step, seconds since the process started) so far."""
     check_output_on_rank0(cfg)
     log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
-    marks.append(("process group", process_age()))
-    streamed, mcore_free = cfg.source.kind in STREAMED_KINDS, cfg.source.kind in MCORE_FREE_KINDS
-    if streamed:
-        fixed_mmap_threshold()
-    if mcore_free:    # no Megatron model: the layout and its groups without megatron-core
-        layout = rank_layout(coll.rank(), coll.world_size(), p.tp, p.pp, p.ep, p.etp)
-        g = coll.new_groups(group_ranks(coll.world_size(), p.tp, p.pp, p.ep, p.etp))
-        groups = mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device())
-    else:
-        mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp)
-        layout, groups = mcore.layout_and_groups()
-    marks.append(("parallel state", process_age()))
+    layout = sess.layout
     rss_start = reset_peak_rss()
     src = error = cause = None
     try:
-        src = build_source(cfg, layout, on_gpu, stream=True)
+        src = build_source(cfg, layout, sess.on_gpu, stream=True)
     except (ValueError, TypeError, KeyError, OSError) as e:
         error, cause = message(e), e
     agree(error, cause=cause)
     log0(f"source {cfg.source.kind} ({src.dims.model_type}, {src.dims.num_layers} layers) "
          f"{'streamed' if src.model is None else 'built'} for "
-         f"tp={p.tp} pp={p.pp} ep={p.ep} on {coll.world_size()} rank(s)")
-    marks.append(("source", process_age()))
+         f"tp={layout.tp_size} pp={layout.pp_size} ep={layout.ep_size} on {sess.world} rank(s)")
+    marks.append(("source", session.process_age()))
     options = ExportOptions.from_config(cfg.quant, cfg.output, src.dims, src.dtype, src.extra_files)
-    result = run_export(RankView.of_source(src, layout), src.dims, layout, groups, src.hf_config, cfg.output.dir,
+    result = run_export(RankView.of_source(src, layout), src.dims, layout, sess.groups, src.hf_config, cfg.output.dir,
                         options)
     ok = True
-    if coll.rank() == 0:
+    if sess.rank == 0:
         t = result.traffic
         log0(f"wrote {result.num_tensors} tensors, {result.bytes_written / 1e9:.3f} GB to {result.out_dir} in "
              f"{result.seconds:.1f} s; bytes moved to rank 0: {t.p2p_received / 1e6:.2f} MB, amax all-reduce "
              f"{t.allreduce / 1e6:.3f} MB on rank 0; {len(result.quantized)} linears quantized, "
              f"not converted: {result.not_converted}")
-        marks.append(("export", process_age()))
+        marks.append(("export", session.process_age()))
         log0(f"phases: {result.phases.summary()}; files: {', '.join(result.files)}")
+        if len(result.bytes_by_writer) > 1:
+            log0("GB written by each writer rank (output.writers=node; the phases count rank 0's): " +
+                 ", ".join(f"rank {r} {b / 1e9:.6f}" for r, b in sorted(result.bytes_by_writer.items())))
         log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
             from .verify import verify_checkpoint
-            tps, for_transformers = options.serve_targets
+            tps, for_transformers = options.quant.serve_targets()
             report = verify_checkpoint(result.out_dir, source=src.truth, serve_tp=tps,
                                        serve_transformers=for_transformers)
             log0("verification:\n" + report.table())
@@ -167,10 +155,4 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     rss = coll.gather_objects((rss_start, peak_rss_bytes()))
     log0("peak RSS per rank: " + " ".join(f"{b / 1e9:.3f}" for _, b in rss or []) + " GB; the export added: " +
          " ".join(f"{(b - s) / 1e9:.3f}" for s, b in rss or []) + " GB")
-    ok = coll.broadcast_object(ok)
-    coll.barrier()
-    if not mcore_free:
-        mcore.destroy_parallel()
-    torch.distributed.destroy_process_group()
-    return 0 if ok else 1
-
+    return coll.broadcast_object(ok)

@@ -5,13 +5,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import mcore
+from . import mcore, readahead
 from .archs import Dims, dims_from_hf, rules_for
 from .archs.base import TIED_COPY
-from .config import ExportConfig
+from .config import ExportConfig, QuantConfig
 from .hf_source import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
 from .hf_output import source_side_files
-from .plan import Layout, QuantChoice, expected_tensors, plan_param
+from .plan import Layout, PlanContext, expected_tensors, plan_param
 from .tp_slices import from_slices
 from .stream import hf_params, stage_layers
 
@@ -53,12 +53,12 @@ def source_config(cfg: ExportConfig):
 def load_hf_weights(model, reader, d: Dims, layout: Layout) -> None:
     """Fill every local parameter from the HF slices it holds (each rank reads only its slices)."""
     from .options import RankView
-    rules, view, off = rules_for(d), RankView.of_model(model, d, layout), QuantChoice(enabled=False)
+    view = RankView.of_model(model, d, layout)
+    ctx = PlanContext.make(d, layout, QuantConfig(enabled=False), view.layer_of_local, view.num_local_experts)
     with torch.no_grad():
         for name, p in view.params:
             for mcore_name in (name, "embedding.word_embeddings.weight"):   # a tied copy reads the embedding
-                plan = plan_param(mcore_name, tuple(p.shape), rules, d, layout, off, view.layer_of_local,
-                                  view.num_local_experts)
+                plan = plan_param(mcore_name, tuple(p.shape), ctx)
                 if plan.rule.shard != TIED_COPY:
                     break
             local = from_slices(plan, [read_slice(reader, s) for s in plan.slices], d)
@@ -98,7 +98,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     elif s.kind == "random":
         reader, extra, dtype = None, {}, torch.bfloat16
     elif s.kind == "hf":
-        reader, extra = HFReader(s.path), source_side_files(s.path)
+        ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank) if s.readahead else None
+        reader, extra = HFReader(s.path, ahead), source_side_files(s.path)
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)
     else:

@@ -18,6 +18,7 @@ from .archs.base import DUPLICATE, EXPERT, GLOBAL, TIED_COPY, VOCAB, rule_layers
 from .hf_source import read_slice
 from .mcore import padded_vocab
 from .plan import EMBEDDING_UNIT, Layout, ParamPlan, local_shape, write_unit
+from .ranks import stage_layer_range
 from .tp_slices import check_piece_finite, piece_dtype
 
 
@@ -32,8 +33,7 @@ class LazyParam:
 def stage_layers(d: Dims, layout: Layout) -> dict[int, int]:
     """Local decoder layer index -> global layer number of this pipeline stage (Megatron's even split; MTP layers
     are not decoder layers)."""
-    per = d.num_layers // layout.pp_size
-    return {j: layout.pp_rank * per + j for j in range(per)}
+    return dict(enumerate(stage_layer_range(d.num_layers, layout.pp_size, layout.pp_rank)))
 
 
 def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -> list[tuple[str, tuple[int, ...]]]:

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from . import collectives as coll
-from . import mcore
+from . import session
 from .api import model_dims
 from .hf_source import config_dtype
 from .pipeline import run_export
@@ -77,7 +77,8 @@ def iter_fp8(model, hf_config, *, quantize: bool = True, exclude: tuple[str, ...
     ``(hf_name, host tensor)`` pairs; a tensor is valid until the next pair is asked for (clone it to keep it).
     Other ranks get nothing (their pieces go to rank 0). ``scale_fmt``, ``serve_tp``: as ``api.export``."""
     d = model_dims(model, hf_config)
-    layout, groups = mcore.layout_and_groups()
+    job = session.joined()
+    layout, groups = job.layout, job.groups
     options = ExportOptions.from_keywords(d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head,
                                           scale_fmt=scale_fmt, serve_tp=serve_tp,
                                           out_dtype=out_dtype or config_dtype(hf_config))

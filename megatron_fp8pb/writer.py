@@ -4,12 +4,15 @@ The whole list of tensors (names, dtypes, shapes) is known before any data arriv
 offset are planned up front: each arriving tensor is written straight to its place in a preallocated file and nothing
 is held in memory. Shard planning follows huggingface_hub's rules (greedy in key order; a weight and its
 ``weight_scale_inv`` never split). Files go into a sibling ``<out>.partial`` directory renamed into place at the end.
+
+With several writers (``output.writers=node``) every writer plans the same shards from the same list; the first one
+creates the directory and the files (headers written, data preallocated), the others open those files and write their
+own tensors at the planned offsets (``mine``), and the first one finishes once all have.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 import threading
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .config import parse_size  # noqa: F401  (re-exported: the writer's size unit)
 from .faults import ExportError, inject
 
 SCALE_SUFFIX = "_scale_inv"
@@ -39,19 +43,6 @@ class TensorSpec:
         for s in self.shape:
             n *= s
         return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` -> 5_000_000_000 (huggingface_hub's convention: GB = 10**9, GiB = 2**30)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"output.max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
-    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(num * mult)
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
@@ -121,30 +112,63 @@ def prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def _sync_file_range():
+    try:
+        import ctypes
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+        f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return f
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start writing these bytes to disk now (Linux ``sync_file_range``): the disk works while the
+    export goes on, and a shard's fsync waits for its last bytes only, not for the whole shard. Elsewhere a no-op."""
+    if _SYNC_FILE_RANGE is not None and nbytes:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
+
+
 class CheckpointWriter:
-    """Writes the planned tensors as they arrive, then the index and extra files, then renames into place."""
+    """Writes the planned tensors as they arrive, then the index and extra files, then renames into place.
+
+    ``mine``: the names this writer writes (None: all). ``create`` false: the ``.partial`` directory and its files
+    were made by another writer of the same plan; open them and check their headers instead."""
 
     def __init__(self, out_dir: str | os.PathLike, specs: list[TensorSpec], max_shard_size: int | str = "5GB",
-                 overwrite: bool = False):
-        self.out = prepare_output(out_dir, overwrite)
+                 overwrite: bool = False, *, mine: set[str] | None = None, create: bool = True):
+        self.create = create
+        self.out = prepare_output(out_dir, overwrite) if create else Path(out_dir).resolve()
         self.tmp = partial_dir(self.out)
-        self.tmp.mkdir(parents=True)
+        if create:
+            self.tmp.mkdir(parents=True)
         self.specs = {s.name: s for s in specs}
         if len(self.specs) != len(specs):
             raise ValueError("duplicate tensor names in the write plan")
+        self.mine = set(self.specs) if mine is None else set(mine)
+        if self.mine - set(self.specs):
+            raise KeyError(f"tensor(s) {sorted(self.mine - set(self.specs))[:3]} are not in the write plan")
         shards = plan_shards(specs, parse_size(max_shard_size))
         self.files: list[Path] = []
         self.where: dict[str, tuple[int, int]] = {}     # name -> (file index, byte offset)
-        self.remaining: list[int] = []
+        self.remaining: list[int] = []                  # per file: tensors of ``mine`` not yet written
         self._fds: dict[int, int] = {}
         for k, shard in enumerate(shards):
             path = self.tmp / shard_file_name(k + 1, len(shards))
             head, offsets = shard_header(shard)
-            with open(path, "wb") as f:
-                f.write(head)
-                f.truncate(len(head) + sum(s.nbytes for s in shard))
+            size = len(head) + sum(s.nbytes for s in shard)
+            if create:
+                with open(path, "wb") as f:
+                    f.write(head)
+                    f.truncate(size)
+            else:
+                _check_planned_file(path, head, size)
             self.files.append(path)
-            self.remaining.append(len(shard))
+            self.remaining.append(sum(s.name in self.mine for s in shard))
             for s in shard:
                 self.where[s.name] = (k, offsets[s.name])
         self.written: set[str] = set()
@@ -182,9 +206,11 @@ class CheckpointWriter:
             fd = self._fds[k] = os.open(self.files[k], os.O_WRONLY)
         got = len(data)
         t0 = time.perf_counter()
+        start = off
         while len(data):
             n = os.pwrite(fd, data, off)
             data, off = data[n:], off + n
+        start_writeback(fd, start, off - start)
         if self.phases is not None:
             self.phases.add("write", time.perf_counter() - t0, got)
         done = self._partial.get(name, 0) + got
@@ -199,11 +225,21 @@ class CheckpointWriter:
             os.fsync(fd)
             os.close(self._fds.pop(k))
 
-    def finish(self, extra_files: dict[str, bytes | str | os.PathLike]) -> Path:
-        """Write the index and ``extra_files`` (name -> bytes, or a path to copy), then rename into place."""
-        missing = sorted(set(self.specs) - self.written)
+    @property
+    def planned_bytes(self) -> int:
+        """The bytes of the tensors this writer writes."""
+        return sum(self.specs[n].nbytes for n in self.mine)
+
+    def check_complete(self) -> None:
+        """Every tensor of ``mine`` written (and so each of its files fsynced and closed)."""
+        missing = sorted(self.mine - self.written)
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensor(s) never arrived, e.g. {missing[:3]}")
+
+    def finish(self, extra_files: dict[str, bytes | str | os.PathLike]) -> Path:
+        """Write the index and ``extra_files`` (name -> bytes, or a path to copy), then rename into place (after
+        every other writer of the plan has completed its share)."""
+        self.check_complete()
         n = len(self.files)
         index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
                  "weight_map": {name: shard_file_name(k + 1, n) for name, (k, _) in self.where.items()}}
@@ -227,11 +263,13 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
-        """Close files and remove the partial directory; nothing that looks like a checkpoint is left."""
+        """Close files and remove the partial directory (the writer that created it); nothing that looks like a
+        checkpoint is left."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.create:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -242,6 +280,20 @@ class CheckpointWriter:
             os.close(fd)
 
 
+def _check_planned_file(path: Path, head: bytes, size: int) -> None:
+    """A file made by another writer holds the header and the size this writer planned."""
+    try:
+        with open(path, "rb") as f:
+            got = f.read(len(head))
+            got_size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} is not visible here; output.writers=node needs output.dir on a filesystem "
+                                f"that every node shares (or use output.writers=rank0)") from e
+    if got != head or got_size != size:
+        raise ValueError(f"{path}: header or size ({got_size} bytes) differs from this writer's plan ({size} bytes); "
+                         f"every writer must plan the same tensors and output.max_shard_size")
+
+
 class BackgroundWriter:
     """Runs a CheckpointWriter's disk writes on one thread, so assembling the next tensor overlaps writing this one.
 
@@ -250,8 +302,9 @@ class BackgroundWriter:
     the thread is raised on the next call.
     """
 
-    def __init__(self, writer: CheckpointWriter, rank: int = 0):
+    def __init__(self, writer: CheckpointWriter, rank: int = 0, defer_errors: bool = False):
         self.writer, self.rank = writer, rank     # rank: the global rank that writes (named by fault injection)
+        self.defer_errors = defer_errors    # a failure is raised by flush/finish only (writing stops at it)
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fp8pb-writer", daemon=True)
@@ -280,6 +333,10 @@ class BackgroundWriter:
                     done()
 
     def check(self) -> None:
+        if not self.defer_errors:
+            self._raise()
+
+    def _raise(self) -> None:
         if self._error is not None:
             e = self._error
             raise ExportError(f"rank {self.rank}, stage write: {type(e).__name__}: {e}") from e
@@ -295,9 +352,15 @@ class BackgroundWriter:
             self._q.put(None)
             self._thread.join()
 
+    def flush(self) -> None:
+        """Wait for the queued writes; raise a failure, or a planned tensor that never arrived."""
+        self._drain()
+        self._raise()
+        self.writer.check_complete()
+
     def finish(self, extra_files: dict) -> Path:
         self._drain()
-        self.check()
+        self._raise()
         return self.writer.finish(extra_files)
 
     def abort(self) -> None:

@@ -112,6 +112,29 @@ def torchrun(nproc: int, args: list[str], script: str = "launch/export.py", time
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def launch_nodes(cmds: list[list[str]], timeout: int = 300, env: dict | None = None) -> list[tuple[int, str, str]]:
+    """Start one torchrun agent per command (the nodes of one job) at once; (returncode, stdout, stderr) of each."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def private_mounts_reason() -> str | None:
+    """Why a process cannot get a private mount namespace here (``unshare --mount``), or None when it can."""
+    try:
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "unshare (util-linux) is not installed"
+    return None if r.returncode == 0 else f"unshare --mount is not permitted here: {r.stderr.strip()}"
+
+
 def read_output(out: Path) -> dict[str, torch.Tensor]:
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     got = {}

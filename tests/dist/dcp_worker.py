@@ -7,32 +7,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-
-from megatron_fp8pb import collectives as coll, export, mcore  # noqa: E402
-from megatron_fp8pb.config import load_config  # noqa: E402
+from megatron_fp8pb import export, mcore, session  # noqa: E402
+from megatron_fp8pb.config import ParallelConfig, load_config  # noqa: E402
 from megatron_fp8pb.sources import build_source  # noqa: E402
 
 
 def main(mode: str, src: str, dst: str, tp: int, pp: int, ep: int, extra: str = "") -> None:
     """``extra``: "singleton" or nothing for ``save``, the checkpoint for ``built``."""
-    mcore.init_distributed("gloo", 120)
-    mcore.initialize_parallel(tp, pp, ep)
-    layout, _ = mcore.layout_and_groups()
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, backend="gloo", device="cpu", timeout_s=120)
     layout_args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
-    if mode == "save":
-        cfg = load_config(None, ["source.kind=hf", f"source.path={src}", *layout_args])
-        meta = {"singleton_local_shards": True} if extra == "singleton" else None
-        mcore.save_dist_checkpoint(build_source(cfg, layout, on_gpu=False).model, dst, meta)
-    else:
-        cfg = load_config(None, ["source.kind=megatron", f"source.path={extra}",
-                                 f"source.hf_config={src}/config.json", *layout_args])
-        source = build_source(cfg, layout, on_gpu=False, stream=False)
-        assert source.model is not None
-        export(source.model, source.hf_config, dst)
-    coll.barrier()
-    mcore.destroy_parallel()
-    torch.distributed.destroy_process_group()
+    with session.started(parallel) as job:
+        if mode == "save":
+            cfg = load_config(None, ["source.kind=hf", f"source.path={src}", *layout_args])
+            meta = {"singleton_local_shards": True} if extra == "singleton" else None
+            mcore.save_dist_checkpoint(build_source(cfg, job.layout, on_gpu=False).model, dst, meta)
+        else:
+            cfg = load_config(None, ["source.kind=megatron", f"source.path={extra}",
+                                     f"source.hf_config={src}/config.json", *layout_args])
+            source = build_source(cfg, job.layout, on_gpu=False, stream=False)
+            assert source.model is not None
+            export(source.model, source.hf_config, dst)
 
 
 if __name__ == "__main__":

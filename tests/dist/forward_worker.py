@@ -12,16 +12,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from megatron_fp8pb import mcore  # noqa: E402
+from megatron_fp8pb import mcore, session  # noqa: E402
 from megatron_fp8pb.archs import dims_from_hf  # noqa: E402
+from megatron_fp8pb.config import ParallelConfig  # noqa: E402
 from megatron_fp8pb.hf_source import HFReader, hf_config  # noqa: E402
 from megatron_fp8pb.sources import load_hf_weights  # noqa: E402
 
 
 def main(src: str) -> None:
-    mcore.init_distributed("gloo", 60)
-    mcore.initialize_parallel(1, 1)
-    layout, _ = mcore.layout_and_groups()
+    with session.started(ParallelConfig(backend="gloo", device="cpu", timeout_s=60)) as job:
+        compare_logits(src, job.layout)
+
+
+def compare_logits(src: str, layout) -> None:
     d = dims_from_hf(hf_config(src))
     model = mcore.build_gpt(d, torch.float32, layout).eval()
     load_hf_weights(model, HFReader(src), d, layout)
@@ -41,8 +44,6 @@ def main(src: str) -> None:
     rel = float((ours - ref).norm() / ref.norm())
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
     print(f"FORWARD rel_err={rel:.3e} top1={top1:.4f}")
-    mcore.destroy_parallel()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_world():
-    from megatron_fp8pb import mcore
+    from megatron_fp8pb import session
+    from megatron_fp8pb.config import ParallelConfig
     os.environ.setdefault("MASTER_PORT", "29517")
-    mcore.init_distributed("nccl", 120)
-    mcore.initialize_parallel(1, 1)
-    yield
-    mcore.destroy_parallel()
+    with session.started(ParallelConfig(backend="nccl", device="cuda", timeout_s=120)):
+        yield
 
 
 @pytest.mark.parametrize("arch,tie,override", [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, launch_nodes, private_mounts_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -25,17 +25,9 @@ def _digests(out: Path) -> dict:
 
 
 def _run_nodes(cmds: list[list[str]]) -> None:
-    procs = [subprocess.Popen(c, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = "".join(f"\n--- node {k} (rc {p.returncode})\n{err[-2000:]}" for k, (p, (_, err)) in
-                   enumerate(zip(procs, results)))
-    assert all(p.returncode == 0 for p in procs), logs
+    results = launch_nodes(cmds)
+    logs = "".join(f"\n--- node {k} (rc {rc})\n{err[-2000:]}" for k, (rc, _, err) in enumerate(results))
+    assert all(rc == 0 for rc, _, _ in results), logs
 
 
 def test_two_nodes_equal_one_node(tmp_path):
@@ -51,17 +43,9 @@ def test_two_nodes_equal_one_node(tmp_path):
     assert _digests(one) == _digests(two)
 
 
-def _private_mounts_reason() -> str | None:
-    try:
-        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True)
-    except FileNotFoundError:
-        return "unshare (util-linux) is not installed"
-    return None if r.returncode == 0 else f"unshare --mount is not permitted here: {r.stderr.strip()}"
-
-
 def test_second_node_needs_no_output_filesystem(tmp_path):
     """Node 1 sees the output's parent as an empty read-only directory of its own (a private tmpfs)."""
-    reason = _private_mounts_reason()
+    reason = private_mounts_reason()
     if reason:
         print(f"skipping: {reason}")
         pytest.skip(reason)

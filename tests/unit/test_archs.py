@@ -7,7 +7,8 @@ import transformers as tf
 
 from megatron_fp8pb import archs
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import Layout, QuantChoice, expected_tensors, plan_param
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.plan import Layout, PlanContext, expected_tensors, plan_param
 from megatron_fp8pb.presets import PRESETS, preset_hf_config
 from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
 from megatron_fp8pb.validate import check_layout
@@ -63,32 +64,33 @@ def _ds(**kw):
     for k, v in kw.items():
         setattr(cfg, k, v)
     d = dims_from_hf(cfg)
-    return d, rules_for(d)
+    return d
 
 
 def test_mla_pieces_and_dense_layer_refuses_moe_names():
-    d, rules = _ds(q_lora_rank=96, kv_lora_rank=128)    # kv_a_proj_with_mqa 192 rows, 96 per rank at tp 2
+    d = _ds(q_lora_rank=96, kv_lora_rank=128)    # kv_a_proj_with_mqa 192 rows, 96 per rank at tp 2
     layout = Layout(tp_size=2, tp_rank=1)
-    plan = plan_param("decoder.layers.0.self_attention.linear_kv_down_proj.weight", (96, 384), rules, d, layout,
-                      QuantChoice(), {0: 0, 1: 1}, 0)
+    plan = plan_param("decoder.layers.0.self_attention.linear_kv_down_proj.weight", (96, 384),
+                      PlanContext.make(d, layout, QuantConfig(), {0: 0, 1: 1}, 0))
     (p,) = plan.pieces
     assert (p.hf_name, p.offset, p.length, p.quantize, p.axis) == \
         ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", 96, 96, True, "tp")
-    plan = plan_param("decoder.layers.1.self_attention.linear_q_down_proj.weight", (48, 384), rules, d, layout,
-                      QuantChoice(), {0: 0, 1: 1}, 2)
+    plan = plan_param("decoder.layers.1.self_attention.linear_q_down_proj.weight", (48, 384),
+                      PlanContext.make(d, layout, QuantConfig(), {0: 0, 1: 1}, 2))
     assert plan.pieces[0].hf_name == "model.layers.1.self_attn.q_a_proj.weight"
     with pytest.raises(ValueError, match="decoder.layers.0.mlp.router.weight.*matches no rule"):
-        plan_param("decoder.layers.0.mlp.router.weight", (4, 384), rules, d, layout, QuantChoice(), {0: 0}, 2)
+        plan_param("decoder.layers.0.mlp.router.weight", (4, 384),
+                   PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2))
     with pytest.raises(ValueError, match="decoder.layers.1.mlp.linear_fc1.weight.*matches no rule"):
-        plan_param("decoder.layers.1.mlp.linear_fc1.weight", (1152, 384), rules, d, layout, QuantChoice(),
-                   {1: 1}, 2)
+        plan_param("decoder.layers.1.mlp.linear_fc1.weight", (1152, 384),
+                   PlanContext.make(d, layout, QuantConfig(), {1: 1}, 2))
 
 
 def test_expert_bias_is_float32_and_written_once():
-    d, rules = _ds()
+    d = _ds()
     for rank in (0, 1):
-        plan = plan_param("decoder.layers.1.mlp.router.expert_bias", (4,), rules, d,
-                          Layout(tp_size=2, tp_rank=rank), QuantChoice(), {1: 1}, 4)
+        plan = plan_param("decoder.layers.1.mlp.router.expert_bias", (4,),
+                          PlanContext.make(d, Layout(tp_size=2, tp_rank=rank), QuantConfig(), {1: 1}, 4))
         assert [(p.hf_name, p.dtype, p.quantize) for p in plan.pieces] == \
             ([("model.layers.1.mlp.gate.e_score_correction_bias", "float32", False)] if rank == 0 else [])
 
@@ -96,24 +98,25 @@ def test_expert_bias_is_float32_and_written_once():
 def test_replicated_quantized_piece_is_quantized_whole():
     """A down-projection that TransformerEngine builds replicated (TELinear, duplicated): full rows on every tp rank,
     written by tp rank 0 alone, quantized there with no amax all-reduce (axis None)."""
-    d, rules = _ds(kv_lora_rank=128)
+    d = _ds(kv_lora_rank=128)
     pieces = []
     for rank in (0, 1):
-        plan = plan_param("decoder.layers.0.self_attention.linear_kv_down_proj.weight", (192, 384), rules, d,
-                          Layout(tp_size=2, tp_rank=rank), QuantChoice(), {0: 0}, 0, style="replicated")
+        plan = plan_param("decoder.layers.0.self_attention.linear_kv_down_proj.weight", (192, 384),
+                          PlanContext.make(d, Layout(tp_size=2, tp_rank=rank), QuantConfig(), {0: 0}),
+                          style="replicated")
         pieces += plan.pieces
     (p,) = pieces
     assert (p.offset, p.length, p.quantize, p.axis) == (0, 192, True, None)
 
 
 def test_module_partitioning_that_disagrees_with_the_table_is_refused():
-    d, rules = _ds()
+    d = _ds()
     with pytest.raises(ValueError, match=r"linear_kv_up_proj.weight' is rowwise .*self_attn.kv_b_proj.weight as colwise"):
-        plan_param("decoder.layers.0.self_attention.linear_kv_up_proj.weight", (256, 192), rules, d,
-                   Layout(tp_size=2), QuantChoice(), {0: 0}, 0, style="rowwise")
+        plan_param("decoder.layers.0.self_attention.linear_kv_up_proj.weight", (256, 192),
+                   PlanContext.make(d, Layout(tp_size=2), QuantConfig(), {0: 0}, 0), style="rowwise")
     with pytest.raises(ValueError, match=r"linear_proj.weight' is replicated .*self_attn.o_proj.weight as rowwise"):
-        plan_param("decoder.layers.0.self_attention.linear_proj.weight", (384, 128), rules, d,
-                   Layout(tp_size=2), QuantChoice(), {0: 0}, 0, style="replicated")
+        plan_param("decoder.layers.0.self_attention.linear_proj.weight", (384, 128),
+                   PlanContext.make(d, Layout(tp_size=2), QuantConfig(), {0: 0}, 0), style="replicated")
 
 
 @pytest.mark.parametrize("kw,tp,pp,ep,etp,world,msg", [

@@ -6,7 +6,8 @@ import pytest
 import transformers as tf
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import Layout, QuantChoice, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.plan import Layout, PlanContext, check_coverage, expected_tensors, plan_param
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.validate import check_layout
 
@@ -105,7 +106,7 @@ def test_every_expert_exactly_once(tp, ep, etp, pp, world, grouped):
         params, layers, local = _local_expert_params(d, ep, etp, pp, layout.ep_rank, layout.etp_rank, layout.pp_rank,
                                                      grouped)
         for name, shape in params:
-            pieces += plan_param(name, shape, rules, d, layout, QuantChoice(), layers, local).pieces
+            pieces += plan_param(name, shape, PlanContext.make(d, layout, QuantConfig(), layers, local)).pieces
     expected = {n: s for n, s in expected_tensors(rules, d).items()
                 if ".experts." in n or n.endswith("mlp.gate.weight")}
     by_name = check_coverage(pieces, expected)
@@ -121,8 +122,8 @@ def test_global_expert_numbers_and_etp_offsets():
     d = _dims("mixtral")
     layout = Layout(ep_size=2, ep_rank=1, etp_size=2, etp_rank=1)
     for fc1, fc2 in zip(FC1, FC2):
-        up = plan_param(fc1.format(j=0, x=1), (384, 384), rules_for(d), d, layout, QuantChoice(), {0: 1}, 2)
-        down = plan_param(fc2.format(j=0, x=1), (384, 192), rules_for(d), d, layout, QuantChoice(), {0: 1}, 2)
+        up = plan_param(fc1.format(j=0, x=1), (384, 384), PlanContext.make(d, layout, QuantConfig(), {0: 1}, 2))
+        down = plan_param(fc2.format(j=0, x=1), (384, 192), PlanContext.make(d, layout, QuantConfig(), {0: 1}, 2))
         got = [(p.hf_name, p.dim, p.offset, p.length) for p in up.pieces + down.pieces]
         assert got == [("model.layers.1.block_sparse_moe.experts.3.w1.weight", 0, 192, 192),
                        ("model.layers.1.block_sparse_moe.experts.3.w3.weight", 0, 192, 192),
@@ -134,7 +135,7 @@ def test_missing_expert_is_named():
     d = _dims("qwen3_moe")
     params, layers, local = _local_expert_params(d, 2, 1, 1, 0, 0, 0, 0)
     pieces = [p for n, s in params
-              for p in plan_param(n, s, rules_for(d), d, Layout(ep_size=2), QuantChoice(), layers, local).pieces]
+              for p in plan_param(n, s, PlanContext.make(d, Layout(ep_size=2), QuantConfig(), layers, local)).pieces]
     expected = {n: s for n, s in expected_tensors(rules_for(d), d).items() if ".mlp." in n}
     with pytest.raises(ValueError, match=r"no rank holds HF tensor\(s\) \['model\.layers\.0\.mlp\.experts\.2\."):
         check_coverage(pieces, expected)
@@ -143,7 +144,7 @@ def test_missing_expert_is_named():
 def test_routers_and_shared_expert_gate_stay_unquantized_and_listed():
     d = _dims("qwen2_moe")
     layout = Layout(tp_size=2, tp_rank=1, ep_size=2, etp_size=1)
-    plans = {n: plan_param(n, s, rules_for(d), d, layout, QuantChoice(), {0: 0}, 2) for n, s in [
+    plans = {n: plan_param(n, s, PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2)) for n, s in [
         ("decoder.layers.0.mlp.router.weight", (4, 384)), ("decoder.layers.0.mlp.shared_experts.gate_weight", (1, 384)),
         ("decoder.layers.0.mlp.shared_experts.linear_fc1.weight", (384, 384)),
         ("decoder.layers.0.mlp.shared_experts.linear_fc2.weight", (384, 192))]}
@@ -161,15 +162,16 @@ def test_routers_and_shared_expert_gate_stay_unquantized_and_listed():
 
 def test_expert_refusals_name_the_parameter():
     d = _dims("qwen3_moe")
-    rules, layout = rules_for(d), Layout(ep_size=2, etp_size=2)
+    layout = Layout(ep_size=2, etp_size=2)
     with pytest.raises(ValueError, match=r"local_experts\.2\.linear_fc1\.weight: local expert 2 >= "
                                          r"num_local_experts\(2\)"):
-        plan_param(FC1[0].format(j=0, x=2), (384, 384), rules, d, layout, QuantChoice(), {0: 0}, 2)
+        plan_param(FC1[0].format(j=0, x=2), (384, 384), PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2))
     with pytest.raises(ValueError, match=r"local shape \(768, 384\) != \(384, 384\).*ep=2 etp=2"):
-        plan_param(FC1[1].format(j=0, x=0), (768, 384), rules, d, layout, QuantChoice(), {0: 0}, 2)
+        plan_param(FC1[1].format(j=0, x=0), (768, 384), PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2))
     with pytest.raises(ValueError, match=r"mlp\.experts\.weight1 \(shape \(384, 1536\)\): the legacy GroupedMLP.*"
                                          r"source\.kind=megatron"):
-        plan_param("decoder.layers.0.mlp.experts.weight1", (384, 1536), rules, d, layout, QuantChoice(), {0: 0}, 2)
+        plan_param("decoder.layers.0.mlp.experts.weight1", (384, 1536),
+                   PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2))
 
 
 @pytest.mark.parametrize("override,world,tp,pp,ep,etp,msg", [

@@ -1,12 +1,12 @@
 """ExportOptions made from the config and from the API keywords agree, serve targets resolved the same way; the
-older run_export keywords still give the same options."""
+API keywords make the same QuantConfig as the config's quant section."""
 import pytest
 import torch
 
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
-from megatron_fp8pb.options import ExportOptions, RankView, quant_choice, view_and_options
-from megatron_fp8pb.plan import QuantChoice
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.options import ExportOptions
 from megatron_fp8pb.sources import source_config
 
 
@@ -25,7 +25,7 @@ def test_config_and_keywords_give_the_same_options(serve):
     assert a == b
     assert a.quant.exclude[0] == "*.mlp.*"
     assert (len(a.quant.exclude) > 1) == (serve not in (None, "transformers"))   # tiny: 128-multiples, refused at tp=4
-    assert a.serve_targets == cfg.quant.serve_targets()
+    assert a.quant.serve_targets() == cfg.quant.serve_targets()
 
 
 def test_api_serve_tp_as_a_number():
@@ -39,18 +39,9 @@ def test_bad_serve_tp_is_refused_by_name():
         ExportOptions.from_keywords(d, serve_tp="tp4")
 
 
-def test_quant_config_is_the_choice():
-    cfg, _ = _cfg_and_dims("quant.lm_head=true", "quant.scale_fmt=ue8m0", "quant.enabled=false")
-    assert quant_choice(cfg.quant) == QuantChoice(False, (), True, "ue8m0")
-
-
-def test_older_run_export_keywords():
-    params = [("x", torch.zeros(1))]
-    view, opts = view_and_options(params, None, dict(quant=QuantChoice(scale_fmt="ue8m0"), overwrite=True,
-                                                     layer_of_local={0: 3}, num_local_experts=2))
-    assert view == RankView(params, {0: 3}, 2)
-    assert opts == ExportOptions(QuantChoice(scale_fmt="ue8m0"), overwrite=True)
-    with pytest.raises(TypeError, match="options and the keyword"):
-        view_and_options(params, opts, dict(overwrite=True))
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        view_and_options(params, None, dict(max_shard=1))
+def test_keywords_make_the_config_quant_section():
+    cfg, d = _cfg_and_dims("quant.lm_head=true", "quant.scale_fmt=ue8m0", "quant.enabled=false", "quant.serve_tp=4")
+    assert cfg.quant == QuantConfig(enabled=False, lm_head=True, serve_tp="4", scale_fmt="ue8m0")
+    b = ExportOptions.from_keywords(d, quantize=False, quantize_lm_head=True, scale_fmt="ue8m0", serve_tp=4)
+    assert b.quant == cfg.quant     # nothing quantized: no serve-target excludes
+    assert QuantConfig(exclude=["*.mlp.*"]).exclude == ("*.mlp.*",)

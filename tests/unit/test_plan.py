@@ -2,7 +2,8 @@
 import pytest
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import Layout, QuantChoice, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.plan import Layout, PlanContext, check_coverage, expected_tensors, plan_param
 from megatron_fp8pb.tiny import tiny_hf_config
 
 D = dims_from_hf(tiny_hf_config("qwen3"))   # hidden 384, 6 heads x 64, 2 kv heads, ffn 1152, vocab 1003
@@ -10,7 +11,8 @@ RULES = rules_for(D)
 
 
 def _plan(name, shape, tp=2, rank=0, **kw):
-    return plan_param(name, shape, RULES, D, Layout(tp_size=tp, tp_rank=rank), QuantChoice(**kw), {0: 0, 1: 1}, 0)
+    return plan_param(name, shape,
+                      PlanContext.make(D, Layout(tp_size=tp, tp_rank=rank), QuantConfig(**kw), {0: 0, 1: 1}, 0))
 
 
 def test_te_fused_norm_names_map_like_local_ones():
@@ -62,14 +64,14 @@ def test_exclusion_keeps_fused_groups_whole():
 def test_expert_names_sequential_and_grouped_become_global():
     from megatron_fp8pb.archs import dims_from_hf as dims
     d = dims(tiny_hf_config("qwen3_moe"))       # 4 experts, moe_intermediate 384
-    rules = rules_for(d)
     layout = Layout(ep_size=2, ep_rank=1, etp_size=2, etp_rank=1)
     for name in ("decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight",
                  "decoder.layers.1.mlp.experts.linear_fc1.weight1"):
-        plan = plan_param(name, (384, 384), rules, d, layout, QuantChoice(), {1: 1}, 2)
+        plan = plan_param(name, (384, 384), PlanContext.make(d, layout, QuantConfig(), {1: 1}, 2))
         got = [(p.hf_name, p.offset, p.length, p.axis) for p in plan.pieces]
         assert got == [("model.layers.1.mlp.experts.3.gate_proj.weight", 192, 192, "etp"),
                        ("model.layers.1.mlp.experts.3.up_proj.weight", 192, 192, "etp")]
-    router = plan_param("decoder.layers.0.mlp.router.weight", (4, 384), rules, d, layout, QuantChoice(), {0: 0}, 2)
+    router = plan_param("decoder.layers.0.mlp.router.weight", (4, 384),
+                        PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2))
     assert [(p.hf_name, p.quantize, p.linear) for p in router.pieces] == [("model.layers.0.mlp.gate.weight", False,
                                                                            True)]

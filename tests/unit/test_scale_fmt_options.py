@@ -1,11 +1,12 @@
-"""quant.scale_fmt end to end through the options: config key validated by name, QuantChoice, every quantized piece
+"""quant.scale_fmt end to end through the options: config key validated by name, QuantConfig, every quantized piece
 of the plan carrying it, quantization_config writing the key only in ue8m0 mode."""
 import pytest
 
-from megatron_fp8pb.archs import dims_from_hf, rules_for
+from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
 from megatron_fp8pb.hf_output import quantization_config
-from megatron_fp8pb.plan import Layout, QuantChoice, plan_param
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.plan import Layout, PlanContext, plan_param
 from megatron_fp8pb.tiny import tiny_hf_config
 
 
@@ -17,9 +18,9 @@ def test_config_key_default_and_choices():
 
 
 def test_quant_choice_validates():
-    assert QuantChoice().scale_fmt == "amax"
+    assert QuantConfig().scale_fmt == "amax"
     with pytest.raises(ValueError, match=r"quant\.scale_fmt='pow2'.*amax, ue8m0"):
-        QuantChoice(scale_fmt="pow2")
+        QuantConfig(scale_fmt="pow2")
 
 
 def test_quantization_config_key_only_in_ue8m0():
@@ -33,11 +34,9 @@ def test_quantization_config_key_only_in_ue8m0():
 def test_plan_pieces_carry_the_scale_format(fmt):
     cfg = tiny_hf_config("llama")
     d = dims_from_hf(cfg)
-    rules = rules_for(d)
-    quant = QuantChoice(scale_fmt=fmt)
+    ctx = PlanContext.make(d, Layout(tp_size=2), QuantConfig(scale_fmt=fmt), {0: 0})
     qkv = plan_param("decoder.layers.0.self_attention.linear_qkv.weight",
-                     ((d.num_heads + 2 * d.num_query_groups) * d.head_dim // 2, d.hidden), rules, d,
-                     Layout(tp_size=2), quant, {0: 0}, 0)
-    norm = plan_param("decoder.final_layernorm.weight", (d.hidden,), rules, d, Layout(tp_size=2), quant, {}, 0)
+                     ((d.num_heads + 2 * d.num_query_groups) * d.head_dim // 2, d.hidden), ctx)
+    norm = plan_param("decoder.final_layernorm.weight", (d.hidden,), ctx)
     assert qkv.pieces and all(p.quantize and p.scale_fmt == fmt for p in qkv.pieces)
     assert all(not p.quantize and p.scale_fmt == "amax" for p in norm.pieces)

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import QuantChoice, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.plan import PlanContext, check_coverage, expected_tensors, plan_param
 from megatron_fp8pb.ranks import group_ranks, rank_layout
 from megatron_fp8pb.stream import local_param_shapes, stage_layers
 from megatron_fp8pb.tiny import tiny_hf_config
@@ -28,7 +29,8 @@ def test_every_tensor_exactly_once(arch, tie, world, tp, pp, ep, etp):
         lay = rank_layout(r, world, tp, pp, ep, etp)
         layers = stage_layers(d, lay)
         for name, shape in local_param_shapes(d, lay):
-            plan = plan_param(name, shape, rules, d, lay, QuantChoice(), layers, d.num_experts // ep if ep else 0)
+            plan = plan_param(name, shape,
+                              PlanContext.make(d, lay, QuantConfig(), layers, d.num_experts // ep if ep else 0))
             pieces += [replace(p, src=r) for p in plan.pieces]
     by_name = check_coverage(pieces, expected_tensors(rules, d))
     assert set(by_name) == set(expected_tensors(rules, d))

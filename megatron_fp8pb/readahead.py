@@ -1,0 +1,166 @@
+"""Reading an HF source checkpoint into the page cache ahead of the export's reader.
+
+The command line starts it before torch is imported (this module and what it imports are torch-free), so the disk
+reads the source while the interpreter imports; the reader then finds its bytes in memory. A few threads read the
+tensors this rank's pipeline stage exports, in the order the export consumes them, at most ``window`` bytes ahead of
+the reader. The bytes land in the page cache only (each thread reads into one small reusable buffer), so the
+process's resident memory does not grow with the source, and the kernel may drop them again under memory pressure:
+the readahead only makes the reader's own reads faster, it is never the source of truth."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+from .ranks import pp_rank_of, stage_layer_range
+from .safetensors_layout import byte_ranges
+
+CHUNK = 4 << 20        # bytes per read
+THREADS = 8            # reads in flight (the disk's queue depth)
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+_ACTIVE: dict[str, "Readahead"] = {}
+_LOCK = threading.Lock()
+
+
+class Readahead:
+    """Reads ``ranges`` ``[(tensor name, file, first byte, length)]`` in order on ``threads`` threads, staying at most
+    ``window`` bytes ahead of the tensor the reader last asked for (``consumed``)."""
+
+    def __init__(self, ranges: list[tuple[str, Path, int, int]], window: int, threads: int = THREADS,
+                 chunk: int = CHUNK):
+        self._pos: dict[str, int] = {}
+        self._chunks: list[tuple[Path, int, int, int]] = []
+        pos = 0
+        for name, f, start, n in ranges:
+            self._pos.setdefault(name, pos)
+            self._chunks += [(f, start + k, min(chunk, n - k), pos + k) for k in range(0, n, chunk)]
+            pos += n
+        self.total, self.window, self.chunk = pos, window, chunk
+        self.bytes_read = 0
+        self._next = self._consumed = 0
+        self._stop = False
+        self._cv = threading.Condition()
+        self._fds: dict[Path, int] = {}
+        self._threads = [threading.Thread(target=self._run, name="fp8pb-readahead", daemon=True)
+                         for _ in range(min(threads, len(self._chunks)))]
+        for t in self._threads:
+            t.start()
+
+    def consumed(self, name: str) -> None:
+        """The reader has reached tensor ``name``: the window moves up to its start."""
+        p = self._pos.get(name)
+        if p is not None and p > self._consumed:
+            with self._cv:
+                self._consumed = max(self._consumed, p)
+                self._cv.notify_all()
+
+    def _take(self) -> tuple[Path, int, int, int] | None:
+        with self._cv:
+            while (not self._stop and self._next < len(self._chunks)
+                   and self._chunks[self._next][3] - self._consumed > self.window):
+                self._cv.wait()
+            if self._stop or self._next >= len(self._chunks):
+                return None
+            self._next += 1
+            return self._chunks[self._next - 1]
+
+    def _fd(self, f: Path) -> int:
+        with self._cv:
+            if f not in self._fds:
+                self._fds[f] = os.open(f, os.O_RDONLY)
+            return self._fds[f]
+
+    def _run(self) -> None:
+        view = memoryview(bytearray(self.chunk))
+        while (c := self._take()) is not None:
+            f, at, n, _ = c
+            try:
+                got = os.preadv(self._fd(f), [view[:n]], at)
+            except OSError:     # a hint only: the reader meets and names any real read error itself
+                continue
+            with self._cv:
+                self.bytes_read += got
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int) -> list[str]:
+    """The tensors a pipeline stage reads, in the order the export reads them: the embedding (first stage), each
+    decoder layer, then (last stage) the multi-token-prediction layers, the final norm and lm_head, and the embedding
+    again where lm_head is tied to it."""
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    mine, tied = stage_layer_range(num_layers, pp, pp_rank), not any(n.startswith("lm_head") for n in names)
+    keyed = []
+    for n in names:
+        m = _LAYER.search(n)
+        if m:
+            layer = int(m.group(1))
+            if layer in mine or (last and layer >= num_layers):
+                keyed.append(((1, layer), n))
+        elif "embed" in n:
+            if first or (last and tied):
+                keyed.append(((0 if first else 2, 0), n))
+        elif last:
+            keyed.append(((2, 0), n))
+    return [n for _, n in sorted(keyed)]
+
+
+def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 0) -> Readahead:
+    """The readahead of ``path`` for this stage (one per source and process: started once, then shared)."""
+    key = os.path.realpath(path)
+    with _LOCK:
+        if key not in _ACTIVE:
+            where = byte_ranges(path)
+            order = stage_order(list(where), num_layers, pp, pp_rank)
+            ranges = [(n,) + where[n] for n in order]
+            total = sum(r[3] for r in ranges)
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            window = min(total, max(256 << 20, mem_available() // (2 * local)))
+            _ACTIVE[key] = Readahead(ranges, window)
+        return _ACTIVE[key]
+
+
+def stop(path: str | os.PathLike) -> None:
+    with _LOCK:
+        ra = _ACTIVE.pop(os.path.realpath(path), None)
+    if ra is not None:
+        ra.close()
+
+
+def mem_available() -> int:
+    """Bytes the kernel reports available (page cache it can drop included); 4 GiB where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def start_for_command_line(config_path: str | None, overrides: list[str]) -> Readahead | None:
+    """Start reading an HF source before the heavy imports, when the command line names one. Any problem with the
+    config or the source is left to the export itself, which names it properly: here it only means no readahead."""
+    try:
+        from .config import load_config
+        cfg = load_config(config_path, overrides)
+        if cfg.source.kind != "hf" or not cfg.source.path or not cfg.source.readahead:
+            return None
+        hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
+        hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
+        pp, world = cfg.parallel.pp, int(os.environ.get("WORLD_SIZE", "1"))
+        return start(cfg.source.path, int(hfc["num_hidden_layers"]), pp,
+                     pp_rank_of(int(os.environ.get("RANK", "0")), world, pp))
+    except Exception:
+        return None

@@ -1,0 +1,104 @@
+"""Start and stop an export job's processes, the same way for every entry point: the command line (``run``), the
+benchmark and the test workers start their own (``started``); the in-process API joins the process groups its
+training job already has (``joined``)."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from . import collectives as coll
+from . import mcore
+from .config import ParallelConfig
+from .log import quiet_known_warnings
+from .plan import Layout
+
+
+@dataclass
+class Session:
+    """What an export job needs from its processes: this rank and the world size, its place in the parallel layout,
+    the groups the export's collectives use (``groups.device``: where tensors travel), whether the model lives on
+    CUDA, and ``marks``: (step, seconds since the process started) of the startup."""
+    rank: int
+    world: int
+    layout: Layout
+    groups: mcore.Groups
+    on_gpu: bool
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives: this rank's GPU, or the CPU."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+
+
+def joined(on_gpu: bool | None = None) -> Session:
+    """The caller's initialized Megatron parallel state (the in-process API): nothing is started or torn down.
+    ``on_gpu`` None: the model is taken to live where the collectives run (CUDA under NCCL)."""
+    layout, groups = mcore.layout_and_groups()
+    return Session(coll.rank(), coll.world_size(), layout, groups,
+                   groups.device.type == "cuda" if on_gpu is None else on_gpu)
+
+
+@contextlib.contextmanager
+def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None = None) -> Iterator[Session]:
+    """Start the job's process group from torchrun's environment (one process without it) and its parallel layout,
+    yield the Session, and tear both down at the end, also when the job fails (a process group that was already up
+    is left as found). After a job that ends normally, every rank passes a barrier first.
+
+    ``parallel``: backend and device "auto" are resolved here (``ParallelConfig.resolved``); when the model or the
+    backend uses CUDA, each rank's device is its local GPU. ``megatron`` False (a streamed source, no model built):
+    the layout and its groups come without megatron-core, and large host tensors get their own pages
+    (``stream.fixed_mmap_threshold``). ``vp``: virtual-pipeline chunks per stage (interleaved schedule)."""
+    quiet_known_warnings()      # before megatron.core is imported
+    p = parallel.resolved()
+    owned = not coll.is_initialized()
+    if owned:
+        _start_process_group(p.backend, p.timeout_s, cuda=p.on_gpu)
+    marks = [("process group", process_age())]
+    try:
+        if megatron:
+            mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp, vp=vp)
+            session = joined(p.on_gpu)
+        else:
+            from .ranks import group_ranks, rank_layout
+            from .stream import fixed_mmap_threshold
+            fixed_mmap_threshold()
+            rank, world = coll.rank(), coll.world_size()
+            g = coll.new_groups(group_ranks(world, p.tp, p.pp, p.ep, p.etp))
+            session = Session(rank, world, rank_layout(rank, world, p.tp, p.pp, p.ep, p.etp),
+                              mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device()), p.on_gpu)
+        session.marks = marks + [("parallel state", process_age())]
+        yield session
+        coll.barrier()
+    finally:
+        if owned:
+            if megatron:
+                mcore.destroy_parallel()
+            dist.destroy_process_group()
+
+
+def _start_process_group(backend: str, timeout_s: float, cuda: bool) -> None:
+    """The default process group from torchrun's environment (a single process when absent). ``cuda``: the model
+    lives on CUDA (under NCCL the collectives do too): this rank's device is its local GPU."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    if cuda or backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc), so that interpreter start and imports are counted."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0

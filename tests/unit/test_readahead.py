@@ -1,0 +1,96 @@
+"""The source readahead: which tensors a stage reads and in what order, the window it keeps, and that the reader's
+bytes are the same with it."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_fp8pb import readahead
+from megatron_fp8pb.hf_source import HFReader
+from megatron_fp8pb.readahead import Readahead, stage_order
+from megatron_fp8pb.safetensors_layout import byte_ranges
+
+NAMES = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [
+    f"model.layers.{i}.{p}" for i in (0, 1, 2, 3, 10) for p in ("mlp.down_proj.weight", "input_layernorm.weight")]
+
+
+def test_stage_order_follows_units_and_stages():
+    one = stage_order(NAMES, num_layers=4, pp=1, pp_rank=0)
+    assert one[:1] == ["model.embed_tokens.weight"]
+    layers = [int(n.split(".")[2]) for n in one if ".layers." in n]
+    assert layers == sorted(layers) and set(layers) == {0, 1, 2, 3, 10}     # layer 10: an MTP layer (>= 4)
+    assert set(one[-2:]) == {"lm_head.weight", "model.norm.weight"}
+    first, last = stage_order(NAMES, 4, 2, 0), stage_order(NAMES, 4, 2, 1)
+    assert first == ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in (0, 1)
+                                                     for p in ("input_layernorm.weight", "mlp.down_proj.weight")]
+    assert "model.embed_tokens.weight" not in last and "lm_head.weight" in last
+    assert {int(n.split(".")[2]) for n in last if ".layers." in n} == {2, 3, 10}
+    tied = [n for n in NAMES if n != "lm_head.weight"]
+    assert stage_order(tied, 4, 2, 1)[-2:] == ["model.embed_tokens.weight", "model.norm.weight"]
+
+
+def _checkpoint(path, n=6, rows=300, cols=257):
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"model.layers.{i}.w.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+               for i in range(n)}
+    save_file(tensors, str(path / "model.safetensors"))
+    return tensors
+
+
+def test_window_bounds_reads_ahead_of_the_reader(tmp_path):
+    _checkpoint(tmp_path)
+    where = byte_ranges(tmp_path)
+    order = stage_order(list(where), 6, 1, 0)
+    ranges = [(n,) + where[n] for n in order]
+    size = ranges[0][3]
+    ra = Readahead(ranges, window=size, threads=2, chunk=4096)
+    try:
+        deadline = time.time() + 10
+
+        def settle(want):
+            while ra.bytes_read < want and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            return ra.bytes_read
+
+        # the reader at tensor 0: at most one window (one tensor) ahead, plus the reads already in flight
+        assert size <= settle(size) <= size + 2 * 4096
+        ra.consumed(order[3])
+        assert 4 * size <= settle(4 * size) <= 4 * size + 2 * 4096
+        ra.consumed(order[5])
+        assert settle(ra.total) == ra.total == 6 * size
+    finally:
+        ra.close()
+
+
+def test_reader_bytes_identical_with_readahead(tmp_path):
+    tensors = _checkpoint(tmp_path)
+    ra = readahead.start(tmp_path, num_layers=6)
+    try:
+        reader = HFReader(tmp_path, ra)
+        for name, t in tensors.items():
+            assert torch.equal(reader.read(name), t)
+            assert torch.equal(reader.read(name, dim=1, offset=128, length=129), t[:, 128:])
+            assert torch.equal(reader.read(name, dim=0, offset=7, length=100), t[7:107])
+        reader.close()
+        assert readahead._ACTIVE == {} and ra.bytes_read == ra.total
+    finally:
+        readahead.stop(tmp_path)
+
+
+def test_command_line_start_ignores_other_sources(tmp_path):
+    assert readahead.start_for_command_line(None, ["source.kind=tiny"]) is None
+    assert readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}",
+                                                   "source.readahead=false"]) is None
+    assert readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}/none"]) is None
+    _checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 6}')
+    os.environ.pop("RANK", None)
+    ra = readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}"])
+    try:
+        assert ra is not None and ra.total == sum(r[2] for r in byte_ranges(tmp_path).values())
+    finally:
+        readahead.stop(tmp_path)
