@@ -1,7 +1,7 @@
 """A Megatron distributed checkpoint streamed unit by unit through the real CLI (torchrun + gloo + megatron-core
 0.16 on CPU): saved at one layout and exported at another, every tensor byte for byte the single-process reference
-of the HF weights it was saved from, the same bytes as the reference path that loads the whole model, and a peak
-RSS that does not grow with the model's depth."""
+of the HF weights it was saved from, the same bytes as the reference path that loads the whole model, a peak RSS
+that does not grow with the model's depth, and one-line refusals of checkpoints it cannot read."""
 import re
 
 import pytest
@@ -73,7 +73,9 @@ def test_moe_resharded_as_the_loaded_model(tmp_path, case):
 
 WIDE = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
             max_position_embeddings=256)
-GROWTH = 32e6     # a rank's peak may grow by this while the checkpoint grows by ~250 MB (loaded whole: ~125 MB a rank)
+# Measured (2 ranks, tp=2, CPU): the export adds ~69 MB at 2 layers, ~80-100 MB at 4 to 14 layers as rank 0's
+# staging slabs come into use, and the same at 12 and 24 layers; the loaded model added 140 / 260 / 460 MB.
+GROWTH = 32e6     # a rank's peak may grow by this while the checkpoint grows by ~300 MB (loaded whole: ~150 MB a rank)
 BUDGET = 160e6    # what the export may add on any rank: staging slabs (3 x 64 MiB on rank 0) plus two units
 
 
@@ -88,12 +90,12 @@ def _peak_rss(tmp_path, layers: int) -> tuple[int, list[float]]:
 
 
 def test_peak_rss_flat_in_depth(tmp_path):
-    small_bytes, small = _peak_rss(tmp_path, 2)
-    big_bytes, big = _peak_rss(tmp_path, 12)
-    assert big_bytes - small_bytes > 200e6
+    small_bytes, small = _peak_rss(tmp_path, 12)
+    big_bytes, big = _peak_rss(tmp_path, 24)
+    assert big_bytes - small_bytes > 250e6
     growth = [b - s for b, s in zip(big, small)]
-    print(f"peak RSS added per rank (MB): 2 layers {[round(x / 1e6) for x in small]}, "
-          f"12 layers {[round(x / 1e6) for x in big]}")
+    print(f"peak RSS added per rank (MB): 12 layers {[round(x / 1e6) for x in small]}, "
+          f"24 layers {[round(x / 1e6) for x in big]}")
     assert max(small + big) < BUDGET, f"the export added {[round(x / 1e6) for x in small + big]} MB"
     assert max(growth) < GROWTH, f"peak RSS per rank grew by {[g / 1e6 for g in growth]} MB for " \
                                  f"{(big_bytes - small_bytes) / 1e6:.0f} MB more checkpoint"
