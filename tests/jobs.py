@@ -1,0 +1,105 @@
+"""Command-line exports of one test module, run together: one torchrun launch (world size the largest job's) runs
+every job in turn, each on a gloo process group of its own world size (tests/dist/jobs_worker.py). Starting Python,
+torch and transformers once per module instead of once per export is most of the time these tests take.
+
+A module lists its jobs by test name (``request.node.name``); its module-scoped fixture calls ``run_jobs`` for the
+ones the session selected, and each test looks up its own ``Exported`` (exit code, output, per-job stdout/stderr), so
+a failure names its case. A job whose export refuses or crashes still has its exit code and output; a launch that
+dies leaves the jobs after it without one, and their tests say so."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers import torchrun, write_hf_source
+
+
+@dataclass
+class Job:
+    """One export: ``world`` processes, the command line's ``args`` (source.* and output.dir are added when ``cfg``,
+    an HF config, is given: it is written as a seeded bf16 HF source first), extra environment ``env``."""
+    world: int
+    args: list[str]
+    cfg: object = None
+    seed: int = 0
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Exported:
+    """What a job left: ``returncode`` (None when its launch ended before it), the ranks' stdout and stderr joined
+    in rank order, its source (``src``, ``state``: the source's tensors) and output directory."""
+    returncode: int | None
+    stdout: str
+    stderr: str
+    src: Path | None
+    out: Path
+    state: dict[str, torch.Tensor] | None
+    seconds: float
+
+
+def selected_jobs(request, jobs: dict[str, Job]) -> dict[str, Job]:
+    """The jobs of the tests selected in this session from the requesting module (all tests that use the module's
+    jobs fixture must have one)."""
+    names = {item.name for item in request.session.items
+             if item.module is request.module and request.fixturename in item.fixturenames}
+    unknown = sorted(names - set(jobs))
+    assert not unknown, f"tests using {request.fixturename} without a job: {unknown}"
+    return {k: j for k, j in jobs.items() if k in names}
+
+
+def run_jobs(root: Path, jobs: dict[str, Job], timeout: int = 900) -> dict[str, Exported]:
+    """Write the jobs' sources under ``root``, run every job in one torchrun launch (in the order given), and collect
+    each job's result."""
+    order = list(jobs)
+    spec, made = [], {}
+    for n, key in enumerate(order):
+        job, d = jobs[key], root / f"job{n}"
+        d.mkdir(parents=True)
+        src = state = None
+        argv = list(job.args)
+        if job.cfg is not None:
+            src = d / "src"
+            state = write_hf_source(src, job.cfg, seed=job.seed)
+            argv = ["source.kind=hf", f"source.path={src}", f"output.dir={d / 'out'}", *argv]
+        made[key] = (d, src, state)
+        spec.append({"key": key, "world": job.world, "argv": argv, "dir": str(d), "env": job.env})
+    (root / "jobs.json").write_text(json.dumps(spec, indent=1))
+    world = max(j.world for j in jobs.values()) if jobs else 0
+    launch = ""
+    if jobs:
+        try:
+            r = torchrun(world, [str(root / "jobs.json")], script="tests/dist/jobs_worker.py", timeout=timeout)
+            launch = f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        except subprocess.TimeoutExpired as e:
+            launch = f"timed out after {timeout} s\n{e.stderr[-4000:] if e.stderr else ''}"
+    results = {}
+    for key in order:
+        d, src, state = made[key]
+        codes, seconds = [], 0.0
+        for rank in range(jobs[key].world):
+            f = d / f"rank{rank}.json"
+            if f.exists():
+                rec = json.loads(f.read_text())
+                codes.append(rec["returncode"])
+                seconds = max(seconds, rec["seconds"])
+            else:
+                codes.append(None)
+        out = "".join(_read(d / f"rank{r}.stdout") for r in range(jobs[key].world))
+        err = "".join(_read(d / f"rank{r}.stderr") for r in range(jobs[key].world))
+        if None in codes:
+            rc = None
+            err += f"\n[jobs] no exit code from rank(s) {[r for r, c in enumerate(codes) if c is None]}: the " \
+                   f"launch of {root / 'jobs.json'} ended first: {launch}"
+        else:
+            rc = next((c for c in codes if c), 0)
+        results[key] = Exported(rc, out, err, src, d / "out", state, seconds)
+    return results
+
+
+def _read(p: Path) -> str:
+    return p.read_text(errors="replace") if p.exists() else ""
