@@ -1,17 +1,19 @@
 """Command-line exports of one test module, run together: one torchrun launch (world size the largest job's) runs
-every job in turn, each on a gloo process group of its own world size (tests/dist/jobs_worker.py). Starting Python,
-torch and transformers once per module instead of once per export is most of the time these tests take.
+every job in turn, each in processes of its own forked from the launch's, as many as the job's world size, which
+start their own gloo process group as launch/export.py does (tests/dist/jobs_worker.py). Starting Python, torch and
+transformers once per module instead of once per export was most of the time these tests took.
 
 A module lists its jobs by test name (``request.node.name``); its module-scoped fixture calls ``run_jobs`` for the
 ones the session selected, and each test looks up its own ``Exported`` (exit code, output, per-job stdout/stderr), so
-a failure names its case. A job whose export refuses or crashes still has its exit code and output; a launch that
-dies leaves the jobs after it without one, and their tests say so."""
+a failure names its case. A job that refuses, fails or is killed has its exit code and output like any other; a
+launch that dies leaves the jobs after it without one, and their tests say so."""
 from __future__ import annotations
 
 import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -20,13 +22,15 @@ from helpers import torchrun, write_hf_source
 
 @dataclass
 class Job:
-    """One export: ``world`` processes, the command line's ``args`` (source.* and output.dir are added when ``cfg``,
-    an HF config, is given: it is written as a seeded bf16 HF source first), extra environment ``env``."""
+    """One export: ``world`` processes, the command line's ``args``, extra environment ``env``. With ``cfg``, an HF
+    config, a seeded bf16 HF source is written first (``edit(src)`` may change it then), and source.kind,
+    source.path and output.dir are set before ``args`` (where ``{src}`` stands for the source's path)."""
     world: int
     args: list[str]
     cfg: object = None
     seed: int = 0
     env: dict = field(default_factory=dict)
+    edit: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -65,7 +69,10 @@ def run_jobs(root: Path, jobs: dict[str, Job], timeout: int = 900) -> dict[str, 
         if job.cfg is not None:
             src = d / "src"
             state = write_hf_source(src, job.cfg, seed=job.seed)
-            argv = ["source.kind=hf", f"source.path={src}", f"output.dir={d / 'out'}", *argv]
+            if job.edit:
+                job.edit(src)
+            argv = ["source.kind=hf", f"source.path={src}", f"output.dir={d / 'out'}",
+                    *(a.replace("{src}", str(src)) for a in argv)]
         made[key] = (d, src, state)
         spec.append({"key": key, "world": job.world, "argv": argv, "dir": str(d), "env": job.env})
     (root / "jobs.json").write_text(json.dumps(spec, indent=1))

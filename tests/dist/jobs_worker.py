@@ -1,11 +1,14 @@
 """torchrun worker for tests: several command-line exports in one launch (``tests/jobs.py`` writes the list).
 
-Each job is what ``torchrun --nproc_per_node=W launch/export.py ARGS`` runs, in processes that are already up: the
-first W ranks of the launch start a gloo process group of their own (world W, on a prefix of the launch's store),
-set RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE as torchrun would for W processes, call launch/export.py's
-``main(ARGS)`` with this rank's stdout and stderr going to the job's files, and tear the group (and any Megatron
-parallel state) down again; the other ranks wait. After each job every rank of the launch meets at a store barrier.
-Each rank records its exit code in ``rank<r>.json`` of the job's directory."""
+Each job is what ``torchrun --nproc_per_node=W launch/export.py ARGS`` runs, without starting Python, torch and
+transformers again: each of the first W ranks of the launch forks a process (which has those imports already), and
+that process gets the environment torchrun gives W processes (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and a
+MASTER_PORT of the job's own, where its rank 0 serves the rendezvous store as without an agent store) and calls
+launch/export.py's ``main(ARGS)`` with its stdout and stderr going to the job's files: the export starts and tears
+down its own process group, as on the command line. Its exit code (negative: the signal that ended it) goes to
+``rank<r>.json`` there. A job that refuses, fails or is killed ends only its own processes. The other ranks wait;
+after each job every rank of the launch meets at a store barrier. A launch rank then imports what its job process
+imported (the export's own modules, transformers' model classes), so that only the first job pays for them."""
 import contextlib
 import datetime
 import importlib.util
@@ -18,15 +21,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import torch.distributed as dist  # noqa: E402
+
+from helpers import free_port  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("launch_export", ROOT / "launch" / "export.py")
 launch_export = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(launch_export)
 
 WAIT = datetime.timedelta(seconds=900)      # the longest a rank waits for the jobs it takes no part in
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "TORCHELASTIC_USE_AGENT_STORE")
 
 
 @contextlib.contextmanager
@@ -50,9 +57,11 @@ def redirected(out: Path, err: Path):
 
 
 @contextlib.contextmanager
-def job_environment(rank: int, world: int, env: dict):
+def job_environment(rank: int, world: int, port: int, env: dict):
     saved = {k: os.environ.get(k) for k in (*ENV_KEYS, *env)}
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), **env)
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
     try:
         yield
     finally:
@@ -63,32 +72,46 @@ def job_environment(rank: int, world: int, env: dict):
                 os.environ[k] = v
 
 
-def _teardown() -> None:
-    if "megatron.core.parallel_state" in sys.modules:
-        from megatron.core import parallel_state
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def run_job(index: int, job: dict, rank: int, store) -> int:
-    """This rank's part of one job: its exit code (as the process's would be)."""
-    world = job["world"]
-    d = Path(job["dir"])
-    with job_environment(rank, world, job.get("env", {})), redirected(d / f"rank{rank}.stdout",
-                                                                       d / f"rank{rank}.stderr"):
+def run_job(job: dict, rank: int, port: int) -> int:
+    """This rank's process of one job, forked: its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
         try:
-            dist.init_process_group("gloo", store=dist.PrefixStore(f"job{index}/", store), rank=rank,
-                                    world_size=world, timeout=datetime.timedelta(seconds=300))
+            code = _job_process(job, rank, port)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    import_like(Path(job["dir"]) / f"rank{rank}.imported")
+    return os.waitstatus_to_exitcode(status)
+
+
+def import_like(listing: Path) -> None:
+    """Import here, in the order listed, the modules a job's process imported, so that the next job's processes
+    start with them (a module that does not import on its own is left out)."""
+    if not listing.exists():
+        return
+    for name in listing.read_text().split():
+        if name not in sys.modules and not name.startswith("__"):
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
+
+
+def _job_process(job: dict, rank: int, port: int) -> int:
+    before = set(sys.modules)
+    d = Path(job["dir"])
+    with job_environment(rank, job["world"], port, job.get("env", {})), redirected(d / f"rank{rank}.stdout",
+                                                                                    d / f"rank{rank}.stderr"):
+        try:
             code = launch_export.main(job["argv"])
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         except BaseException:
             traceback.print_exc()
             code = 1
-        finally:
-            _teardown()
+    (d / f"rank{rank}.imported").write_text("\n".join(m for m in sys.modules if m not in before))
     return code
 
 
@@ -103,9 +126,11 @@ def main(spec: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=WAIT)
     for i, job in enumerate(jobs):
+        if rank == 0:
+            store.set(f"job{i}/port", str(free_port()))
         if rank < job["world"]:
             t0 = time.time()
-            code = run_job(i, job, rank, store)
+            code = run_job(job, rank, int(store.get(f"job{i}/port")))
             (Path(job["dir"]) / f"rank{rank}.json").write_text(
                 json.dumps({"returncode": code, "seconds": time.time() - t0}))
         barrier(store, f"after-job{i}", world)

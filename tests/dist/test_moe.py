@@ -1,9 +1,8 @@
 """Mixture-of-experts export under expert parallelism through the real CLI (torchrun + gloo + megatron-core
 GPTModel with SequentialMLP experts): byte for byte against the single-process reference for layouts whose per-rank
 expert sizes are not multiples of 128, every expert exactly once, and transformers loading every per-expert FP8
-tensor of Qwen3-MoE, Qwen2-MoE (shared expert) and Mixtral with logits that match the source. The exports that
-succeed run in one torchrun launch (tests/jobs.py), each on a process group of its own world size; the refusal runs
-alone."""
+tensor of Qwen3-MoE, Qwen2-MoE (shared expert) and Mixtral with logits that match the source. The module's exports
+run from one torchrun launch (tests/jobs.py), each in processes of its own world size."""
 import json
 import re
 
@@ -12,7 +11,7 @@ import torch
 import transformers as tf
 
 from helpers import drop_source_tensor
-from helpers import mismatches, ragged_qwen3_moe, read_output, torchrun, write_hf_source
+from helpers import mismatches, ragged_qwen3_moe, read_output
 from jobs import Job, run_jobs, selected_jobs
 from megatron_fp8pb.blockfp8 import dequantize_blockfp8
 from megatron_fp8pb.tiny import tiny_hf_config
@@ -41,12 +40,16 @@ TRANSFORMERS_CASES = [  # (arch, parallel overrides): world 2 each
     ("mixtral", ["parallel.ep=2", "parallel.etp=1"]),
 ]
 
+MISSING_EXPERT = "model.layers.1.mlp.experts.2.down_proj.weight"
+
 JOBS = {
     **{f"test_qwen3_moe_byte_identical[{i}]": Job(world, [f"parallel.tp={tp}", f"parallel.ep={ep}",
                                                           f"parallel.etp={etp}", f"parallel.pp={pp}",
                                                           "output.max_shard_size=1MB"], ragged_qwen3_moe())
        for i, (tp, ep, etp, pp, world) in zip(LAYOUT_IDS, LAYOUTS)},
     **{f"test_transformers_loads_moe[{arch}]": Job(2, args, tiny_hf_config(arch)) for arch, args in TRANSFORMERS_CASES},
+    "test_missing_expert_is_named": Job(2, ["parallel.ep=2"], ragged_qwen3_moe(),
+                                        edit=lambda src: drop_source_tensor(src, MISSING_EXPERT)),
 }
 
 
@@ -74,14 +77,10 @@ def test_qwen3_moe_byte_identical(exported, tp, ep, etp, pp, world):
     assert index["model.layers.0.mlp.gate.weight"] and "model.layers.0.mlp.gate.weight_scale_inv" not in index
 
 
-def test_missing_expert_is_named(tmp_path):
-    src = tmp_path / "src"
-    write_hf_source(src, ragged_qwen3_moe())
-    name = "model.layers.1.mlp.experts.2.down_proj.weight"
-    drop_source_tensor(src, name)
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.ep=2", f"output.dir={tmp_path / 'out'}"])
-    assert r.returncode != 0 and name in r.stderr
-    assert not (tmp_path / "out").exists()
+def test_missing_expert_is_named(exports):
+    r = exports["test_missing_expert_is_named"]
+    assert r.returncode != 0 and MISSING_EXPERT in r.stderr
+    assert not r.out.exists()
 
 
 def _check_transformers_loads_every_expert(out, arch: str) -> None:
