@@ -22,9 +22,10 @@ from helpers import torchrun, write_hf_source
 
 @dataclass
 class Job:
-    """One export: ``world`` processes, the command line's ``args``, extra environment ``env``. With ``cfg``, an HF
-    config, a seeded bf16 HF source is written first (``edit(src)`` may change it then), and source.kind,
-    source.path and output.dir are set before ``args`` (where ``{src}`` stands for the source's path)."""
+    """One export: ``world`` processes, the command line's ``args`` (after an output.dir of the job's own, which they
+    may override), extra environment ``env``. With ``cfg``, an HF config, a seeded bf16 HF source is written first
+    (``edit(src)`` may change it then), and source.kind and source.path are set too (``{src}`` in ``args`` stands
+    for the source's path)."""
     world: int
     args: list[str]
     cfg: object = None
@@ -65,14 +66,13 @@ def run_jobs(root: Path, jobs: dict[str, Job], timeout: int = 900) -> dict[str, 
         job, d = jobs[key], root / f"job{n}"
         d.mkdir(parents=True)
         src = state = None
-        argv = list(job.args)
+        argv = [f"output.dir={d / 'out'}", *job.args]
         if job.cfg is not None:
             src = d / "src"
             state = write_hf_source(src, job.cfg, seed=job.seed)
             if job.edit:
                 job.edit(src)
-            argv = ["source.kind=hf", f"source.path={src}", f"output.dir={d / 'out'}",
-                    *(a.replace("{src}", str(src)) for a in argv)]
+            argv = ["source.kind=hf", f"source.path={src}", *(a.replace("{src}", str(src)) for a in argv)]
         made[key] = (d, src, state)
         spec.append({"key": key, "world": job.world, "argv": argv, "dir": str(d), "env": job.env})
     (root / "jobs.json").write_text(json.dumps(spec, indent=1))
