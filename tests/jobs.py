@@ -19,19 +19,25 @@ import torch
 
 from helpers import torchrun, write_hf_source
 
+CLI = "launch/export.py"
+
 
 @dataclass
 class Job:
-    """One export: ``world`` processes, the command line's ``args`` (after an output.dir of the job's own, which they
-    may override), extra environment ``env``. With ``cfg``, an HF config, a seeded bf16 HF source is written first
-    (``edit(src)`` may change it then), and source.kind and source.path are set too (``{src}`` in ``args`` stands
-    for the source's path)."""
+    """What ``torchrun --nproc_per_node=world SCRIPT ARGS`` runs: ``script`` (default the command line,
+    launch/export.py) with ``args``, extra environment ``env``. With ``cfg``, an HF config, a seeded bf16 HF source is
+    written first (``edit(src)`` may change it then); ``source_from``: the key of an earlier job whose source this
+    one reads instead. ``{src}`` and ``{out}`` in ``args`` stand for the source and the job's output directory; the
+    command line gets ``output.dir={out}`` (and source.kind/source.path with a source) before ``args``, which may
+    override them."""
     world: int
     args: list[str]
     cfg: object = None
     seed: int = 0
     env: dict = field(default_factory=dict)
     edit: Callable[[Path], None] | None = None
+    source_from: str | None = None
+    script: str = CLI
 
 
 @dataclass
@@ -48,13 +54,14 @@ class Exported:
 
 
 def selected_jobs(request, jobs: dict[str, Job]) -> dict[str, Job]:
-    """The jobs of the tests selected in this session from the requesting module (all tests that use the module's
-    jobs fixture must have one)."""
+    """The jobs of the tests selected in this session from the requesting module: a job's key is its test's name
+    (``request.node.name``), or that name, ``::`` and a name of its own for a test's further jobs. Every test that
+    uses the module's jobs fixture must have one."""
     names = {item.name for item in request.session.items
              if item.module is request.module and request.fixturename in item.fixturenames}
-    unknown = sorted(names - set(jobs))
+    unknown = sorted(names - {k.split("::")[0] for k in jobs})
     assert not unknown, f"tests using {request.fixturename} without a job: {unknown}"
-    return {k: j for k, j in jobs.items() if k in names}
+    return {k: j for k, j in jobs.items() if k.split("::")[0] in names}
 
 
 def run_jobs(root: Path, jobs: dict[str, Job], timeout: int = 900) -> dict[str, Exported]:
@@ -66,15 +73,20 @@ def run_jobs(root: Path, jobs: dict[str, Job], timeout: int = 900) -> dict[str, 
         job, d = jobs[key], root / f"job{n}"
         d.mkdir(parents=True)
         src = state = None
-        argv = [f"output.dir={d / 'out'}", *job.args]
         if job.cfg is not None:
             src = d / "src"
             state = write_hf_source(src, job.cfg, seed=job.seed)
             if job.edit:
                 job.edit(src)
-            argv = ["source.kind=hf", f"source.path={src}", *(a.replace("{src}", str(src)) for a in argv)]
+        elif job.source_from:
+            _, src, state = made[job.source_from]
+        argv = job.args
+        if job.script == CLI:
+            argv = [*(["source.kind=hf", f"source.path={src}"] if src else []), "output.dir={out}", *argv]
+        argv = [a.replace("{src}", str(src)).replace("{out}", str(d / "out")) for a in argv]
         made[key] = (d, src, state)
-        spec.append({"key": key, "world": job.world, "argv": argv, "dir": str(d), "env": job.env})
+        spec.append({"key": key, "world": job.world, "script": job.script, "argv": argv, "dir": str(d),
+                     "env": job.env})
     (root / "jobs.json").write_text(json.dumps(spec, indent=1))
     world = max(j.world for j in jobs.values()) if jobs else 0
     launch = ""

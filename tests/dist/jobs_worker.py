@@ -1,19 +1,21 @@
-"""torchrun worker for tests: several command-line exports in one launch (``tests/jobs.py`` writes the list).
+"""torchrun worker for tests: several jobs (command-line exports, mostly) in one launch (``tests/jobs.py`` writes the
+list).
 
-Each job is what ``torchrun --nproc_per_node=W launch/export.py ARGS`` runs, without starting Python, torch and
+Each job is what ``torchrun --nproc_per_node=W SCRIPT ARGS`` runs, without starting Python, torch and
 transformers again: each of the first W ranks of the launch forks a process (which has those imports already), and
 that process gets the environment torchrun gives W processes (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and a
 MASTER_PORT of the job's own, where its rank 0 serves the rendezvous store as without an agent store) and calls
-launch/export.py's ``main(ARGS)`` with its stdout and stderr going to the job's files: the export starts and tears
-down its own process group, as on the command line. Its exit code (negative: the signal that ended it) goes to
+SCRIPT as ``__main__`` with ARGS, its stdout and stderr going to the job's files: the export starts and tears down
+its own process group, as on the command line. Its exit code (negative: the signal that ended it) goes to
 ``rank<r>.json`` there. A job that refuses, fails or is killed ends only its own processes. The other ranks wait;
 after each job every rank of the launch meets at a store barrier. A launch rank then imports what its job process
 imported (the export's own modules, transformers' model classes), so that only the first job pays for them."""
 import contextlib
 import datetime
-import importlib.util
+import importlib
 import json
 import os
+import runpy
 import sys
 import time
 import traceback
@@ -26,10 +28,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch.distributed as dist  # noqa: E402
 
 from helpers import free_port  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("launch_export", ROOT / "launch" / "export.py")
-launch_export = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch_export)
 
 WAIT = datetime.timedelta(seconds=900)      # the longest a rank waits for the jobs it takes no part in
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -104,8 +102,11 @@ def _job_process(job: dict, rank: int, port: int) -> int:
     d = Path(job["dir"])
     with job_environment(rank, job["world"], port, job.get("env", {})), redirected(d / f"rank{rank}.stdout",
                                                                                     d / f"rank{rank}.stderr"):
+        script = str(ROOT / job["script"])
+        sys.argv = [script, *job["argv"]]
         try:
-            code = launch_export.main(job["argv"])
+            runpy.run_path(script, run_name="__main__")
+            code = 0
         except SystemExit as e:
             code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         except BaseException:
