@@ -23,8 +23,9 @@ JOBS = {"test_serve_tp_that_quantizes_nothing_warns_and_names_the_sizes_that_wou
         "test_api_serve_tp_keeps_what_the_cli_keeps": Job(
             2, ["parallel.tp=2", "quant.serve_tp=transformers", "output.verify=false"], _ragged_llama()),
         # the same source through the in-process API (tests/dist/worker.py builds the Megatron model, calls export)
-        "test_api_serve_tp_keeps_what_the_cli_keeps::api": Job(2, ["api", "{src}", "{out}", "2", "1", "amax", "transformers"],
-                   source_from="test_api_serve_tp_keeps_what_the_cli_keeps", script="tests/dist/worker.py")}
+        "test_api_serve_tp_keeps_what_the_cli_keeps::api": Job(
+            2, ["api", "{src}", "{out}", "2", "1", "amax", "transformers"],
+            source_from="test_api_serve_tp_keeps_what_the_cli_keeps", script="tests/dist/worker.py")}
 
 
 @pytest.fixture(scope="module")
