@@ -52,6 +52,10 @@ class Exported:
     state: dict[str, torch.Tensor] | None
     seconds: float
 
+    def log(self, n: int = 3000) -> str:
+        """The last ``n`` characters of its stdout and of its stderr (an assertion's message)."""
+        return self.stdout[-n:] + self.stderr[-n:]
+
 
 def selected_jobs(request, jobs: dict[str, Job]) -> dict[str, Job]:
     """The jobs of the tests selected in this session from the requesting module: a job's key is its test's name

@@ -82,20 +82,20 @@ def exports(request, tmp_path_factory):
 
 @pytest.fixture
 def exported(exports, request):
-    r = exports[request.node.name]
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
 @pytest.mark.parametrize("make_cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_byte_identical(exported, make_cfg, tp, ep, etp, pp, world):
+    assert exported.returncode == 0, exported.log()
     assert mismatches(exported.out, exported.state) == []
     _check_written_once(exported.out, make_cfg(), exported.state)
 
 
 def test_deepseek_v3_q_proj_without_q_lora(exported):
     """q_lora_rank null: Megatron's linear_q_proj becomes self_attn.q_proj."""
+    assert exported.returncode == 0, exported.log()
     out = exported.out
     assert mismatches(out, exported.state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -104,6 +104,7 @@ def test_deepseek_v3_q_proj_without_q_lora(exported):
 
 @pytest.mark.parametrize("arch,args", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
 def test_transformers_loads(exported, arch, args):
+    assert exported.returncode == 0, exported.log()
     ragged = _ragged_linears(tiny_hf_config(arch))
     src, out, state = exported.src, exported.out, exported.state
     assert mismatches(out, state) == []
@@ -123,6 +124,7 @@ def test_deepseek_v3_multi_token_prediction(exported, tp, pp, ep):
     """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek's checkpoint holds
     it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and shared_head.head (the output
     layer again, unquantized like lm_head)."""
+    assert exported.returncode == 0, exported.log()
     cfg, out, state = ragged_deepseek_v3(mtp=1), exported.out, exported.state
     assert mismatches(out, state) == []
     _check_written_once(out, cfg, state)

@@ -52,13 +52,12 @@ def exports(request, tmp_path_factory):
 
 @pytest.fixture
 def exported(exports, request):
-    r = exports[request.node.name]
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("name,make,tp,pp", CASES, ids=[c[0] for c in CASES])
 def test_export_byte_identical(exported, name, make, tp, pp):
+    assert exported.returncode == 0, exported.log()
     out = exported.out
     assert mismatches(out, exported.state) == []
     cfg = json.loads((out / "config.json").read_text())
@@ -72,11 +71,13 @@ def test_export_byte_identical(exported, name, make, tp, pp):
 
 
 def test_unquantized_export_is_the_source(exported):
+    assert exported.returncode == 0, exported.log()
     assert mismatches(exported.out, exported.state) == []
     assert "quantization_config" not in json.loads((exported.out / "config.json").read_text())
 
 
 def test_tied_model_with_quantized_lm_head_is_untied(exported):
+    assert exported.returncode == 0, exported.log()
     r, out, state = exported, exported.out, exported.state
     assert "untie" in r.stdout or "tie_word_embeddings=false" in r.stdout
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -87,6 +88,7 @@ def test_tied_model_with_quantized_lm_head_is_untied(exported):
 
 
 def test_serve_tp_keeps_refused_layers_unquantized(exported):
+    assert exported.returncode == 0, exported.log()
     r, out, state = exported, exported.out, exported.state
     assert "quant.serve_tp=1: keeping" in r.stdout
     skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
@@ -101,4 +103,5 @@ def test_serve_tp_keeps_refused_layers_unquantized(exported):
 
 def test_data_parallel_replicas_write_once(exported):
     """World 4 at tp=2: two data-parallel replicas; only the first one's shards are written."""
+    assert exported.returncode == 0, exported.log()
     assert mismatches(exported.out, exported.state) == []

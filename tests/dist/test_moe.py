@@ -60,14 +60,13 @@ def exports(request, tmp_path_factory):
 
 @pytest.fixture
 def exported(exports, request):
-    r = exports[request.node.name]
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=LAYOUT_IDS)
 def test_qwen3_moe_byte_identical(exported, tp, ep, etp, pp, world):
     """(2,2,1,1) at world 4 has two data-parallel and two expert-data-parallel replicas: each expert written once."""
+    assert exported.returncode == 0, exported.log()
     out, state = exported.out, exported.state
     assert mismatches(out, state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -106,6 +105,7 @@ def _check_transformers_loads_every_expert(out, arch: str) -> None:
 
 @pytest.mark.parametrize("arch,args", TRANSFORMERS_CASES, ids=[c[0] for c in TRANSFORMERS_CASES])
 def test_transformers_loads_moe(exported, arch, args):
+    assert exported.returncode == 0, exported.log()
     src, out, state = exported.src, exported.out, exported.state
     assert mismatches(out, state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]

@@ -35,12 +35,11 @@ def exports(request, tmp_path_factory):
 
 @pytest.fixture
 def exported(exports, request):
-    r = exports[request.node.name]
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return exports[request.node.name]
 
 
 def test_serve_tp_that_quantizes_nothing_warns_and_names_the_sizes_that_would(exported):
+    assert exported.returncode == 0, exported.log()
     r, out = exported, exported.out
     assert "WARNING: quant.serve_tp=4 keeps 14 of 14 quantizable linears unquantized: the checkpoint is mostly " \
            "bfloat16, not FP8. vLLM/SGLang keep every linear quantized at tp=1 (" in r.stderr, r.stderr
@@ -49,6 +48,7 @@ def test_serve_tp_that_quantizes_nothing_warns_and_names_the_sizes_that_would(ex
 
 
 def test_transformers_target_keeps_ragged_weights_unquantized(exported):
+    assert exported.returncode == 0, exported.log()
     r, out, state = exported, exported.out, exported.state
     skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
     for i in range(2):   # q (288 rows), k/v (96), o (288 columns) would dequantize wrong; gate/up/down are fine
@@ -73,6 +73,7 @@ def _tensors(out) -> dict:
 
 def test_api_serve_tp_keeps_what_the_cli_keeps(exported, exports):
     """api.export(serve_tp=...) resolves the serving targets the way quant.serve_tp does: the same bytes."""
+    assert exported.returncode == 0, exported.log()
     r = exports["test_api_serve_tp_keeps_what_the_cli_keeps::api"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cli, api = exported.out, r.out

@@ -21,13 +21,12 @@ def exports(request, tmp_path_factory):
 
 @pytest.fixture
 def exported(exports, request):
-    r = exports[request.node.name]
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("arch,tie", CASES)
 def test_transformers_logits_match_source(exported, arch, tie):
+    assert exported.returncode == 0, exported.log()
     src, out = exported.src, exported.out
     report = verify_checkpoint(out, source=src, logits=True)
     assert report.ok, report.table()
@@ -37,6 +36,7 @@ def test_transformers_logits_match_source(exported, arch, tie):
 
 
 def test_default_tiny_export_prints_verification(exported):
+    assert exported.returncode == 0, exported.log()
     r = exported
     assert "verification" in r.stdout and ": OK" in r.stdout
     assert "exact" in r.stdout
