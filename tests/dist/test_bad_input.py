@@ -1,46 +1,59 @@
 """Bad input is refused with a message naming the thing and the fix, and nothing is written.
 
-Refusals that need a built model (a missing tensor, a config that disagrees with the weights) go through the real
-CLI; those decided from the config alone are checked in-process (test_refusals.py covers how the CLI prints them)."""
+Refusals that need the source's tensors (a missing tensor, a config that disagrees with the weights) go through the
+real CLI (launch/export.py in processes of their own, started by one torchrun launch for the module: tests/jobs.py);
+those decided from the config alone are checked in-process (test_refusals.py covers how the CLI prints them)."""
 import json
 
 import pytest
 import transformers as tf
 
-from helpers import RAGGED, drop_source_tensor, torchrun, write_hf_source
+from helpers import RAGGED, drop_source_tensor
+from jobs import Job, run_jobs, selected_jobs
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
 from megatron_fp8pb.validate import check_layout
 from megatron_fp8pb.writer import prepare_output
 
 
-@pytest.fixture
-def src(tmp_path):
-    path = tmp_path / "src"
-    write_hf_source(path, tf.LlamaConfig(**RAGGED))
-    return path
-
-
-def _run(src, out, *extra, nproc=2):
-    return torchrun(nproc, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}", *extra])
-
-
-def test_missing_tensor(src, tmp_path):
-    drop_source_tensor(src, "model.layers.1.mlp.down_proj.weight")
-    r = _run(src, tmp_path / "out")
-    assert r.returncode != 0
-    assert "model.layers.1.mlp.down_proj.weight" in r.stderr + r.stdout
-    assert not (tmp_path / "out").exists()
-
-
-def test_config_disagrees_with_weights(src, tmp_path):
+def _wrong_intermediate_size(src):
     cfg = json.loads((src / "config.json").read_text())
     cfg["intermediate_size"] = 768
     (src / "config.json").write_text(json.dumps(cfg))
-    r = _run(src, tmp_path / "out")
+
+
+JOBS = {
+    "test_missing_tensor": Job(2, ["parallel.tp=2"], tf.LlamaConfig(**RAGGED),
+                               edit=lambda src: drop_source_tensor(src, "model.layers.1.mlp.down_proj.weight")),
+    "test_config_disagrees_with_weights": Job(2, ["parallel.tp=2"], tf.LlamaConfig(**RAGGED),
+                                              edit=_wrong_intermediate_size),
+    # refused before any process group
+    "test_output_inside_source_refused": Job(1, ["parallel.tp=1", "output.dir={src}/fp8"], tf.LlamaConfig(**RAGGED)),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
+
+
+@pytest.fixture
+def refused(exports, request):
+    return exports[request.node.name]
+
+
+def test_missing_tensor(refused):
+    r = refused
+    assert r.returncode != 0
+    assert "model.layers.1.mlp.down_proj.weight" in r.stderr + r.stdout
+    assert not r.out.exists()
+
+
+def test_config_disagrees_with_weights(refused):
+    r = refused
     assert r.returncode != 0
     assert "disagree" in r.stderr + r.stdout and "gate_proj" in r.stderr + r.stdout
-    assert not (tmp_path / "out").exists()
+    assert not r.out.exists()
 
 
 def test_impossible_layout_shows_arithmetic():
@@ -67,10 +80,10 @@ def test_existing_output_dir_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
 
-def test_output_inside_source_refused(src):
-    r = _run(src, src / "fp8", "parallel.tp=1", nproc=1)     # refused before any process group
+def test_output_inside_source_refused(refused):
+    r = refused
     assert r.returncode != 0 and "inside source.path" in r.stderr
-    assert not (src / "fp8").exists()
+    assert not (r.src / "fp8").exists()
 
 
 def test_unwritable_output_parent_refused(tmp_path):

@@ -1,15 +1,16 @@
 """DeepSeek-V3 (multi-latent attention, dense first layer, shared experts, float32 expert bias) and GLM-4-MoE through
 the real CLI (torchrun + gloo + megatron-core GPTModel): byte for byte against the single-process reference for
 layouts whose per-rank sizes are not multiples of 128, every HF tensor written exactly once, and transformers loading
-the result."""
+the result. The module's exports run in one torchrun launch (tests/jobs.py), each on a process group of its own world
+size."""
 import json
 
 import pytest
 import torch
 import transformers as tf
 
-from helpers import export_hf as _export
 from helpers import mismatches, ragged_deepseek_v3, ragged_glm4_moe, read_output
+from jobs import Job, run_jobs, selected_jobs
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.plan import expected_tensors, linear_weights
 from megatron_fp8pb.tiny import tiny_hf_config
@@ -39,25 +40,18 @@ def _check_written_once(out, cfg, state):
 
 LAYOUTS = [(2, 2, 1, 1, 2), (1, 2, 2, 1, 4), (1, 1, 1, 2, 2), (2, 1, 1, 2, 4)]   # (tp, ep, etp, pp, world)
 IDS = [f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS]
+CONFIGS = {"deepseek_v3": ragged_deepseek_v3, "glm4_moe": ragged_glm4_moe}
 
 
-@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
-@pytest.mark.parametrize("make_cfg", [ragged_deepseek_v3, ragged_glm4_moe], ids=["deepseek_v3", "glm4_moe"])
-def test_byte_identical(tmp_path, make_cfg, tp, ep, etp, pp, world):
-    cfg = make_cfg()
-    _, out, state = _export(tmp_path, cfg, world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
-                                                   f"parallel.pp={pp}", "output.max_shard_size=1MB"])
-    assert mismatches(out, state) == []
-    _check_written_once(out, cfg, state)
+def _ragged_linears(cfg) -> list[str]:
+    """The linears whose dims are not multiples of 128 (excluded from quantization in test_transformers_loads)."""
+    d = dims_from_hf(cfg)
+    return sorted({n[:-len(".weight")] for n, s in linear_weights(rules_for(d), d).items() if s[0] % 128 or s[1] % 128})
 
 
-def test_deepseek_v3_q_proj_without_q_lora(tmp_path):
-    """q_lora_rank null: Megatron's linear_q_proj becomes self_attn.q_proj."""
-    cfg = ragged_deepseek_v3(q_lora_rank=None)
-    _, out, state = _export(tmp_path, cfg, 2, ["parallel.tp=2"])
-    assert mismatches(out, state) == []
-    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    assert "model.layers.1.self_attn.q_proj.weight_scale_inv" in index and not any("q_a_proj" in n for n in index)
+def _load_job(arch: str, args: list[str]) -> Job:
+    ragged = _ragged_linears(tiny_hf_config(arch))
+    return Job(2, [*args] + ([f"quant.exclude=[{','.join(ragged)}]"] if ragged else []), tiny_hf_config(arch))
 
 
 # transformers 5.24 dequantizes on CPU with block = rows // scale_rows: a quantized tensor whose dims are not
@@ -66,15 +60,53 @@ def test_deepseek_v3_q_proj_without_q_lora(tmp_path):
 # does not, and is excluded.
 LOAD_CASES = [("deepseek_v3", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
               ("glm4_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"])]
+MTP_LAYOUTS = [(2, 1, 2), (1, 2, 1)]    # (tp, pp, ep)
+
+JOBS = {
+    **{f"test_byte_identical[{arch}-{i}]": Job(world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
+                                                      f"parallel.pp={pp}", "output.max_shard_size=1MB"], make())
+       for arch, make in CONFIGS.items() for i, (tp, ep, etp, pp, world) in zip(IDS, LAYOUTS)},
+    "test_deepseek_v3_q_proj_without_q_lora": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(q_lora_rank=None)),
+    **{f"test_transformers_loads[{arch}]": _load_job(arch, args) for arch, args in LOAD_CASES},
+    **{f"test_deepseek_v3_multi_token_prediction[{i}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                                                     f"parallel.ep={ep}", "parallel.etp=1"],
+                                                           ragged_deepseek_v3(mtp=1))
+       for i, (tp, pp, ep) in zip(["tp2ep2", "pp2"], MTP_LAYOUTS)},
+}
+
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
+
+
+@pytest.fixture
+def exported(exports, request):
+    return exports[request.node.name]
+
+
+@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("make_cfg", CONFIGS.values(), ids=CONFIGS.keys())
+def test_byte_identical(exported, make_cfg, tp, ep, etp, pp, world):
+    assert exported.returncode == 0, exported.log()
+    assert mismatches(exported.out, exported.state) == []
+    _check_written_once(exported.out, make_cfg(), exported.state)
+
+
+def test_deepseek_v3_q_proj_without_q_lora(exported):
+    """q_lora_rank null: Megatron's linear_q_proj becomes self_attn.q_proj."""
+    assert exported.returncode == 0, exported.log()
+    out = exported.out
+    assert mismatches(out, exported.state) == []
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.self_attn.q_proj.weight_scale_inv" in index and not any("q_a_proj" in n for n in index)
 
 
 @pytest.mark.parametrize("arch,args", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
-def test_transformers_loads(tmp_path, arch, args):
-    cfg = tiny_hf_config(arch)
-    d = dims_from_hf(cfg)
-    ragged = sorted({n[:-len(".weight")] for n, s in linear_weights(rules_for(d), d).items()
-                     if s[0] % 128 or s[1] % 128})
-    src, out, state = _export(tmp_path, cfg, 2, [*args] + ([f"quant.exclude=[{','.join(ragged)}]"] if ragged else []))
+def test_transformers_loads(exported, arch, args):
+    assert exported.returncode == 0, exported.log()
+    ragged = _ragged_linears(tiny_hf_config(arch))
+    src, out, state = exported.src, exported.out, exported.state
     assert mismatches(out, state) == []
     got = read_output(out)
     assert sum(t.dtype == torch.float8_e4m3fn for t in got.values()) > 0
@@ -87,14 +119,13 @@ def test_transformers_loads(tmp_path, arch, args):
     assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
 
 
-@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 2), (1, 2, 1)], ids=["tp2ep2", "pp2"])
-def test_deepseek_v3_multi_token_prediction(tmp_path, tp, pp, ep):
+@pytest.mark.parametrize("tp,pp,ep", MTP_LAYOUTS, ids=["tp2ep2", "pp2"])
+def test_deepseek_v3_multi_token_prediction(exported, tp, pp, ep):
     """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek's checkpoint holds
     it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and shared_head.head (the output
     layer again, unquantized like lm_head)."""
-    cfg = ragged_deepseek_v3(mtp=1)
-    _, out, state = _export(tmp_path, cfg, tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
-                                                     "parallel.etp=1"])
+    assert exported.returncode == 0, exported.log()
+    cfg, out, state = ragged_deepseek_v3(mtp=1), exported.out, exported.state
     assert mismatches(out, state) == []
     _check_written_once(out, cfg, state)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]

@@ -1,13 +1,15 @@
-"""The central invariant through the real CLI (torchrun + gloo + megatron-core GPTModel): every exported tensor is
-byte-identical to quantizing the source HF tensor in one process, for TP/PP layouts whose shards are not multiples
-of 128 (hidden 320, intermediate 704, head_dim 80, vocab 1003)."""
+"""The central invariant through the real CLI (launch/export.py on gloo process groups of torchrun processes):
+every exported tensor is byte-identical to quantizing the source HF tensor in one process, for TP/PP layouts whose
+shards are not multiples of 128 (hidden 320, intermediate 704, head_dim 80, vocab 1003). The module's exports run in
+one torchrun launch (tests/jobs.py), each on a process group of its own world size."""
 import json
 
 import pytest
 import transformers as tf
 
 from helpers import RAGGED_DIMS as RAGGED
-from helpers import mismatches, torchrun, write_hf_source
+from helpers import mismatches
+from jobs import Job, run_jobs, selected_jobs
 
 
 def _llama(tie=False):
@@ -30,16 +32,34 @@ CASES = [  # (name, config, tp, pp)
     ("qwen3-qknorm-tp1", _qwen3, 1, 1),
 ]
 
+JOBS = {
+    **{f"test_export_byte_identical[{name}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                                             "output.max_shard_size=1MB"], make())
+       for name, make, tp, pp in CASES},
+    "test_unquantized_export_is_the_source": Job(2, ["parallel.tp=2", "quant.enabled=false"], _qwen3(tie=True)),
+    "test_tied_model_with_quantized_lm_head_is_untied": Job(2, ["parallel.tp=2", "quant.lm_head=true"],
+                                                            _qwen2(tie=True)),
+    "test_serve_tp_keeps_refused_layers_unquantized": Job(2, ["parallel.tp=2", "quant.serve_tp=1"], _llama()),
+    # world 4 at tp=2: two data-parallel replicas
+    "test_data_parallel_replicas_write_once": Job(4, ["parallel.tp=2"], _llama()),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
+
+
+@pytest.fixture
+def exported(exports, request):
+    return exports[request.node.name]
+
 
 @pytest.mark.parametrize("name,make,tp,pp", CASES, ids=[c[0] for c in CASES])
-def test_export_byte_identical(tmp_path, name, make, tp, pp):
-    src = tmp_path / "src"
-    state = write_hf_source(src, make())
-    out = tmp_path / "out"
-    r = torchrun(tp * pp, ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                           f"output.dir={out}", "output.max_shard_size=1MB"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert mismatches(out, state) == []
+def test_export_byte_identical(exported, name, make, tp, pp):
+    assert exported.returncode == 0, exported.log()
+    out = exported.out
+    assert mismatches(out, exported.state) == []
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == 1003
     assert cfg["tie_word_embeddings"] == make().tie_word_embeddings
@@ -50,24 +70,15 @@ def test_export_byte_identical(tmp_path, name, make, tp, pp):
         make().tie_word_embeddings
 
 
-def test_unquantized_export_is_the_source(tmp_path):
-    src = tmp_path / "src"
-    state = write_hf_source(src, _qwen3(tie=True))
-    out = tmp_path / "out"
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
-                     "quant.enabled=false"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert mismatches(out, state) == []
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+def test_unquantized_export_is_the_source(exported):
+    assert exported.returncode == 0, exported.log()
+    assert mismatches(exported.out, exported.state) == []
+    assert "quantization_config" not in json.loads((exported.out / "config.json").read_text())
 
 
-def test_tied_model_with_quantized_lm_head_is_untied(tmp_path):
-    src = tmp_path / "src"
-    state = write_hf_source(src, _qwen2(tie=True))
-    out = tmp_path / "out"
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
-                     "quant.lm_head=true"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_tied_model_with_quantized_lm_head_is_untied(exported):
+    assert exported.returncode == 0, exported.log()
+    r, out, state = exported, exported.out, exported.state
     assert "untie" in r.stdout or "tie_word_embeddings=false" in r.stdout
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
     assert mismatches(out, state) == []
@@ -76,13 +87,9 @@ def test_tied_model_with_quantized_lm_head_is_untied(tmp_path):
     assert "lm_head" not in cfg["quantization_config"]["modules_to_not_convert"]
 
 
-def test_serve_tp_keeps_refused_layers_unquantized(tmp_path):
-    src = tmp_path / "src"
-    state = write_hf_source(src, _llama())
-    out = tmp_path / "out"
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
-                     "quant.serve_tp=1"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_serve_tp_keeps_refused_layers_unquantized(exported):
+    assert exported.returncode == 0, exported.log()
+    r, out, state = exported, exported.out, exported.state
     assert "quant.serve_tp=1: keeping" in r.stdout
     skip = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
     for i in range(2):
@@ -94,11 +101,7 @@ def test_serve_tp_keeps_refused_layers_unquantized(tmp_path):
     assert "serve tp=1           OK (required)" in r.stdout
 
 
-def test_data_parallel_replicas_write_once(tmp_path):
+def test_data_parallel_replicas_write_once(exported):
     """World 4 at tp=2: two data-parallel replicas; only the first one's shards are written."""
-    src = tmp_path / "src"
-    state = write_hf_source(src, _llama())
-    out = tmp_path / "out"
-    r = torchrun(4, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert mismatches(out, state) == []
+    assert exported.returncode == 0, exported.log()
+    assert mismatches(exported.out, exported.state) == []

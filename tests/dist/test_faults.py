@@ -7,6 +7,7 @@ import pytest
 import transformers as tf
 
 from helpers import RAGGED, edit_source_tensors, torchrun, write_hf_source
+from jobs import Job, run_jobs
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
@@ -90,10 +91,15 @@ def _digests(out):
 
 
 def test_identical_files_across_runs_and_layouts(src, tmp_path):
+    """a and c (another layout) are exported by one torchrun launch (tests/jobs.py: each in processes of its own), b
+    by another launch: other interpreters, with other hash seeds."""
+    def job(out, *extra):
+        return Job(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
+                       "output.max_shard_size=1MB", *extra])
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for out, extra, n in ((a, [], 2), (b, [], 2), (c, ["parallel.tp=1", "parallel.pp=2"], 2)):
-        r = torchrun(n, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}",
-                         "output.max_shard_size=1MB", *extra])
+    results = run_jobs(tmp_path / "launch1", {"a": job(a), "c": job(c, "parallel.tp=1", "parallel.pp=2")})
+    results |= run_jobs(tmp_path / "launch2", {"b": job(b)})
+    for r in results.values():
         assert r.returncode == 0, r.stderr[-3000:]
     assert _digests(a) == _digests(b) == _digests(c)
     assert len([n for n in _digests(a) if n.endswith(".safetensors")]) > 1

@@ -1,7 +1,8 @@
 """Seeded fuzzing: random small models of every registered architecture (dense; and mixture-of-experts with expert
 parallel / expert tensor parallel layouts) against the single-process reference.
 
-CI runs FP8PB_FUZZ_CASES (default 2) cases; run more on demand, e.g. FP8PB_FUZZ_CASES=30 FP8PB_FUZZ_SEED=7.
+CI runs FP8PB_FUZZ_CASES (default 2) cases; run more on demand, e.g. FP8PB_FUZZ_CASES=30 FP8PB_FUZZ_SEED=7. The
+module's exports run in one torchrun launch (tests/jobs.py), each on a process group of its own world size.
 """
 import os
 import random
@@ -9,7 +10,8 @@ import random
 import pytest
 import transformers as tf
 
-from helpers import mismatches, torchrun, write_hf_source
+from helpers import mismatches
+from jobs import Job, run_jobs, selected_jobs
 
 CASES = int(os.environ.get("FP8PB_FUZZ_CASES", "2"))
 SEED = int(os.environ.get("FP8PB_FUZZ_SEED", "2026"))
@@ -90,34 +92,50 @@ def test_fuzz_space_covers_every_registered_architecture():
     assert {random_case(rng)[0].model_type for _ in range(100)} == set(DENSE_ARCHS)
 
 
-@pytest.mark.parametrize("case", range(CASES))
-def test_fuzz_moe_layouts(tmp_path, case):
-    rng = random.Random(SEED * 1000 + 500 + case)
-    cfg, tp, pp, ep, etp = random_moe_case(rng)
-    src, out = tmp_path / "src", tmp_path / "out"
-    state = write_hf_source(src, cfg, seed=case)
-    args = ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}",
-            f"parallel.etp={etp}", f"output.dir={out}", "output.max_shard_size=300KB", "output.verify=false"]
-    r = torchrun(pp * max(tp, ep * etp), args)     # ep > tp: the dense part has data-parallel replicas
+def moe_job(case: int) -> tuple[Job, str]:
+    """The export of MoE fuzz case ``case`` and its description."""
+    cfg, tp, pp, ep, etp = random_moe_case(random.Random(SEED * 1000 + 500 + case))
+    args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
+            "output.max_shard_size=300KB", "output.verify=false"]
     desc = f"case {case}: {cfg.model_type} {cfg.to_diff_dict()} tp={tp} pp={pp} ep={ep} etp={etp}"
-    assert r.returncode == 0, desc + "\n" + r.stderr[-3000:]
-    assert mismatches(out, state) == [], desc
+    return Job(pp * max(tp, ep * etp), args, cfg, seed=case), desc     # ep > tp: the dense part has dp replicas
 
 
-@pytest.mark.parametrize("case", range(CASES))
-def test_fuzz_layouts(tmp_path, case):
+def dense_job(case: int) -> tuple[Job, str, bool]:
+    """The export of dense fuzz case ``case``, its description, and whether it quantizes lm_head."""
     rng = random.Random(SEED * 1000 + case)
     cfg, tp, pp = random_case(rng)
-    src = tmp_path / "src"
-    state = write_hf_source(src, cfg, seed=case)
-    out = tmp_path / "out"
-    args = ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"output.dir={out}",
-            "output.max_shard_size=300KB", "output.verify=false"]
-    if rng.random() < 0.3:
+    args = [f"parallel.tp={tp}", f"parallel.pp={pp}", "output.max_shard_size=300KB", "output.verify=false"]
+    lm_head = rng.random() < 0.3
+    if lm_head:
         args.append("quant.lm_head=true")
-        if cfg.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    r = torchrun(tp * pp, args)
     desc = f"case {case}: {cfg.model_type} {cfg.to_diff_dict()} tp={tp} pp={pp} {args[-1]}"
+    return Job(tp * pp, args, cfg, seed=case), desc, lm_head
+
+
+MOE = {f"test_fuzz_moe_layouts[{case}]": moe_job(case) for case in range(CASES)}
+DENSE = {f"test_fuzz_layouts[{case}]": dense_job(case) for case in range(CASES)}
+
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    jobs = {k: v[0] for k, v in {**MOE, **DENSE}.items()}
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, jobs))
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_fuzz_moe_layouts(exports, request, case):
+    r = exports[request.node.name]
+    _, desc = MOE[request.node.name]
     assert r.returncode == 0, desc + "\n" + r.stderr[-3000:]
-    assert mismatches(out, state) == [], desc
+    assert mismatches(r.out, r.state) == [], desc
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_fuzz_layouts(exports, request, case):
+    r = exports[request.node.name]
+    job, desc, lm_head = DENSE[request.node.name]
+    assert r.returncode == 0, desc + "\n" + r.stderr[-3000:]
+    if lm_head and job.cfg.tie_word_embeddings:
+        r.state["lm_head.weight"] = r.state["model.embed_tokens.weight"]
+    assert mismatches(r.out, r.state) == [], desc

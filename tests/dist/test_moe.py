@@ -1,7 +1,8 @@
 """Mixture-of-experts export under expert parallelism through the real CLI (torchrun + gloo + megatron-core
 GPTModel with SequentialMLP experts): byte for byte against the single-process reference for layouts whose per-rank
 expert sizes are not multiples of 128, every expert exactly once, and transformers loading every per-expert FP8
-tensor of Qwen3-MoE, Qwen2-MoE (shared expert) and Mixtral with logits that match the source."""
+tensor of Qwen3-MoE, Qwen2-MoE (shared expert) and Mixtral with logits that match the source. The module's exports
+run from one torchrun launch (tests/jobs.py), each in processes of its own world size."""
 import json
 import re
 
@@ -10,8 +11,8 @@ import torch
 import transformers as tf
 
 from helpers import drop_source_tensor
-from helpers import export_hf as _export
-from helpers import mismatches, ragged_qwen3_moe, read_output, torchrun, write_hf_source
+from helpers import mismatches, ragged_qwen3_moe, read_output
+from jobs import Job, run_jobs, selected_jobs
 from megatron_fp8pb.blockfp8 import dequantize_blockfp8
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
@@ -27,14 +28,46 @@ def _experts_per_layer(names) -> dict[int, list[int]]:
 
 
 LAYOUTS = [(1, 2, 1, 1, 2), (2, 2, 1, 1, 4), (1, 2, 2, 1, 4), (1, 2, 1, 2, 4)]   # (tp, ep, etp, pp, world)
+LAYOUT_IDS = [f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS]
+
+EXPERT_LEAVES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                 "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                 "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+
+TRANSFORMERS_CASES = [  # (arch, parallel overrides): world 2 each
+    ("qwen3_moe", ["parallel.ep=2"]),
+    ("qwen2_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),   # shared expert split along tp
+    ("mixtral", ["parallel.ep=2", "parallel.etp=1"]),
+]
+
+MISSING_EXPERT = "model.layers.1.mlp.experts.2.down_proj.weight"
+
+JOBS = {
+    **{f"test_qwen3_moe_byte_identical[{i}]": Job(world, [f"parallel.tp={tp}", f"parallel.ep={ep}",
+                                                          f"parallel.etp={etp}", f"parallel.pp={pp}",
+                                                          "output.max_shard_size=1MB"], ragged_qwen3_moe())
+       for i, (tp, ep, etp, pp, world) in zip(LAYOUT_IDS, LAYOUTS)},
+    **{f"test_transformers_loads_moe[{arch}]": Job(2, args, tiny_hf_config(arch)) for arch, args in TRANSFORMERS_CASES},
+    "test_missing_expert_is_named": Job(2, ["parallel.ep=2"], ragged_qwen3_moe(),
+                                        edit=lambda src: drop_source_tensor(src, MISSING_EXPERT)),
+}
 
 
-@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=[f"tp{a}ep{b}etp{c}pp{d}" for a, b, c, d, _ in LAYOUTS])
-def test_qwen3_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
+
+
+@pytest.fixture
+def exported(exports, request):
+    return exports[request.node.name]
+
+
+@pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=LAYOUT_IDS)
+def test_qwen3_moe_byte_identical(exported, tp, ep, etp, pp, world):
     """(2,2,1,1) at world 4 has two data-parallel and two expert-data-parallel replicas: each expert written once."""
-    _, out, state = _export(tmp_path, ragged_qwen3_moe(), world, [
-        f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}", f"parallel.pp={pp}",
-        "output.max_shard_size=1MB"])
+    assert exported.returncode == 0, exported.log()
+    out, state = exported.out, exported.state
     assert mismatches(out, state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert _experts_per_layer(index) == {i: [e for e in range(4) for _ in range(3)] for i in range(2)}
@@ -43,19 +76,10 @@ def test_qwen3_moe_byte_identical(tmp_path, tp, ep, etp, pp, world):
     assert index["model.layers.0.mlp.gate.weight"] and "model.layers.0.mlp.gate.weight_scale_inv" not in index
 
 
-def test_missing_expert_is_named(tmp_path):
-    src = tmp_path / "src"
-    write_hf_source(src, ragged_qwen3_moe())
-    name = "model.layers.1.mlp.experts.2.down_proj.weight"
-    drop_source_tensor(src, name)
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.ep=2", f"output.dir={tmp_path / 'out'}"])
-    assert r.returncode != 0 and name in r.stderr
-    assert not (tmp_path / "out").exists()
-
-
-EXPERT_LEAVES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-                 "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-                 "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+def test_missing_expert_is_named(exports):
+    r = exports["test_missing_expert_is_named"]
+    assert r.returncode != 0 and MISSING_EXPERT in r.stderr
+    assert not r.out.exists()
 
 
 def _check_transformers_loads_every_expert(out, arch: str) -> None:
@@ -79,16 +103,10 @@ def _check_transformers_loads_every_expert(out, arch: str) -> None:
             assert torch.equal(params[f"model.layers.{i}.mlp.experts.down_proj"][e], deq(i, e, down)), (i, e)
 
 
-TRANSFORMERS_CASES = [  # (arch, parallel overrides): world 2 each
-    ("qwen3_moe", ["parallel.ep=2"]),
-    ("qwen2_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),   # shared expert split along tp
-    ("mixtral", ["parallel.ep=2", "parallel.etp=1"]),
-]
-
-
 @pytest.mark.parametrize("arch,args", TRANSFORMERS_CASES, ids=[c[0] for c in TRANSFORMERS_CASES])
-def test_transformers_loads_moe(tmp_path, arch, args):
-    src, out, state = _export(tmp_path, tiny_hf_config(arch), 2, args)
+def test_transformers_loads_moe(exported, arch, args):
+    assert exported.returncode == 0, exported.log()
+    src, out, state = exported.src, exported.out, exported.state
     assert mismatches(out, state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     block, gate, up, down = EXPERT_LEAVES[arch]

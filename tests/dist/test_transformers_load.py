@@ -1,19 +1,33 @@
 """transformers loads what the export wrote, and its logits match the bf16 source within FP8 error. Full dims are
-multiples of 128 (transformers' dequantizer needs that) while the TP=2 shards are not (192 q rows, 576 gate rows)."""
+multiples of 128 (transformers' dequantizer needs that) while the TP=2 shards are not (192 q rows, 576 gate rows).
+The module's exports run from one torchrun launch (tests/jobs.py), each in processes of its own."""
 import pytest
 
-from helpers import torchrun, write_hf_source
+from jobs import Job, run_jobs, selected_jobs
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
+CASES = [("qwen3", False), ("llama", True)]
+JOBS = {**{f"test_transformers_logits_match_source[{arch}-{tie}]": Job(2, ["parallel.tp=2"],
+                                                                      tiny_hf_config(arch, tie_embeddings=tie))
+           for arch, tie in CASES},
+        "test_default_tiny_export_prints_verification": Job(2, ["parallel.tp=2"])}
 
-@pytest.mark.parametrize("arch,tie", [("qwen3", False), ("llama", True)])
-def test_transformers_logits_match_source(tmp_path, arch, tie):
-    src = tmp_path / "src"
-    write_hf_source(src, tiny_hf_config(arch, tie_embeddings=tie))
-    out = tmp_path / "out"
-    r = torchrun(2, ["source.kind=hf", f"source.path={src}", "parallel.tp=2", f"output.dir={out}"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
+
+
+@pytest.fixture
+def exported(exports, request):
+    return exports[request.node.name]
+
+
+@pytest.mark.parametrize("arch,tie", CASES)
+def test_transformers_logits_match_source(exported, arch, tie):
+    assert exported.returncode == 0, exported.log()
+    src, out = exported.src, exported.out
     report = verify_checkpoint(out, source=src, logits=True)
     assert report.ok, report.table()
     lg = report.logits
@@ -21,9 +35,8 @@ def test_transformers_logits_match_source(tmp_path, arch, tie):
     assert lg["rel_err"] > 0.0    # the FP8 model really is a different model
 
 
-def test_default_tiny_export_prints_verification(tmp_path):
-    out = tmp_path / "out"
-    r = torchrun(2, ["parallel.tp=2", f"output.dir={out}"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_default_tiny_export_prints_verification(exported):
+    assert exported.returncode == 0, exported.log()
+    r = exported
     assert "verification" in r.stdout and ": OK" in r.stdout
     assert "exact" in r.stdout

@@ -1,13 +1,30 @@
 """quant.scale_fmt=ue8m0 (power-of-two block scales) through the real CLI and the in-process API: byte-identical to
 the single-process reference in that mode on a ragged model (hidden 320, intermediate 704, head_dim 80, vocab 1003),
-every scale a power of two, quantization_config saying so, and verify accepting it."""
+every scale a power of two, quantization_config saying so, and verify accepting it. The module's exports run from one
+torchrun launch (tests/jobs.py), each in processes of its own."""
 import json
 
 import pytest
 import torch
 import transformers as tf
 
-from helpers import RAGGED, mismatches, read_output, torchrun, write_hf_source
+from helpers import RAGGED, mismatches, read_output
+from jobs import Job, run_jobs, selected_jobs
+
+LAYOUTS = [(2, 1), (2, 2)]
+JOBS = {f"test_cli_export_ue8m0_byte_identical[{i}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                                                     "output.max_shard_size=1MB",
+                                                                     "quant.scale_fmt=ue8m0"], tf.LlamaConfig(**RAGGED))
+        for i, (tp, pp) in zip(["tp2", "tp2pp2"], LAYOUTS)}
+# pp=2 at tp=1 through the in-process API (tests/dist/worker.py builds the Megatron model and calls export)
+JOBS["test_in_process_api_ue8m0"] = Job(2, ["api", "{src}", "{out}", "1", "2", "ue8m0"], tf.LlamaConfig(**RAGGED),
+                                        script="tests/dist/worker.py")
+
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
+
 
 def _check_ue8m0_output(out, state) -> None:
     assert mismatches(out, state, scale_fmt="ue8m0") == []
@@ -22,27 +39,20 @@ def _check_ue8m0_output(out, state) -> None:
     assert mismatches(out, state) != []
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2", "tp2pp2"])
-def test_cli_export_ue8m0_byte_identical(tmp_path, tp, pp):
-    src = tmp_path / "src"
-    state = write_hf_source(src, tf.LlamaConfig(**RAGGED))
-    out = tmp_path / "out"
-    r = torchrun(tp * pp, ["source.kind=hf", f"source.path={src}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                           f"output.dir={out}", "output.max_shard_size=1MB", "quant.scale_fmt=ue8m0"])
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=["tp2", "tp2pp2"])
+def test_cli_export_ue8m0_byte_identical(exports, request, tp, pp):
+    r = exports[request.node.name]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    _check_ue8m0_output(out, state)
+    _check_ue8m0_output(r.out, r.state)
     assert ": OK" in r.stdout and "within e4m3 bound    0" in r.stdout and "failed               0" in r.stdout
     assert "scale_fmt            ue8m0" in r.stdout
 
 
-def test_in_process_api_ue8m0(tmp_path):
+def test_in_process_api_ue8m0(exports, request):
     """pp=2 at tp=1: whole tensors on one rank go through the fused single-pass quantizer."""
-    src = tmp_path / "src"
-    state = write_hf_source(src, tf.LlamaConfig(**RAGGED))
-    out = tmp_path / "out"
-    r = torchrun(2, ["api", str(src), str(out), "1", "2", "ue8m0"], script="tests/dist/worker.py")
+    r = exports[request.node.name]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    _check_ue8m0_output(out, state)
+    _check_ue8m0_output(r.out, r.state)
 
 
 def test_unknown_scale_fmt_is_refused_naming_the_key():

@@ -1,7 +1,8 @@
 """output.writers=node: two torchrun agents on 127.0.0.1 (--nnodes 2, static rendezvous) play two nodes sharing the
 output filesystem. Each node's first rank writes the tensors its node's ranks hold into the one set of shard files:
 every file is byte-identical to the one-writer export, node 1's writer wrote a share of the bytes, and a writer that
-fails on node 1 leaves no output directory and one error line."""
+fails on node 1 leaves no output directory and one error line. The one-node exports run from one torchrun launch
+(tests/jobs.py), each in processes of its own."""
 import hashlib
 import re
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, launch_nodes, private_mounts_reason, torchrun
+from helpers import free_port, launch_nodes, private_mounts_reason
+from jobs import Job, run_jobs, selected_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["parallel.backend=gloo", "parallel.device=cpu", "output.max_shard_size=1MB", "output.verify=false"]
@@ -20,6 +22,16 @@ LAYOUTS = {"pp2": (1, ["parallel.pp=2"]),
            "tp2-pp2": (2, ["parallel.tp=2", "parallel.pp=2"]),
            "moe-tp2-ep2": (1, ["source.arch=qwen3_moe", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
            "built-model-tp2-pp2": (2, ["source.kind=random", "parallel.tp=2", "parallel.pp=2"])}
+
+
+JOBS = {**{f"test_node_writers_equal_one_writer[{name}]": Job(2 * nproc, [*BASE, *layout])     # one writer
+           for name, (nproc, layout) in LAYOUTS.items()},
+        "test_one_node_is_one_writer": Job(2, [*BASE, "parallel.pp=2", "output.writers=node"])}
+
+
+@pytest.fixture(scope="module")
+def one_node(request, tmp_path_factory):
+    return run_jobs(tmp_path_factory.mktemp("one-node"), selected_jobs(request, JOBS))
 
 
 def _two_nodes(out: Path, nproc: int, args: list[str], env: dict | None = None,
@@ -46,12 +58,11 @@ def _written_by_rank(stdout: str) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_node_writers_equal_one_writer(tmp_path, name):
+def test_node_writers_equal_one_writer(one_node, request, tmp_path, name):
     nproc, layout = LAYOUTS[name]
-    one = tmp_path / "one"
-    r = torchrun(2 * nproc, [*BASE, *layout, f"output.dir={one}"], timeout=300)
+    r = one_node[request.node.name]
     assert r.returncode == 0, r.stderr[-3000:]
-    two = tmp_path / "two"
+    one, two = r.out, tmp_path / "two"
     results = _two_nodes(two, nproc, layout)
     assert all(rc == 0 for rc, _, _ in results), "".join(f"\n--- node {k} (rc {rc})\n{err[-2000:]}"
                                                          for k, (rc, _, err) in enumerate(results))
@@ -74,13 +85,12 @@ def test_writer_failure_on_node_1_leaves_nothing(tmp_path):
     assert not out.exists() and not out.with_name("out.partial").exists()
 
 
-def test_one_node_is_one_writer(tmp_path):
+def test_one_node_is_one_writer(one_node, request):
     """writers=node on a single node: rank 0 writes everything, as with the default."""
-    out = tmp_path / "out"
-    r = torchrun(2, [*BASE, "parallel.pp=2", f"output.dir={out}", "output.writers=node"], timeout=300)
+    r = one_node[request.node.name]
     assert r.returncode == 0, r.stderr[-3000:]
     assert "GB written by each writer rank" not in r.stdout
-    assert (out / "model.safetensors.index.json").exists()
+    assert (r.out / "model.safetensors.index.json").exists()
 
 
 def test_output_not_shared_with_node_1_is_refused(tmp_path):
