@@ -74,6 +74,24 @@ def scale_inv_from_amax(amax: torch.Tensor, scale_fmt: str = "amax") -> torch.Te
     return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
+def scales_from_amax_grids(grids: list[torch.Tensor], scale_fmts: list[str]) -> list[torch.Tensor]:
+    """``scale_inv_from_amax`` of each grid, computed on the host in one round trip for all of them (one copy and one
+    stream sync per unit, not per tensor), returned where the grids are."""
+    if not grids:
+        return []
+    flat = torch.cat([g.reshape(-1).float() for g in grids]).cpu()
+    host, at = [], 0
+    for g, fmt in zip(grids, scale_fmts):
+        host.append(scale_inv_from_amax(flat[at:at + g.numel()].view(g.shape), fmt))
+        at += g.numel()
+    back = torch.cat([h.reshape(-1) for h in host]).to(grids[0].device)
+    out, at = [], 0
+    for g in grids:
+        out.append(back[at:at + g.numel()].view(g.shape))
+        at += g.numel()
+    return out
+
+
 def _pow2_ceil_normal_bits(bits: torch.Tensor) -> torch.Tensor:
     """Bits of a positive normal float32 -> bits of the least power of two >= it (exponent + 1, mantissa cleared,
     unless the mantissa is already zero)."""

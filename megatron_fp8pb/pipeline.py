@@ -124,8 +124,8 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
             (grid[first:last] if p.dim == 0 else grid[:, first:last]).copy_(part)
             grids.append(grid)
         grids = coll.allreduce_amax(grids, getattr(groups, axis), traffic, groups.device)
-        for (k, p, t), amax in zip(todo, grids):
-            scale_inv = blockmath.scale_inv_from_amax(amax, p.scale_fmt)
+        scales = blockmath.scales_from_amax_grids(grids, [p.scale_fmt for _, p, _ in todo])
+        for (k, p, t), scale_inv in zip(todo, scales):
             _, rows = blockmath.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             payload[k] = (_quantize(t, scale_inv, p), rows)
     for k, (p, t) in enumerate(items):

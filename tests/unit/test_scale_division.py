@@ -20,3 +20,13 @@ def test_reciprocal_multiply_is_not_the_reference_quotient():
 def test_scale_values_and_the_all_zero_block():
     amax = torch.tensor([[1.0, 0.0], [448.0, 3.5]])
     assert torch.equal(blockmath.scale_inv_from_amax(amax), torch.tensor([[1 / 448, 1.0], [1.0, 3.5 / 448]]))
+
+
+def test_grids_of_a_unit_share_one_round_trip_and_match_one_by_one():
+    g = torch.Generator().manual_seed(2)
+    grids = [torch.rand(3, 5, generator=g) * 10, torch.zeros(2, 2), torch.rand(1, 7, generator=g)]
+    fmts = ["amax", "ue8m0", "ue8m0"]
+    got = blockmath.scales_from_amax_grids(grids, fmts)
+    for a, f, s in zip(grids, fmts, got):
+        assert torch.equal(s, blockmath.scale_inv_from_amax(a, f))
+    assert blockmath.scales_from_amax_grids([], []) == []
