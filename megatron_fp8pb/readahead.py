@@ -137,16 +137,26 @@ def stop(path: str | os.PathLike) -> None:
         ra.close()
 
 
-def mem_available() -> int:
-    """Bytes the kernel reports available (page cache it can drop included); 4 GiB where unknown."""
+def mem_available(cgroup: str = "/sys/fs/cgroup") -> int:
+    """Bytes the kernel reports available (page cache it can drop included), within this process's cgroup memory
+    limit where one is set (page cache counts against it); 4 GiB where unknown."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 4 << 30
+    try:
+        limit = (Path(cgroup) / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((Path(cgroup) / "memory.current").read_text())
+            room = max(int(limit) - used, 0)
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return 4 << 30 if avail is None else avail
 
 
 def start_for_command_line(config_path: str | None, overrides: list[str]) -> Readahead | None:

@@ -94,3 +94,11 @@ def test_command_line_start_ignores_other_sources(tmp_path):
         assert ra is not None and ra.total == sum(r[2] for r in byte_ranges(tmp_path).values())
     finally:
         readahead.stop(tmp_path)
+
+
+def test_window_respects_a_cgroup_memory_limit(tmp_path):
+    (tmp_path / "memory.max").write_text("3000000000\n")
+    (tmp_path / "memory.current").write_text("1000000000\n")
+    assert readahead.mem_available(str(tmp_path)) <= 2_000_000_000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert readahead.mem_available(str(tmp_path)) == readahead.mem_available(str(tmp_path / "none"))
