@@ -79,17 +79,11 @@ def scales_from_amax_grids(grids: list[torch.Tensor], scale_fmts: list[str]) -> 
     stream sync per unit, not per tensor), returned where the grids are."""
     if not grids:
         return []
-    flat = torch.cat([g.reshape(-1).float() for g in grids]).cpu()
-    host, at = [], 0
-    for g, fmt in zip(grids, scale_fmts):
-        host.append(scale_inv_from_amax(flat[at:at + g.numel()].view(g.shape), fmt))
-        at += g.numel()
-    back = torch.cat([h.reshape(-1) for h in host]).to(grids[0].device)
-    out, at = [], 0
-    for g in grids:
-        out.append(back[at:at + g.numel()].view(g.shape))
-        at += g.numel()
-    return out
+    sizes = [g.numel() for g in grids]
+    host = torch.cat([g.reshape(-1).float() for g in grids]).cpu().split(sizes)
+    scales = [scale_inv_from_amax(h.view(g.shape), fmt) for h, g, fmt in zip(host, grids, scale_fmts)]
+    back = torch.cat([s.reshape(-1) for s in scales]).to(grids[0].device).split(sizes)
+    return [b.view(g.shape) for b, g in zip(back, grids)]
 
 
 def _pow2_ceil_normal_bits(bits: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,8 @@ def allreduce_amax(grids: list[torch.Tensor], group, traffic: Traffic, device: t
     flat = torch.cat([g.reshape(-1) for g in grids]).to(device)
     dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
     traffic.allreduce += flat.numel() * 4
-    flat = flat.to(grids[0].device)
-    out, at = [], 0
-    for g in grids:
-        out.append(flat[at:at + g.numel()].view(g.shape))
-        at += g.numel()
-    return out
+    parts = flat.to(grids[0].device).split([g.numel() for g in grids])
+    return [p.view(g.shape) for p, g in zip(parts, grids)]
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
