@@ -9,7 +9,7 @@ import pytest
 import transformers as tf
 
 from helpers import RAGGED, drop_source_tensor
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
 from megatron_fp8pb.validate import check_layout
@@ -32,14 +32,9 @@ JOBS = {
 }
 
 
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
-
-
 @pytest.fixture
-def refused(exports, request):
-    return exports[request.node.name]
+def refused(exported):
+    return exported
 
 
 def test_missing_tensor(refused):

@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 from helpers import mismatches, ragged_deepseek_v3, ragged_glm4_moe, read_output
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.plan import expected_tensors, linear_weights
 from megatron_fp8pb.tiny import tiny_hf_config
@@ -73,16 +73,6 @@ JOBS = {
                                                            ragged_deepseek_v3(mtp=1))
        for i, (tp, pp, ep) in zip(["tp2ep2", "pp2"], MTP_LAYOUTS)},
 }
-
-
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
-
-
-@pytest.fixture
-def exported(exports, request):
-    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=IDS)

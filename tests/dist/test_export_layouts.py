@@ -9,7 +9,7 @@ import transformers as tf
 
 from helpers import RAGGED_DIMS as RAGGED
 from helpers import mismatches
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 
 
 def _llama(tie=False):
@@ -43,16 +43,6 @@ JOBS = {
     # world 4 at tp=2: two data-parallel replicas
     "test_data_parallel_replicas_write_once": Job(4, ["parallel.tp=2"], _llama()),
 }
-
-
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
-
-
-@pytest.fixture
-def exported(exports, request):
-    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("name,make,tp,pp", CASES, ids=[c[0] for c in CASES])

@@ -11,7 +11,7 @@ import pytest
 import transformers as tf
 
 from helpers import mismatches
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 
 CASES = int(os.environ.get("FP8PB_FUZZ_CASES", "2"))
 SEED = int(os.environ.get("FP8PB_FUZZ_SEED", "2026"))
@@ -117,10 +117,7 @@ MOE = {f"test_fuzz_moe_layouts[{case}]": moe_job(case) for case in range(CASES)}
 DENSE = {f"test_fuzz_layouts[{case}]": dense_job(case) for case in range(CASES)}
 
 
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    jobs = {k: v[0] for k, v in {**MOE, **DENSE}.items()}
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, jobs))
+JOBS = {k: v[0] for k, v in {**MOE, **DENSE}.items()}
 
 
 @pytest.mark.parametrize("case", range(CASES))

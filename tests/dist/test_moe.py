@@ -12,7 +12,7 @@ import transformers as tf
 
 from helpers import drop_source_tensor
 from helpers import mismatches, ragged_qwen3_moe, read_output
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 from megatron_fp8pb.blockfp8 import dequantize_blockfp8
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
@@ -51,16 +51,6 @@ JOBS = {
     "test_missing_expert_is_named": Job(2, ["parallel.ep=2"], ragged_qwen3_moe(),
                                         edit=lambda src: drop_source_tensor(src, MISSING_EXPERT)),
 }
-
-
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
-
-
-@pytest.fixture
-def exported(exports, request):
-    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("tp,ep,etp,pp,world", LAYOUTS, ids=LAYOUT_IDS)

@@ -4,12 +4,11 @@ API's serve_tp keeps the same layers. The module's exports run from one torchrun
 processes of its own."""
 import json
 
-import pytest
 import torch
 import transformers as tf
 
 from helpers import mismatches
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 
 
 def _ragged_llama():
@@ -26,16 +25,6 @@ JOBS = {"test_serve_tp_that_quantizes_nothing_warns_and_names_the_sizes_that_wou
         "test_api_serve_tp_keeps_what_the_cli_keeps::api": Job(
             2, ["api", "{src}", "{out}", "2", "1", "amax", "transformers"],
             source_from="test_api_serve_tp_keeps_what_the_cli_keeps", script="tests/dist/worker.py")}
-
-
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
-
-
-@pytest.fixture
-def exported(exports, request):
-    return exports[request.node.name]
 
 
 def test_serve_tp_that_quantizes_nothing_warns_and_names_the_sizes_that_would(exported):

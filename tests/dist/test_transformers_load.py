@@ -3,7 +3,7 @@ multiples of 128 (transformers' dequantizer needs that) while the TP=2 shards ar
 The module's exports run from one torchrun launch (tests/jobs.py), each in processes of its own."""
 import pytest
 
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 from megatron_fp8pb.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
@@ -12,16 +12,6 @@ JOBS = {**{f"test_transformers_logits_match_source[{arch}-{tie}]": Job(2, ["para
                                                                       tiny_hf_config(arch, tie_embeddings=tie))
            for arch, tie in CASES},
         "test_default_tiny_export_prints_verification": Job(2, ["parallel.tp=2"])}
-
-
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
-
-
-@pytest.fixture
-def exported(exports, request):
-    return exports[request.node.name]
 
 
 @pytest.mark.parametrize("arch,tie", CASES)

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from helpers import RAGGED, mismatches, read_output
-from jobs import Job, run_jobs, selected_jobs
+from jobs import Job
 
 LAYOUTS = [(2, 1), (2, 2)]
 JOBS = {f"test_cli_export_ue8m0_byte_identical[{i}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
@@ -19,11 +19,6 @@ JOBS = {f"test_cli_export_ue8m0_byte_identical[{i}]": Job(tp * pp, [f"parallel.t
 # pp=2 at tp=1 through the in-process API (tests/dist/worker.py builds the Megatron model and calls export)
 JOBS["test_in_process_api_ue8m0"] = Job(2, ["api", "{src}", "{out}", "1", "2", "ue8m0"], tf.LlamaConfig(**RAGGED),
                                         script="tests/dist/worker.py")
-
-
-@pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    return run_jobs(tmp_path_factory.mktemp("exports"), selected_jobs(request, JOBS))
 
 
 def _check_ue8m0_output(out, state) -> None:
