@@ -52,9 +52,9 @@ def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None =
     is left as found). After a job that ends normally, every rank passes a barrier first.
 
     ``parallel``: backend and device "auto" are resolved here (``ParallelConfig.resolved``); when the model or the
-    backend uses CUDA, each rank's device is its local GPU. ``megatron`` False (a streamed source, no model built):
-    the layout and its groups come without megatron-core, and large host tensors get their own pages
-    (``stream.fixed_mmap_threshold``). ``vp``: virtual-pipeline chunks per stage (interleaved schedule)."""
+    backend uses CUDA, each rank's device is its local GPU. ``megatron`` False (a source that needs no Megatron
+    model): the layout and its groups come without megatron-core. ``vp``: virtual-pipeline chunks per stage
+    (interleaved schedule)."""
     quiet_known_warnings()      # before megatron.core is imported
     p = parallel.resolved()
     owned = not coll.is_initialized()
@@ -67,8 +67,6 @@ def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None =
             session = joined(p.on_gpu)
         else:
             from .ranks import group_ranks, rank_layout
-            from .stream import fixed_mmap_threshold
-            fixed_mmap_threshold()
             rank, world = coll.rank(), coll.world_size()
             g = coll.new_groups(group_ranks(world, p.tp, p.pp, p.ep, p.etp))
             session = Session(rank, world, rank_layout(rank, world, p.tp, p.pp, p.ep, p.etp),
