@@ -1,21 +1,16 @@
 """An HF ``config.json`` read as attributes without importing transformers (several seconds of cold imports on a
 fresh machine). It stands in for transformers' config class only where both read the same: every attribute the
-architecture's dims read is in the file, or is one whose absence means the same default in both (``ABSENT_SAME``).
+architecture's dims read is in the file, or is one whose absence means the same default in both (``ABSENT_SAME``
+and the unit's ``absent_same``).
 Otherwise ``hf_source.hf_config`` loads the transformers class as before."""
 from __future__ import annotations
 
 import copy
 
-# attributes whose absence reads the same here (the dims readers' getattr defaults) as in transformers' classes
+# attributes whose absence reads the same here (the dims readers' getattr defaults) as in every family's transformers
+# class; a family's own such attributes are its unit's ``absent_same`` (archs/<family>.py)
 ABSENT_SAME = {"rope_theta", "rope_parameters", "num_key_value_heads", "tie_word_embeddings", "rms_norm_eps",
                "max_position_embeddings", "mlp_bias", "attention_bias", "num_nextn_predict_layers", "norm_topk_prob"}
-ABSENT_SAME_BY_TYPE = {
-    "llama": {"head_dim"}, "mistral": {"head_dim"}, "mixtral": {"head_dim"}, "qwen2": {"head_dim"},
-    "qwen2_moe": {"head_dim", "decoder_sparse_step", "mlp_only_layers"},
-    "qwen3_moe": {"decoder_sparse_step", "mlp_only_layers"},
-    "glm4_moe": {"use_qk_norm", "n_group", "topk_group", "routed_scaling_factor"},
-    "deepseek_v3": {"moe_layer_freq"},
-}
 
 
 class JsonConfig:
@@ -52,7 +47,7 @@ class JsonConfig:
 def reads_like_transformers(data: dict) -> JsonConfig | None:
     """The config as a JsonConfig when the architecture's dims read from it exactly what they would read from
     transformers' class (no nested text config, no absent attribute with a class default of its own); else None."""
-    from .archs import dims_from_hf
+    from .archs import arch, dims_from_hf
     if "text_config" in data or "model_type" not in data:
         return None
     view = JsonConfig(data)
@@ -60,7 +55,7 @@ def reads_like_transformers(data: dict) -> JsonConfig | None:
         dims_from_hf(view)
     except Exception:       # unknown type, a refusal, a missing key: transformers' class decides and names it
         return None
-    allowed = ABSENT_SAME | ABSENT_SAME_BY_TYPE.get(data["model_type"], set())
+    allowed = ABSENT_SAME | set(arch(data["model_type"]).absent_same)
     if view.absent - allowed:
         return None
     view.absent.clear()

@@ -135,7 +135,9 @@ class Arch:
     GPTModel arguments beyond the common ones. spec: Dims ->
     keyword arguments of the local layer spec (``get_gpt_layer_local_spec``); ``block_spec`` builds per-layer specs
     (dense and MoE layers). tiny: a small transformers config (tie_embeddings) for tests and the default export.
-    presets: real shapes (name -> transformers config factory taking num_layers, 0 = as published).
+    presets: real shapes (name -> transformers config factory taking num_layers, 0 = as published). absent_same:
+    config.json attributes whose absence the dims read as transformers' class does, beyond the ones every family
+    shares (``hf_config_json.ABSENT_SAME``): such a config is read without importing transformers.
     """
     model_types: tuple[str, ...]
     dims: Callable[[object], Dims]
@@ -152,6 +154,7 @@ class Arch:
     block_spec: bool = False
     tiny: dict[str, Callable[[bool], object]] = field(default_factory=dict)
     presets: dict[str, Callable[[int], object]] = field(default_factory=dict)
+    absent_same: tuple[str, ...] = ()
 
 
 def hf_module(hf_name: str) -> str:

@@ -167,7 +167,7 @@ DEEPSEEK_V3 = Arch(
              "kv_b_proj": COLUMN, "o_proj": ROW, **c.MLP_SERVING},
     fusion=(("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj")), never_quantized=("gate",),
     exclude=("model.embed_tokens", "lm_head", "*.shared_head.head", "*norm*", "*.mlp.gate"), mcore=mcore,
-    block_spec=True,
+    block_spec=True, absent_same=("moe_layer_freq",),
     tiny={"deepseek_v3": _tiny},
     presets={"deepseek-v3": _preset(**_V3),
              # Kimi-K2: DeepSeek-V3's layout with 384 experts, 64 heads, one dense layer and a 163840 vocabulary

@@ -64,5 +64,6 @@ GLM4_MOE = Arch(
     fusion=c.GQA_FUSION, kv_leaves=("k_proj", "v_proj"), never_quantized=("gate",),
     exclude=("model.embed_tokens", "lm_head", "*norm*", "*.mlp.gate"), block_spec=True,
     gpt=lambda d: {"rotary_percent": d.partial_rotary},
+    absent_same=("use_qk_norm", "n_group", "topk_group", "routed_scaling_factor"),
     tiny={"glm4_moe": _tiny}, presets={"glm-4.5-air": _glm45_air})
 UNITS = (GLM4_MOE,)

@@ -36,7 +36,7 @@ def _preset(**shape):
 SERVING = {**c.GQA_SERVING, **c.MLP_SERVING}
 LLAMA = Arch(
     model_types=("llama",), dims=dims, rules=rules, serving=SERVING, fusion=c.GQA_FUSION,
-    kv_leaves=("k_proj", "v_proj"),
+    kv_leaves=("k_proj", "v_proj"), absent_same=("head_dim",),
     tiny={"llama": lambda tie: _llama(head_dim=64, tie_word_embeddings=tie, **TINY)},
     presets={
         "llama-200m": _preset(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
@@ -54,5 +54,5 @@ def _mistral(tie: bool):
 
 
 MISTRAL = Arch(model_types=("mistral",), dims=dims, rules=rules, serving=SERVING, fusion=c.GQA_FUSION,
-               kv_leaves=("k_proj", "v_proj"), tiny={"mistral": _mistral})
+               kv_leaves=("k_proj", "v_proj"), absent_same=("head_dim",), tiny={"mistral": _mistral})
 UNITS = (LLAMA, MISTRAL)

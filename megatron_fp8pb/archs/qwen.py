@@ -36,7 +36,7 @@ def _qwen3_8b(num_layers: int = 0):
 
 
 QWEN2 = Arch(model_types=("qwen2",), dims=dims, rules=rules, serving=SERVING, fusion=c.GQA_FUSION,
-             kv_leaves=("k_proj", "v_proj"), tiny={"qwen2": _qwen2})
+             kv_leaves=("k_proj", "v_proj"), absent_same=("head_dim",), tiny={"qwen2": _qwen2})
 QWEN3 = Arch(model_types=("qwen3",), dims=dims, rules=rules, serving=SERVING, fusion=c.GQA_FUSION,
              kv_leaves=("k_proj", "v_proj"), spec=lambda d: {"qk_layernorm": True}, tiny={"qwen3": _qwen3},
              presets={"qwen3-8b": _qwen3_8b})

@@ -70,7 +70,7 @@ _common = dict(serving={k: v for k, v in MOE_SERVING.items() if v}, fusion=c.GQA
                mcore=lambda d: {})
 QWEN3_MOE = Arch(
     model_types=("qwen3_moe",), dims=dims, rules=rules, spec=lambda d: {"qk_layernorm": True},
-    tiny={"qwen3_moe": _qwen3_moe},
+    tiny={"qwen3_moe": _qwen3_moe}, absent_same=("decoder_sparse_step", "mlp_only_layers"),
     presets={
         "qwen3-moe-300m": _preset(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                                   moe_intermediate_size=704, num_hidden_layers=8, num_attention_heads=16,
@@ -82,5 +82,6 @@ QWEN3_MOE = Arch(
                                    moe_intermediate_size=1536, num_hidden_layers=94, num_attention_heads=64,
                                    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8),
     }, **_common)
-QWEN2_MOE = Arch(model_types=("qwen2_moe",), dims=dims, rules=rules, tiny={"qwen2_moe": _qwen2_moe}, **_common)
+QWEN2_MOE = Arch(model_types=("qwen2_moe",), dims=dims, rules=rules, tiny={"qwen2_moe": _qwen2_moe},
+                 absent_same=("head_dim", "decoder_sparse_step", "mlp_only_layers"), **_common)
 UNITS = (QWEN3_MOE, QWEN2_MOE)
