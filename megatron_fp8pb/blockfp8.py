@@ -64,7 +64,7 @@ def quantize_checked(w: torch.Tensor, block_size: int = BLOCK,
     reference math."""
     if w.is_cuda:
         from . import blockfp8_triton
-        if blockfp8_triton.available():
+        if blockfp8_triton.usable(w):
             return blockfp8_triton.quantize(w, block_size, scale_fmt)
     scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size), scale_fmt)
     return quantize_piece(w, scale_inv, 0, 0, block_size), scale_inv

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 
@@ -30,6 +31,42 @@ def available() -> bool:
         return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
     except Exception:
         return False
+
+
+_warming: threading.Thread | None = None
+
+
+def warm_up(device: torch.device) -> None:
+    """Compile the kernel's three modes for bf16 weights on a background thread: a cold compile takes seconds, which
+    then overlap the export's start. Until it is done ``ready()`` is False and the callers take the plain torch
+    path, which gives the same bytes."""
+    global _warming
+    if _warming is not None or not available():
+        return
+
+    def compile_modes():
+        try:
+            with torch.cuda.device(device):
+                x = torch.ones(2048, 2048, dtype=torch.bfloat16, device=device)
+                _, s = quantize(x)
+                block_amax(x, 0)
+                quantize_rows(x, s, 0)
+                torch.cuda.current_stream().synchronize()
+        except Exception:   # noqa: BLE001 - a failed warm-up only means the first real call compiles (and reports)
+            pass
+    _warming = threading.Thread(target=compile_modes, name="fp8pb-triton-warm-up", daemon=True)
+    _warming.start()
+
+
+def ready() -> bool:
+    """False while ``warm_up`` is still compiling."""
+    return _warming is None or not _warming.is_alive()
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernel is the one to run on ``t`` now: a CUDA tensor, triton and an e4m3 GPU present, and no
+    warm-up still compiling."""
+    return t.is_cuda and ready() and available()
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,4 +179,4 @@ def quantize(w: torch.Tensor, block: int = 128, scale_fmt: str = "amax") -> tupl
     return q, scale_inv
 
 
-__all__ = ["available", "block_amax", "quantize_rows", "quantize"]
+__all__ = ["available", "usable", "ready", "warm_up", "block_amax", "quantize_rows", "quantize"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .device_reads import PinnedRing, read_to_device
 from .plan import Piece
 from .safetensors_layout import header, tensor_files
 
@@ -16,9 +17,11 @@ class HFReader:
     bytes read land in the returned tensor only, so host memory stays what the caller holds, and the reads release
     the GIL, so a reader thread overlaps the quantizer)."""
 
-    def __init__(self, path: str | os.PathLike, readahead=None):
+    def __init__(self, path: str | os.PathLike, readahead=None, device: torch.device | None = None):
         self.path = Path(path)
         self.readahead = readahead      # a readahead.Readahead of this source, told which tensor is read next
+        self.device = device            # CUDA: tensors are read into device memory through a pinned ring
+        self._ring = None
         self.files = tensor_files(self.path)
         self._headers: dict[Path, tuple[dict, int]] = {}
         self._fds: dict[Path, int] = {}
@@ -61,6 +64,9 @@ class HFReader:
             fd = self._fds.get(f)
             if fd is None:
                 fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        if self.device is not None and self.device.type == "cuda" and (
+                len(shape) <= 1 or dim == 0 or row <= self._pinned_ring().chunk):
+            return self._read_to_device(fd, f, name, shape, dtype, dim, offset, length, start, row)
         if len(shape) <= 1 or dim == 0:
             out_shape = (length,) + shape[1:] if shape else ()
             out = torch.empty(out_shape, dtype=dtype)
@@ -76,16 +82,43 @@ class HFReader:
             out[r:r + n].copy_(buf[:n].narrow(1, offset, length))
         return out
 
+    def _pinned_ring(self) -> PinnedRing:
+        with self._lock:
+            if self._ring is None:
+                self._ring = PinnedRing(READ_THREADS + 2)
+            return self._ring
+
+    def _read_to_device(self, fd, f, name, shape, dtype, dim, offset, length, start, row) -> torch.Tensor:
+        """``read`` into this reader's CUDA device (columns: whole rows copied, the columns kept on the device)."""
+        ring, pool = self._pinned_ring(), self._executor()
+
+        def pread(fd, view, at):
+            _pread_all(fd, view, at, name, f)
+        if len(shape) <= 1 or dim == 0:
+            out = torch.empty((length,) + shape[1:] if shape else (), dtype=dtype, device=self.device)
+            read_to_device(pool, ring, fd, start + offset * (row if len(shape) > 1 else dtype.itemsize), out,
+                           pread)
+        else:
+            out = torch.empty((shape[0], length) + shape[2:], dtype=dtype, device=self.device)
+            read_to_device(pool, ring, fd, start, out, pread, row_shape=shape[1:], col_offset=offset)
+        with self._lock:     # the bytes read from the file (whole rows for columns), as the host path counts
+            self.bytes_read += out.shape[0] * row if len(shape) > 1 else out.numel() * out.element_size()
+        return out
+
+    def _executor(self):
+        with self._lock:    # tensors may be read from several threads
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fp8pb-read")
+            return self._pool
+
     def _pread(self, fd: int, out: torch.Tensor, pos: int, name: str, f: Path) -> None:
         """Fill ``out`` from byte ``pos``: large reads go out as several concurrent chunks (a deeper disk queue)."""
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         chunks = [(view[k:k + READ_CHUNK], pos + k) for k in range(0, len(view), READ_CHUNK)]
         if len(chunks) > 1:
-            with self._lock:    # tensors may be read from several threads
-                if self._pool is None:
-                    from concurrent.futures import ThreadPoolExecutor
-                    self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fp8pb-read")
-            for fut in [self._pool.submit(_pread_all, fd, v, at, name, f) for v, at in chunks]:
+            pool = self._executor()
+            for fut in [pool.submit(_pread_all, fd, v, at, name, f) for v, at in chunks]:
                 fut.result()
         elif chunks:
             _pread_all(fd, *chunks[0], name, f)
@@ -100,6 +133,7 @@ class HFReader:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        self._ring = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -82,7 +82,7 @@ def local_pieces(plans, d: Dims, me: int) -> list[tuple[Piece, object]]:
 def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
     if t.is_cuda:
         from . import blockfp8_triton
-        if blockfp8_triton.available():
+        if blockfp8_triton.usable(t):
             x = t if p.dim == 0 else t.t()
             a = blockfp8_triton.block_amax(x, p.offset % BLOCK, BLOCK)
             return a if p.dim == 0 else a.t()
@@ -92,7 +92,7 @@ def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
 def _quantize(t: torch.Tensor, scale_inv: torch.Tensor, p: Piece) -> torch.Tensor:
     if t.is_cuda:
         from . import blockfp8_triton
-        if blockfp8_triton.available():
+        if blockfp8_triton.usable(t):
             first, rows = blockmath.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             x, s = (t, rows) if p.dim == 0 else (t.t(), rows.t())
             q = blockfp8_triton.quantize_rows(x, s.contiguous(), p.offset % BLOCK, BLOCK)

@@ -89,6 +89,9 @@ def _start_process_group(backend: str, timeout_s: float, cuda: bool) -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     if cuda or backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if cuda:
+        from . import blockfp8_triton
+        blockfp8_triton.warm_up(torch.device("cuda", torch.cuda.current_device()))     # while the group starts
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 

@@ -99,7 +99,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         reader, extra, dtype = None, {}, torch.bfloat16
     elif s.kind == "hf":
         ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank) if s.readahead else None
-        reader, extra = HFReader(s.path, ahead), source_side_files(s.path)
+        device = torch.device("cuda", torch.cuda.current_device()) if stream and on_gpu else None
+        reader, extra = HFReader(s.path, ahead, device), source_side_files(s.path)
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)
     else:
@@ -114,7 +115,9 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
             params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows)
             return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
     if stream and s.kind in STREAMED_KINDS:
-        return Source(None, hfc, d, dtype, reader, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
+        # verify compares on the host: a reader into GPU memory is not the truth's reader
+        truth = HFReader(s.path) if getattr(reader, "device", None) is not None else reader
+        return Source(None, hfc, d, dtype, truth, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
     model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu, vocab_rows=rows)
     if reader is not None:
         load_hf_weights(model, reader, d, layout)
