@@ -73,11 +73,26 @@ def write_random_source(path: Path, arch: str, layers: int, seed: int = 0, shard
     return sum(s.nbytes for s in specs)
 
 
-def read_floor(src: Path) -> float:
-    """Seconds to read every safetensors file of ``src`` once (64 MiB reads into one buffer)."""
+def save_megatron_checkpoint(src: Path, dst: Path, log: Path) -> float:
+    """The HF checkpoint ``src`` saved as a Megatron distributed checkpoint (torch_dist, tp=1, one process on the
+    CPU: megatron-core builds the model and saves it); returns the seconds it took."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_port()}",
+           str(ROOT / "tests" / "dist" / "dcp_worker.py"), "save", str(src), str(dst), "1", "1", "1"]
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(min(16, os.cpu_count() or 1)))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    with open(log, "a") as f:
+        f.write(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise SystemExit(f"saving the Megatron checkpoint failed (exit {r.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def read_floor(src: Path, pattern: str = "*.safetensors") -> float:
+    """Seconds to read every ``pattern`` file of ``src`` once (64 MiB reads into one buffer)."""
     buf = bytearray(64 << 20)
     t0 = time.perf_counter()
-    for f in sorted(src.glob("*.safetensors")):
+    for f in sorted(src.glob(pattern)):
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
@@ -112,11 +127,13 @@ def out_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path) -> dict:
+def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, source: list[str] | None = None) -> dict:
+    """``source``: the source keys (default: the HF checkpoint ``src``)."""
     # one process needs no launcher (launch/export.py starts a single-rank group itself)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                       f"--master_port={_port()}"]
-    cmd = [sys.executable, *launcher, str(ROOT / "launch" / "export.py"), "source.kind=hf", f"source.path={src}", f"output.dir={out}",
+    source = source or ["source.kind=hf", f"source.path={src}"]
+    cmd = [sys.executable, *launcher, str(ROOT / "launch" / "export.py"), *source, f"output.dir={out}",
            "output.verify=false", "output.overwrite=true", *extra]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.perf_counter()
@@ -215,6 +232,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=None)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="runs of ours at the deepest source (the median is shown)")
+    ap.add_argument("--megatron", action="store_true",
+                    help="also save the deepest source as a Megatron dist checkpoint and export that (needs megatron-core)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -254,6 +273,22 @@ def main() -> None:
     floor = rf + wf
     drop_caches()
     sf = startup_floor(args.gpu)
+    mg = None
+    if args.megatron:
+        ck = work / f"megatron-{n}"
+        saved_s = save_megatron_checkpoint(src, ck, log)
+        runs_m = []
+        for _ in range(args.repeats):
+            drop_caches()
+            runs_m.append(run_ours(src, work / "ours-megatron", nproc, extra, log, [
+                "source.kind=megatron", f"source.path={ck}", f"source.hf_config={src}/config.json"]))
+            print(f"{n} layers, Megatron checkpoint: ours {runs_m[-1]['seconds']:.1f} s; {runs_m[-1]['phases']}; "
+                  f"rank 0 {runs_m[-1]['marks']}", flush=True)
+        same = all((work / "ours-megatron" / f.name).read_bytes() == f.read_bytes() for f in out.glob("*.safetensors"))
+        drop_caches()
+        mg = dict(saved_s=saved_s, read_floor=read_floor(ck, "*.distcp"), same=same,
+                  ours=sorted(runs_m, key=lambda t: t["seconds"])[len(runs_m) // 2],
+                  seconds_each=[t["seconds"] for t in runs_m])
     peer = None
     if not args.no_peer:
         drop_caches()
@@ -279,13 +314,29 @@ def main() -> None:
               f"{peer['seconds'] / r['ours']['seconds']:.2f}x faster")
         names = [f"model.layers.{i}.{m}.weight" for i in (0, n - 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
         print("agreement: " + agreement(out, work / "peer", names))
+    if mg:
+        mfloor = mg["read_floor"] + wf
+        each = "" if len(mg["seconds_each"]) == 1 else f" (median of {', '.join(f'{x:.2f}' for x in mg['seconds_each'])})"
+        print(f"\nFrom the same weights saved as a Megatron dist checkpoint (torch_dist, tp=1; saved in "
+              f"{mg['saved_s']:.0f} s):\n")
+        print("| variant | seconds | x floor | peak RSS GB (max rank) | export added GB (max rank) | output GB |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| read floor (.distcp files) | {mg['read_floor']:.2f} | | | | |")
+        print(f"| read + write floor | {mfloor:.2f} | 1.00 | | | |")
+        print(f"| ours, source.kind=megatron{each} | {mg['ours']['seconds']:.2f} | {mg['ours']['seconds'] / mfloor:.2f} | "
+              f"{max(mg['ours']['rss']) / 1e9:.2f} | {max(mg['ours']['added']) / 1e9:.2f} | "
+              f"{mg['ours']['out_bytes'] / 1e9:.2f} |")
+        print(f"\nfiles byte-identical to the HF source's export: {mg['same']}; ours over the read + write + start-up "
+              f"floor: {mg['ours']['seconds'] / (mfloor + sf):.2f}x; phases: {mg['ours']['phases']}; rank 0 "
+              f"{mg['ours']['marks']}")
     print(f"ours phases: {r['ours']['phases']}; rank 0 {r['ours']['marks']}")
     a, b = runs[layers[0]], runs[layers[-1]]
     slope = (max(b["ours"]["added"]) - max(a["ours"]["added"])) / max(b["src_bytes"] - a["src_bytes"], 1)
     print(f"ours over the read + write + start-up floor ({floor + sf:.2f} s): {r['ours']['seconds'] / (floor + sf):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev, arch=arch, runs={str(k): v for k, v in runs.items()},
-                                                    read_floor=rf, write_floor=wf, startup_floor=sf, peer=peer), indent=2))
+                                                    read_floor=rf, write_floor=wf, startup_floor=sf, peer=peer,
+                                                    megatron=mg), indent=2))
     print(f"e2e_vs_floor={r['ours']['seconds'] / floor:.2f} peak_rss_slope={slope:.3f}")
 
 

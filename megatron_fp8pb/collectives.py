@@ -90,9 +90,15 @@ def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, traffic: T
     return buf.view(dtype).reshape(shape)
 
 
+def _solo() -> bool:
+    """No other rank to talk to: no group, or a group of one (whose first collective would still start a
+    communicator, NCCL's taking a fraction of a second)."""
+    return not is_initialized() or dist.get_world_size() == 1
+
+
 def gather_objects(obj, dst: int = 0) -> list | None:
     """Every rank's ``obj`` on ``dst`` (a list by rank), None elsewhere."""
-    if not is_initialized():
+    if _solo():
         return [obj]
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
@@ -101,7 +107,7 @@ def gather_objects(obj, dst: int = 0) -> list | None:
 
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` on every rank (a list by rank)."""
-    if not is_initialized():
+    if _solo():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -110,7 +116,7 @@ def all_gather_objects(obj) -> list:
 
 def scatter_objects(objs: list | None, src: int = 0):
     """``objs[r]`` (given on ``src``, a list by rank) on each rank ``r``."""
-    if not is_initialized():
+    if _solo():
         return objs[0]
     box = [None]
     dist.scatter_object_list(box, objs if dist.get_rank() == src else None, src=src)
@@ -118,7 +124,7 @@ def scatter_objects(objs: list | None, src: int = 0):
 
 
 def broadcast_object(obj, src: int = 0):
-    if not is_initialized():
+    if _solo():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -126,13 +132,13 @@ def broadcast_object(obj, src: int = 0):
 
 
 def barrier() -> None:
-    if is_initialized():
+    if not _solo():
         dist.barrier()
 
 
 def any_true(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is set on any rank (one MAX all-reduce of one int over the world)."""
-    if not is_initialized() or dist.get_world_size() == 1:
+    if _solo():
         return bool(flag)
     t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

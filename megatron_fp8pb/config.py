@@ -49,7 +49,7 @@ class SourceConfig:
     hf_config: str | None = None    # megatron: an HF config.json (or its directory) describing the architecture
     seed: int = 0                   # tiny: weights seed
     tie_embeddings: bool = False    # tiny: tie embeddings and lm_head
-    readahead: bool = True          # hf: read the source into the page cache from process start, ahead of the export
+    readahead: bool = True          # hf, megatron: read the source into the page cache from process start
 
     def __post_init__(self):
         _check_choices(self)

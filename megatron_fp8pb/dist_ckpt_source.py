@@ -3,9 +3,10 @@
 What each local parameter is in the checkpoint (its key, global shape, offset, the layer axis Megatron prepends, the
 [gate; up] split of a gated fc1, the expert axes, the key renames of the local layer spec) comes from megatron-core
 itself: a GPTModel of the export layout built on the meta device (no memory) gives its ``sharded_state_dict()``. The
-bytes are read with torch.distributed.checkpoint's own reader, one parameter at a time and on this rank alone (no
-collective, so the export's reader thread can run it): only the saved chunks that overlap this rank's slice are
-read, whatever tp/pp/ep the checkpoint was saved at.
+reads are planned with torch.distributed.checkpoint's own planning, one parameter at a time and on this rank alone
+(no collective, so the export's reader thread can run them): only the saved chunks that overlap this rank's slice
+are read, whatever tp/pp/ep the checkpoint was saved at, with positioned reads where a chunk's bytes can be located
+(``distcp_items``, on a GPU straight into device memory) and with torch's reader otherwise.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from . import mcore
 from .archs import Dims
+from .distcp_items import DirectReads, read_items
 from .plan import Layout, ParamPlan
 from .stream import LazyParam, local_param_shapes
 from .tp_slices import pieces_of
@@ -147,25 +149,30 @@ def _built(spec):
     return spec.build() if isinstance(spec, ShardedTensorFactory) else spec
 
 
-def read_sharded(path: str, metadata: Metadata, spec, items: list[ReadItem]) -> torch.Tensor:
+def read_sharded(path: str, metadata: Metadata, spec, items: list[ReadItem],
+                 direct: DirectReads | None = None) -> torch.Tensor:
     """One local parameter from the checkpoint: ``spec`` is its entry of the meta model's sharded_state_dict (a
     ShardedTensor, or a ShardedTensorFactory such as the gated fc1's), ``items`` its reads (``plan_reads``) -> the
-    tensor Megatron would hold."""
+    tensor Megatron would hold. ``direct``: the checkpoint's positioned reads (the tensor is made on its device);
+    chunks it cannot locate are read with torch.distributed.checkpoint's reader."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.api import CheckpointException
-    buf = torch.empty(tuple(spec.data.shape), dtype=spec.data.dtype)
+    device = direct.device if direct is not None else None
+    buf = torch.empty(tuple(spec.data.shape), dtype=spec.data.dtype, device=device)
     built = _built(replace(spec, data=buf))
     regions = {}
     for st in _sharded_tensors(built):
         off, region = _region(st)
         regions[(st.key, off)] = region
-    try:
-        load({}, storage_reader=_Reader(path, metadata), planner=_RegionPlanner(items, regions), no_dist=True)
-    except CheckpointException as e:   # what failed on this rank, as torch.distributed.checkpoint wraps it
-        cause = next(iter(e.failures.values()))[0] if e.failures else e
-        raise ValueError(f"Megatron checkpoint {path}: reading {sorted({k for k, _ in regions})} failed: "
-                         f"{type(cause).__name__}: {cause}") from cause
+    planner = _RegionPlanner(items, regions)
+    if direct is None or not read_items(direct, metadata.storage_data, items, planner.resolve_tensor):
+        try:
+            load({}, storage_reader=_Reader(path, metadata), planner=planner, no_dist=True)
+        except CheckpointException as e:   # what failed on this rank, as torch.distributed.checkpoint wraps it
+            cause = next(iter(e.failures.values()))[0] if e.failures else e
+            raise ValueError(f"Megatron checkpoint {path}: reading {sorted({k for k, _ in regions})} failed: "
+                             f"{type(cause).__name__}: {cause}") from cause
     return spec.merge_fn(_with_data(built)) if isinstance(spec, ShardedTensorFactory) else buf
 
 
@@ -216,10 +223,10 @@ def plan_reads(path: str, metadata: Metadata, specs: dict, names: list[str]) -> 
 
 
 def megatron_params(path: str, metadata: Metadata, d: Dims, layout: Layout, dtype: torch.dtype,
-                    vocab_rows: int | None) -> list[tuple[str, LazyParam]]:
+                    vocab_rows: int | None, device: torch.device | None = None) -> list[tuple[str, LazyParam]]:
     """This rank's parameters over a Megatron dist checkpoint (``metadata``: its ``read_checkpoint_metadata``), each
     read when its unit comes: the local tensor this layout's model would load (``vocab_rows``: the checkpoint's
-    padded vocabulary), split into the pieces it exports."""
+    padded vocabulary), split into the pieces it exports; read into ``device`` memory where one is given."""
     specs = sharded_specs(d, dtype, layout, vocab_rows, mcore.checkpoint_content_metadata(path))
     shapes = local_param_shapes(d, layout, vocab_rows)
     missing = [name for name, _ in shapes if name not in specs]
@@ -227,6 +234,7 @@ def megatron_params(path: str, metadata: Metadata, d: Dims, layout: Layout, dtyp
         raise ValueError(f"the Megatron model of source.hf_config has no parameters {missing[:5]} that the export "
                          f"rules read; the architecture's Megatron names and its rules disagree")
     reads = plan_reads(path, metadata, specs, [name for name, _ in shapes])
+    direct = DirectReads(path, device)
     out = []
     for name, shape in shapes:
         spec = specs[name]
@@ -235,6 +243,6 @@ def megatron_params(path: str, metadata: Metadata, d: Dims, layout: Layout, dtyp
                              f"source.hf_config but the export rules expect {list(shape)} at {layout.describe()}")
 
         def load(plan: ParamPlan, spec=spec, items=reads[name]) -> list[torch.Tensor]:
-            return pieces_of(plan, read_sharded(path, metadata, spec, items), d)
+            return pieces_of(plan, read_sharded(path, metadata, spec, items, direct), d)
         out.append((name, LazyParam(tuple(shape), load, spec.data.dtype)))
     return out

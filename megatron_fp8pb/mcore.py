@@ -27,6 +27,25 @@ def padded_vocab(vocab: int, tp_size: int, divisible_by: int = 128) -> int:
     return -(-vocab // m) * m
 
 
+def import_without_compiling() -> None:
+    """Import megatron.core with ``torch.compile`` a plain decorator while it is imported: its fused functions are
+    decorated with torch.compile at import time, which imports torch's compiler stack (seconds from a cold disk). For
+    a process that never runs the model (the CLI export builds it, or only describes it on the meta device); the
+    in-process API leaves the caller's megatron.core as it is."""
+    import sys
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+
+    def plain(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+    torch.compile = plain
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real
+
+
 def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None, vp: int | None = None) -> None:
     """``vp``: virtual pipeline chunks per stage (interleaved schedule), None for one chunk."""
     from megatron.core import parallel_state

@@ -123,11 +123,26 @@ def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 
             where = byte_ranges(path)
             order = stage_order(list(where), num_layers, pp, pp_rank)
             ranges = [(n,) + where[n] for n in order]
-            total = sum(r[3] for r in ranges)
-            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            window = min(total, max(256 << 20, mem_available() // (2 * local)))
-            _ACTIVE[key] = Readahead(ranges, window)
+            _ACTIVE[key] = Readahead(ranges, _window(sum(r[3] for r in ranges)))
         return _ACTIVE[key]
+
+
+def start_files(path: str | os.PathLike, files: list[Path]) -> Readahead | None:
+    """The readahead of a Megatron distributed checkpoint: its data files whole, in name order (where each key's
+    bytes lie is in ``.metadata``, a torch pickle, unread here), within the same window (nothing marks them
+    consumed)."""
+    key = os.path.realpath(path)
+    with _LOCK:
+        if key not in _ACTIVE and files:
+            ranges = [(str(f), f, 0, f.stat().st_size) for f in files]
+            _ACTIVE[key] = Readahead(ranges, _window(sum(r[3] for r in ranges)))
+        return _ACTIVE.get(key)
+
+
+def _window(total: int) -> int:
+    """Bytes the readahead may run ahead of the reader: at most half the available memory per local rank."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(total, max(256 << 20, mem_available() // (2 * local)))
 
 
 def stop(path: str | os.PathLike) -> None:
@@ -165,8 +180,10 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
     try:
         from .config import load_config
         cfg = load_config(config_path, overrides)
-        if cfg.source.kind != "hf" or not cfg.source.path or not cfg.source.readahead:
+        if cfg.source.kind not in ("hf", "megatron") or not cfg.source.path or not cfg.source.readahead:
             return None
+        if cfg.source.kind == "megatron":
+            return start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
         hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
         hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
         pp, world = cfg.parallel.pp, int(os.environ.get("WORLD_SIZE", "1"))

@@ -112,7 +112,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         metadata = dcs.read_checkpoint_metadata(s.path)
         rows = dcs.padded_vocab_rows(metadata, s.path, layout.tp_size, d.vocab)
         if stream:
-            params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows)
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+            params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows, device)
             return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
     if stream and s.kind in STREAMED_KINDS:
         # verify compares on the host: a reader into GPU memory is not the truth's reader

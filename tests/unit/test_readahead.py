@@ -102,3 +102,25 @@ def test_window_respects_a_cgroup_memory_limit(tmp_path):
     assert readahead.mem_available(str(tmp_path)) <= 2_000_000_000
     (tmp_path / "memory.max").write_text("max\n")
     assert readahead.mem_available(str(tmp_path)) == readahead.mem_available(str(tmp_path / "none"))
+
+
+def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path):
+    (tmp_path / "ck").mkdir()
+    sizes = {"__1_0.distcp": 5 << 20, "__0_0.distcp": 3 << 20 | 7, ".metadata": 100}
+    for name, n in sizes.items():
+        (tmp_path / "ck" / name).write_bytes(os.urandom(n))
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 2}')
+    ra = readahead.start_for_command_line(None, ["source.kind=megatron", f"source.path={tmp_path}/ck",
+                                                 f"source.hf_config={tmp_path}/config.json"])
+    try:
+        assert ra is not None and ra.total == (5 << 20) + (3 << 20 | 7)
+        assert [c[0].name for c in ra._chunks[:1]] == ["__0_0.distcp"]      # data files in name order
+        deadline = time.time() + 10
+        while ra.bytes_read < ra.total and time.time() < deadline:
+            time.sleep(0.01)
+        assert ra.bytes_read == ra.total
+    finally:
+        readahead.stop(tmp_path / "ck")
+    assert readahead.start_for_command_line(None, ["source.kind=megatron", f"source.path={tmp_path}/ck",
+                                                   f"source.hf_config={tmp_path}/config.json",
+                                                   "source.readahead=false"]) is None

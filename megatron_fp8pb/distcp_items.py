@@ -1,0 +1,220 @@
+"""Reading the tensors of a torch.distributed.checkpoint (a Megatron torch_dist checkpoint) with positioned reads.
+
+Each saved chunk is a torch.save zip archive (members stored, not compressed) at ``(offset, length)`` of a
+``.distcp`` data file: its bytes are the member ``<archive>/data/<key>``, and ``data.pkl`` says the dtype, storage
+offset, size and stride. A chunk that is one dense row-major storage from its start is located once (its pickle read
+with an unpickler that builds nothing) and then read straight into the destination, on the GPU through the pinned
+ring of ``device_reads``, instead of through torch.load from a Python stream and a copy. Anything else (a transform
+such as compression, another layout, an unknown pickle) is not located: the caller reads it with torch's own reader.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import threading
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from .device_reads import PinnedRing, read_to_device
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    file: str               # the data file
+    pos: int                # its first byte in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file as a seekable read-only stream (positioned reads)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.at = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.at = max(0, pos if whence == 0 else self.at + pos if whence == 1 else self.length + pos)
+        return self.at
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.length - self.at))
+        got = os.preadv(self.fd, [memoryview(b)[:n]], self.start + self.at) if n else 0
+        self.at += got
+        return got
+
+
+def _rebuild(storage, storage_offset, size, stride, *rest):
+    return storage, storage_offset, tuple(size), tuple(stride), None
+
+
+def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *rest):
+    return storage, storage_offset, tuple(size), tuple(stride), dtype
+
+
+class _Layout(pickle.Unpickler):
+    """Unpickles a tensor's ``data.pkl`` into (storage id, storage offset, size, stride), building nothing."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):     # dtypes without a typed storage class
+            return _rebuild_v3
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return torch.UntypedStorage
+        if module == "torch" and name.endswith("Storage") and hasattr(getattr(torch, name, None), "dtype"):
+            return getattr(torch, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        return pid
+
+
+def locate(fd: int, file: str, offset: int, length: int) -> SavedTensor | None:
+    """Where the tensor saved at ``(offset, length)`` of ``file`` (open as ``fd``) keeps its bytes, or None when it is
+    not one dense row-major storage from its start, stored uncompressed."""
+    try:
+        z = zipfile.ZipFile(io.BufferedReader(_Window(fd, offset, length)))
+        pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+        storage, storage_offset, size, stride, dtype = _Layout(io.BytesIO(z.read(pkl))).load()
+        kind, storage_type, key, _, numel = storage
+        if storage_type is torch.UntypedStorage:        # numel counts bytes
+            if dtype is None:
+                return None
+            numel //= torch.empty((), dtype=dtype).element_size()
+        else:
+            dtype = storage_type.dtype
+        member = z.getinfo(pkl[: -len("data.pkl")] + f"data/{key}")
+    except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError,
+            AttributeError, EOFError, OSError):
+        return None
+    want, n = [], 1
+    for s in reversed(size):
+        want.append(n)
+        n *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if (kind != "storage" or storage_offset != 0 or tuple(reversed(want)) != stride and n > 1
+            or member.compress_type != zipfile.ZIP_STORED or member.file_size != numel * itemsize or n > numel):
+        return None
+    head = os.pread(fd, 30, offset + member.header_offset)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return SavedTensor(file, offset + member.header_offset + 30 + name_len + extra_len, dtype, tuple(size))
+
+
+class DirectReads:
+    """The saved chunks of one checkpoint, located once each and read with positioned reads: into host tensors, or
+    (``device`` CUDA) into device memory through a ring of pinned buffers."""
+
+    THREADS = 4
+
+    def __init__(self, path: str, device: torch.device | None = None):
+        self.path, self.device = path, device
+        self._fds: dict[str, int] = {}
+        self._located: dict[tuple[str, int], SavedTensor | None] = {}
+        self._lock = threading.Lock()
+        self._pool = self._ring = None
+
+    def _fd(self, relative: str) -> int:
+        with self._lock:
+            if relative not in self._fds:
+                try:
+                    self._fds[relative] = os.open(os.path.join(self.path, relative), os.O_RDONLY)
+                except OSError as e:
+                    raise ValueError(f"Megatron checkpoint {self.path}: cannot open its data file {relative} "
+                                     f"({type(e).__name__}: {e.strerror}); the checkpoint is incomplete or "
+                                     f"unreadable: copy it again") from e
+            return self._fds[relative]
+
+    def chunk(self, relative: str, offset: int, length: int) -> SavedTensor | None:
+        fd = self._fd(relative)
+        key = (relative, offset)
+        with self._lock:
+            if key in self._located:
+                return self._located[key]
+        found = locate(fd, relative, offset, length)
+        with self._lock:
+            self._located[key] = found
+        return found
+
+    def read_rows(self, saved: SavedTensor, first: int, rows: int) -> torch.Tensor:
+        """Rows ``[first, first + rows)`` of a located chunk (dim 0; a 0-d or 1-d chunk counts its elements), as a
+        new tensor on this reader's device (host where none)."""
+        shape = (rows,) + saved.shape[1:] if saved.shape else ()
+        row = torch.empty((), dtype=saved.dtype).element_size()
+        for s in saved.shape[1:]:
+            row *= s
+        fd, at = self._fd(saved.file), saved.pos + first * row
+        if self.device is not None and self.device.type == "cuda":
+            out = torch.empty(shape, dtype=saved.dtype, device=self.device)
+            pool, ring = self._executor()
+            read_to_device(pool, ring, fd, at, out, self._pread)
+            return out
+        out = torch.empty(shape, dtype=saved.dtype)
+        if out.numel():
+            self._pread(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), at)
+        return out
+
+    def _pread(self, fd: int, view: memoryview, at: int) -> None:
+        while len(view):
+            n = os.preadv(fd, [view], at)
+            if n <= 0:
+                raise ValueError(f"Megatron checkpoint {self.path}: a data file ends at byte {at} inside a saved "
+                                 f"tensor; the checkpoint is truncated")
+            view, at = view[n:], at + n
+
+    def _executor(self):
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="fp8pb-distcp")
+                self._ring = PinnedRing(self.THREADS + 2)
+            return self._pool, self._ring
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = self._ring = None
+
+
+def read_items(direct: DirectReads, storage_data: dict, items: list, resolve) -> bool:
+    """Fill each read item's destination (``resolve(item)``, a view) from its located chunk. False, having read
+    nothing, when any item's chunk cannot be located (the caller then uses torch's reader for all of them)."""
+    plans = []
+    for item in items:
+        info = storage_data[item.storage_index]
+        if getattr(info, "transform_descriptors", None):
+            return False
+        saved = direct.chunk(info.relative_path, info.offset, info.length)
+        if saved is None or len(saved.shape) != len(item.lengths):
+            return False
+        plans.append((item, saved))
+    for item, saved in plans:
+        first, rows = (int(item.storage_offsets[0]), int(item.lengths[0])) if saved.shape else (0, 1)
+        got = direct.read_rows(saved, first, rows)
+        for dim in range(1, len(saved.shape)):
+            got = got.narrow(dim, int(item.storage_offsets[dim]), int(item.lengths[dim]))
+        resolve(item).copy_(got)
+    return True
