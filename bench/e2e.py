@@ -5,6 +5,7 @@ be imported, same checkpoint, same run, page cache dropped before each timed ste
   python bench/e2e.py --quick                 # CPU, tp=2, llama-200m shapes at 4 and 12 layers, < 5 minutes
   python bench/e2e.py --gpu                   # one GPU, Llama-3-8B shapes (32 layers; 4 for the RSS slope)
   python bench/e2e.py --gpu --arch llama3-70b --layers 2,8
+  python bench/e2e.py --gpu --repeats 2 --megatron   # also the same weights as a Megatron dist checkpoint (tp=1)
 
 Last line: ``e2e_vs_floor=X peak_rss_slope=Y`` (ours over the floor at the deepest source; growth of the largest
 rank peak RSS per byte of source between the two depths).
