@@ -23,14 +23,18 @@ def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(pp_rank * per, (pp_rank + 1) * per)
 
 
+def ep_rank_of(rank: int, ep: int, etp: int) -> int:
+    """The expert-parallel rank of a global rank (experts: ``rank = etp_rank + etp * (ep_rank + ...)``)."""
+    return (rank // etp) % ep
+
+
 def rank_layout(rank: int, world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> Layout:
     from .plan import Layout
     etp = etp or tp
     dp, edp = world // (tp * pp), world // (etp * ep * pp)
     tp_rank, rest = rank % tp, rank // tp
     dp_rank, pp_rank = rest % dp, pp_rank_of(rank, world, pp)
-    etp_rank, rest = rank % etp, rank // etp
-    ep_rank, rest = rest % ep, rest // ep
+    etp_rank, ep_rank, rest = rank % etp, ep_rank_of(rank, ep, etp), rank // (etp * ep)
     edp_rank = rest % edp
     assert rest // edp == pp_rank, "tp*dp and etp*ep*edp blocks of one pipeline stage must coincide"
     return Layout(tp_size=tp, tp_rank=tp_rank, pp_size=pp, pp_rank=pp_rank, ep_size=ep, ep_rank=ep_rank,

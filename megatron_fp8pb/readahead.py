@@ -14,12 +14,13 @@ import re
 import threading
 from pathlib import Path
 
-from .ranks import pp_rank_of, stage_layer_range
+from .ranks import ep_rank_of, pp_rank_of, stage_layer_range
 from .safetensors_layout import byte_ranges
 
 CHUNK = 4 << 20        # bytes per read
 THREADS = 8            # reads in flight (the disk's queue depth)
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _ACTIVE: dict[str, "Readahead"] = {}
 _LOCK = threading.Lock()
 
@@ -94,17 +95,26 @@ class Readahead:
         self._fds.clear()
 
 
-def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int) -> list[str]:
+def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: int = 1, ep_rank: int = 0) -> list[str]:
     """The tensors a pipeline stage reads, in the order the export reads them: the embedding (first stage), each
     decoder layer, then (last stage) the multi-token-prediction layers, the final norm and lm_head, and the embedding
-    again where lm_head is tied to it."""
+    again where lm_head is tied to it. With ``ep`` > 1 a layer's routed experts (``experts.<i>.``) are only those of
+    expert-parallel rank ``ep_rank`` (Megatron's contiguous split)."""
     first, last = pp_rank == 0, pp_rank == pp - 1
     mine, tied = stage_layer_range(num_layers, pp, pp_rank), not any(n.startswith("lm_head") for n in names)
+    experts: dict[int, int] = {}        # layer -> routed experts it has
+    for n in names:
+        m, e = _LAYER.search(n), _EXPERT.search(n)
+        if m and e:
+            experts[int(m.group(1))] = max(experts.get(int(m.group(1)), 0), int(e.group(1)) + 1)
     keyed = []
     for n in names:
         m = _LAYER.search(n)
         if m:
             layer = int(m.group(1))
+            e = _EXPERT.search(n)
+            if e and ep > 1 and experts[layer] % ep == 0 and int(e.group(1)) // (experts[layer] // ep) != ep_rank:
+                continue
             if layer in mine or (last and layer >= num_layers):
                 keyed.append(((1, layer), n))
         elif "embed" in n:
@@ -115,13 +125,15 @@ def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int) -> lis
     return [n for _, n in sorted(keyed)]
 
 
-def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 0) -> Readahead:
-    """The readahead of ``path`` for this stage (one per source and process: started once, then shared)."""
+def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 0, ep: int = 1,
+          ep_rank: int = 0) -> Readahead:
+    """The readahead of ``path`` for this stage and expert-parallel rank (one per source and process: started once,
+    then shared)."""
     key = os.path.realpath(path)
     with _LOCK:
         if key not in _ACTIVE:
             where = byte_ranges(path)
-            order = stage_order(list(where), num_layers, pp, pp_rank)
+            order = stage_order(list(where), num_layers, pp, pp_rank, ep, ep_rank)
             ranges = [(n,) + where[n] for n in order]
             _ACTIVE[key] = Readahead(ranges, _window(sum(r[3] for r in ranges)))
         return _ACTIVE[key]
@@ -186,8 +198,8 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
             return start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
         hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
         hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
-        pp, world = cfg.parallel.pp, int(os.environ.get("WORLD_SIZE", "1"))
-        return start(cfg.source.path, int(hfc["num_hidden_layers"]), pp,
-                     pp_rank_of(int(os.environ.get("RANK", "0")), world, pp))
+        p, world, rank = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        return start(cfg.source.path, int(hfc["num_hidden_layers"]), p.pp, pp_rank_of(rank, world, p.pp),
+                     p.ep, ep_rank_of(rank, p.ep, p.etp or p.tp))
     except Exception:
         return None

@@ -98,7 +98,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     elif s.kind == "random":
         reader, extra, dtype = None, {}, torch.bfloat16
     elif s.kind == "hf":
-        ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank) if s.readahead else None
+        ahead = readahead.start(s.path, d.num_layers, layout.pp_size, layout.pp_rank, layout.ep_size,
+                                layout.ep_rank) if s.readahead else None
         device = torch.device("cuda", torch.cuda.current_device()) if stream and on_gpu else None
         reader, extra = HFReader(s.path, ahead, device), source_side_files(s.path)
         check_source(reader, expected_tensors(rules_for(d), d), s.path)

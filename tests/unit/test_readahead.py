@@ -40,6 +40,27 @@ def _checkpoint(path, n=6, rows=300, cols=257):
     return tensors
 
 
+def test_stage_order_keeps_the_experts_of_its_expert_parallel_rank():
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in (0, 1) for e in range(4)
+        for p in ("gate_proj", "down_proj")]
+    names += [f"model.layers.{i}.mlp.shared_experts.up_proj.weight" for i in (0, 1, 2)]
+    names += [f"model.layers.2.mlp.experts.{e}.up_proj.weight" for e in range(6)]   # an MTP layer, 6 experts
+    assert len(stage_order(names, 2, 1, 0)) == len(names)
+
+    def experts(ep, ep_rank):
+        mine = stage_order(names, 2, 1, 0, ep=ep, ep_rank=ep_rank)
+        assert all(n in mine for n in names if ".experts." not in n)     # dense and shared experts: every rank
+        got = {}
+        for n in mine:
+            if ".experts." in n:
+                got.setdefault(int(n.split(".")[2]), set()).add(int(n.split(".")[5]))
+        return got
+    assert experts(2, 0) == {0: {0, 1}, 1: {0, 1}, 2: {0, 1, 2}}
+    assert experts(2, 1) == {0: {2, 3}, 1: {2, 3}, 2: {3, 4, 5}}
+    assert experts(4, 3) == {0: {3}, 1: {3}, 2: set(range(6))}     # 6 experts over 4 ranks: not split, all read
+
+
 def test_window_bounds_reads_ahead_of_the_reader(tmp_path):
     _checkpoint(tmp_path)
     where = byte_ranges(tmp_path)
