@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import wait
 
 import torch
 
@@ -73,7 +74,9 @@ def read_to_device(pool, ring: PinnedRing, fd: int, pos: int, out: torch.Tensor,
                 dev = rows.to(out.device, non_blocking=True)
                 out[r:r + n].copy_(dev.narrow(1, col_offset, out.shape[1]))
             _copy_in(ring, fd, pos + r * row_bytes, n * row_bytes, pread, ready, out.device, place)
-    for fut in [pool.submit(one, s) for s in spans]:
+    futures = [pool.submit(one, s) for s in spans]
+    wait(futures)       # every chunk done before an error is raised: none still writes into ``out``
+    for fut in futures:
         fut.result()
 
 
@@ -87,14 +90,14 @@ def row_bytes_of(out: torch.Tensor, row_shape: tuple[int, ...]) -> int:
 def _copy_in(ring: PinnedRing, fd: int, at: int, n: int, pread, ready: torch.cuda.Event, device: torch.device,
              place) -> None:
     buf = ring.take()
+    s = _stream(device)
     try:
         pread(fd, memoryview(buf[:n].numpy()), at)
-        s = _stream(device)
         s.wait_event(ready)
         with torch.cuda.device(device), torch.cuda.stream(s):
             place(buf[:n])
-        s.synchronize()         # the bytes are on the device and the buffer can be reused
     finally:
+        s.synchronize()         # the copy out of the buffer is done (also after an error) before it is reused
         ring.give_back(buf)
 
 

@@ -10,10 +10,13 @@ such as compression, another layout, an unknown pickle) is not located: the call
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import io
 import os
 import pickle
 import struct
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -57,12 +60,18 @@ class _Window(io.RawIOBase):
         return got
 
 
-def _rebuild(storage, storage_offset, size, stride, *rest):
-    return storage, storage_offset, tuple(size), tuple(stride), None
+def _rebuild(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return storage, storage_offset, tuple(size), tuple(stride), None, metadata
 
 
-def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *rest):
-    return storage, storage_offset, tuple(size), tuple(stride), dtype
+def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return storage, storage_offset, tuple(size), tuple(stride), dtype, metadata
+
+
+_STORAGE_DTYPES = {"BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16, "FloatStorage": torch.float32,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}    # the typed storage classes torch.save names, by the dtype they hold
 
 
 class _Layout(pickle.Unpickler):
@@ -77,8 +86,8 @@ class _Layout(pickle.Unpickler):
             return collections.OrderedDict
         if (module, name) == ("torch.storage", "UntypedStorage"):
             return torch.UntypedStorage
-        if module == "torch" and name.endswith("Storage") and hasattr(getattr(torch, name, None), "dtype"):
-            return getattr(torch, name)
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name}")
@@ -93,17 +102,22 @@ def locate(fd: int, file: str, offset: int, length: int) -> SavedTensor | None:
     try:
         z = zipfile.ZipFile(io.BufferedReader(_Window(fd, offset, length)))
         pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-        storage, storage_offset, size, stride, dtype = _Layout(io.BytesIO(z.read(pkl))).load()
+        storage, storage_offset, size, stride, dtype, metadata = _Layout(io.BytesIO(z.read(pkl))).load()
         kind, storage_type, key, _, numel = storage
         if storage_type is torch.UntypedStorage:        # numel counts bytes
             if dtype is None:
                 return None
             numel //= torch.empty((), dtype=dtype).element_size()
+        elif isinstance(storage_type, torch.dtype):
+            dtype = storage_type
         else:
-            dtype = storage_type.dtype
-        member = z.getinfo(pkl[: -len("data.pkl")] + f"data/{key}")
-    except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError,
-            AttributeError, EOFError, OSError):
+            return None
+        archive = pkl[: -len("data.pkl")]
+        member = z.getinfo(archive + f"data/{key}")
+        swapped = archive + "byteorder" in z.namelist() and z.read(archive + "byteorder").decode() != sys.byteorder
+        if metadata or swapped:
+            return None     # a negative or conjugate view, or bytes torch.load would swap
+    except Exception:       # noqa: BLE001 - anything unexpected is read by torch's reader instead
         return None
     want, n = [], 1
     for s in reversed(size):
@@ -128,29 +142,33 @@ class DirectReads:
 
     def __init__(self, path: str, device: torch.device | None = None):
         self.path, self.device = path, device
-        self._fds: dict[str, int] = {}
         self._located: dict[tuple[str, int], SavedTensor | None] = {}
         self._lock = threading.Lock()
         self._pool = self._ring = None
 
-    def _fd(self, relative: str) -> int:
-        with self._lock:
-            if relative not in self._fds:
-                try:
-                    self._fds[relative] = os.open(os.path.join(self.path, relative), os.O_RDONLY)
-                except OSError as e:
-                    raise ValueError(f"Megatron checkpoint {self.path}: cannot open its data file {relative} "
-                                     f"({type(e).__name__}: {e.strerror}); the checkpoint is incomplete or "
-                                     f"unreadable: copy it again") from e
-            return self._fds[relative]
+    @contextlib.contextmanager
+    def _open(self, relative: str):
+        """A data file, open for one chunk's reads (a checkpoint saved by many ranks has thousands of files: none is
+        kept open)."""
+        try:
+            fd = os.open(os.path.join(self.path, relative), os.O_RDONLY)
+        except OSError as e:
+            fix = ("raise the open-file limit (ulimit -n)" if e.errno in (errno.EMFILE, errno.ENFILE) else
+                   "the checkpoint is incomplete or unreadable: copy it again")
+            raise ValueError(f"Megatron checkpoint {self.path}: cannot open its data file {relative} "
+                             f"({type(e).__name__}: {e.strerror}); {fix}") from e
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def chunk(self, relative: str, offset: int, length: int) -> SavedTensor | None:
-        fd = self._fd(relative)
         key = (relative, offset)
         with self._lock:
             if key in self._located:
                 return self._located[key]
-        found = locate(fd, relative, offset, length)
+        with self._open(relative) as fd:
+            found = locate(fd, relative, offset, length)
         with self._lock:
             self._located[key] = found
         return found
@@ -162,16 +180,17 @@ class DirectReads:
         row = torch.empty((), dtype=saved.dtype).element_size()
         for s in saved.shape[1:]:
             row *= s
-        fd, at = self._fd(saved.file), saved.pos + first * row
-        if self.device is not None and self.device.type == "cuda":
-            out = torch.empty(shape, dtype=saved.dtype, device=self.device)
-            pool, ring = self._executor()
-            read_to_device(pool, ring, fd, at, out, self._pread)
+        at = saved.pos + first * row
+        with self._open(saved.file) as fd:
+            if self.device is not None and self.device.type == "cuda":
+                out = torch.empty(shape, dtype=saved.dtype, device=self.device)
+                pool, ring = self._executor()
+                read_to_device(pool, ring, fd, at, out, self._pread)
+                return out
+            out = torch.empty(shape, dtype=saved.dtype)
+            if out.numel():
+                self._pread(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), at)
             return out
-        out = torch.empty(shape, dtype=saved.dtype)
-        if out.numel():
-            self._pread(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), at)
-        return out
 
     def _pread(self, fd: int, view: memoryview, at: int) -> None:
         while len(view):
@@ -191,9 +210,6 @@ class DirectReads:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = self._ring = None
@@ -208,8 +224,9 @@ def read_items(direct: DirectReads, storage_data: dict, items: list, resolve) ->
         if getattr(info, "transform_descriptors", None):
             return False
         saved = direct.chunk(info.relative_path, info.offset, info.length)
-        if saved is None or len(saved.shape) != len(item.lengths):
-            return False
+        if saved is None or len(saved.shape) != len(item.lengths) or any(
+                o + n > s for o, n, s in zip(item.storage_offsets, item.lengths, saved.shape)):
+            return False    # torch's reader reads it, or names the mismatch of .metadata and the data
         plans.append((item, saved))
     for item, saved in plans:
         first, rows = (int(item.storage_offsets[0]), int(item.lengths[0])) if saved.shape else (0, 1)

@@ -35,6 +35,8 @@ def import_without_compiling() -> None:
     import sys
     if "megatron.core" in sys.modules:
         return
+    from .log import quiet_known_warnings
+    quiet_known_warnings()      # before megatron.core is imported
     real = torch.compile
 
     def plain(model=None, **kwargs):

@@ -43,7 +43,6 @@ class Readahead:
         self._next = self._consumed = 0
         self._stop = False
         self._cv = threading.Condition()
-        self._fds: dict[Path, int] = {}
         self._threads = [threading.Thread(target=self._run, name="fp8pb-readahead", daemon=True)
                          for _ in range(min(threads, len(self._chunks)))]
         for t in self._threads:
@@ -67,18 +66,16 @@ class Readahead:
             self._next += 1
             return self._chunks[self._next - 1]
 
-    def _fd(self, f: Path) -> int:
-        with self._cv:
-            if f not in self._fds:
-                self._fds[f] = os.open(f, os.O_RDONLY)
-            return self._fds[f]
-
     def _run(self) -> None:
         view = memoryview(bytearray(self.chunk))
         while (c := self._take()) is not None:
             f, at, n, _ = c
             try:
-                got = os.preadv(self._fd(f), [view[:n]], at)
+                fd = os.open(f, os.O_RDONLY)    # per read: a checkpoint may have thousands of files, none kept open
+                try:
+                    got = os.preadv(fd, [view[:n]], at)
+                finally:
+                    os.close(fd)
             except OSError:     # a hint only: the reader meets and names any real read error itself
                 continue
             with self._cv:
@@ -90,9 +87,6 @@ class Readahead:
             self._cv.notify_all()
         for t in self._threads:
             t.join()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: int = 1, ep_rank: int = 0) -> list[str]:

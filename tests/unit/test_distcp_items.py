@@ -113,3 +113,37 @@ def test_dtypes_are_located(tmp_path, dtype):
         assert torch.equal(direct.read_rows(saved, 0, 33).view(torch.uint8), t.view(torch.uint8))
     finally:
         direct.close()
+
+
+def test_views_torch_load_would_change_are_not_located(tmp_path):
+    f = tmp_path / "x.distcp"
+    for t in (torch._neg_view(torch.arange(1.0, 5.0)), torch.randn(3, dtype=torch.complex64).conj()):
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        f.write_bytes(buf.getvalue())
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert locate(fd, "x.distcp", 0, len(buf.getvalue())) is None
+        finally:
+            os.close(fd)
+
+
+def test_a_read_beyond_its_saved_chunk_is_left_to_torch(tmp_path):
+    """.metadata and the data disagreeing (a read item past the saved chunk's end) is not read from whatever bytes
+    follow: read_items declines, and torch's reader names the mismatch."""
+    from dataclasses import replace
+    dcp.save({"a": torch.ones(10, 4)}, checkpoint_id=str(tmp_path), no_dist=True)
+    md = FileSystemReader(str(tmp_path)).read_metadata()
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    want = ChunkStorageMetadata(offsets=torch.Size([6, 0]), sizes=torch.Size([4, 4]))
+    item = create_read_items_for_chunk_list("a", md.state_dict_metadata["a"], [want])[0]
+    past = replace(item, storage_offsets=torch.Size([8, 0]))       # rows 8..11 of a 10-row chunk
+    direct = DirectReads(str(tmp_path))
+    try:
+        dst = torch.zeros(4, 4)
+        assert not read_items(direct, md.storage_data, [past], lambda _: dst)
+        assert torch.equal(dst, torch.zeros(4, 4))
+        assert read_items(direct, md.storage_data, [item], lambda _: dst) and torch.equal(dst, torch.ones(4, 4))
+    finally:
+        direct.close()
