@@ -50,7 +50,8 @@ class HFReader:
         return tuple(e["shape"]), e["dtype"]
 
     def read(self, name: str, dim: int = 0, offset: int = 0, length: int | None = None) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of ``name`` as a new host tensor."""
+        """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of ``name`` as a new tensor on this reader's
+        device (the host where none)."""
         f, e, base = self._entry(name)
         if self.readahead is not None:
             self.readahead.consumed(name)
