@@ -89,8 +89,8 @@ def row_bytes_of(out: torch.Tensor, row_shape: tuple[int, ...]) -> int:
 
 def _copy_in(ring: PinnedRing, fd: int, at: int, n: int, pread, ready: torch.cuda.Event, device: torch.device,
              place) -> None:
-    buf = ring.take()
     s = _stream(device)
+    buf = ring.take()
     try:
         pread(fd, memoryview(buf[:n].numpy()), at)
         s.wait_event(ready)
