@@ -84,6 +84,29 @@ def test_device_reads_wait_for_work_queued_on_the_destination():
             gpu.close()
 
 
+def test_a_failed_read_names_the_tensor_and_gives_every_buffer_back():
+    with tempfile.TemporaryDirectory() as d:
+        tensors = _source(Path(d))
+        f = Path(d) / "model.safetensors"
+        gpu = HFReader(d, device=torch.device("cuda", torch.cuda.current_device()))
+        gpu._ring = device_reads.PinnedRing(3, 1 << 20)
+        try:
+            gpu.meta("big")                     # the header is read while the file is whole
+            with open(f, "r+b") as fh:
+                fh.truncate(f.stat().st_size - (1 << 20))
+            failed = []
+            for name in tensors:
+                try:
+                    gpu.read(name)
+                except ValueError as e:
+                    assert name in str(e) and "truncated" in str(e)
+                    failed.append(name)
+            assert failed                       # the tensors in the lost last MiB
+            assert gpu._ring._free.qsize() == 3
+        finally:
+            gpu.close()
+
+
 def test_torch_path_on_the_gpu_equals_the_kernel():
     """While ``warm_up`` compiles, ``quantize_checked`` takes the plain torch path on the GPU: same bytes."""
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -122,6 +145,7 @@ def test_warm_up_compiles_in_the_background():
 if __name__ == "__main__":
     test_device_reads_equal_host_reads()
     test_device_reads_wait_for_work_queued_on_the_destination()
+    test_a_failed_read_names_the_tensor_and_gives_every_buffer_back()
     test_torch_path_on_the_gpu_equals_the_kernel()
     test_warm_up_compiles_in_the_background()
     print("ok")
