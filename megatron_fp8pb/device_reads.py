@@ -7,6 +7,7 @@ speed while other threads read the next chunks. Reads and copies run on the call
 on a stream of its own that first waits for the work already queued where the destination was allocated."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import wait
@@ -31,6 +32,16 @@ class PinnedRing:
 
     def give_back(self, buf: torch.Tensor) -> None:
         self._free.put(buf)
+
+
+def read_fully(fd: int, view: memoryview, pos: int, truncated) -> None:
+    """Fill ``view`` from byte ``pos`` of ``fd`` with positioned reads; ``truncated(pos)``: the message of the
+    ValueError raised where the file ends first."""
+    while len(view):
+        n = os.preadv(fd, [view], pos)
+        if n <= 0:
+            raise ValueError(truncated(pos))
+        view, pos = view[n:], pos + n
 
 
 def _stream(device: torch.device) -> torch.cuda.Stream:
@@ -101,4 +112,4 @@ def _copy_in(ring: PinnedRing, fd: int, at: int, n: int, pread, ready: torch.cud
         ring.give_back(buf)
 
 
-__all__ = ["PinnedRing", "read_to_device", "row_bytes_of", "CHUNK"]
+__all__ = ["PinnedRing", "read_to_device", "read_fully", "row_bytes_of", "CHUNK"]

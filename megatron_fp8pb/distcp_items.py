@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device_reads import PinnedRing, read_to_device
+from .device_reads import PinnedRing, read_fully, read_to_device
 
 
 @dataclass(frozen=True)
@@ -193,12 +193,8 @@ class DirectReads:
             return out
 
     def _pread(self, fd: int, view: memoryview, at: int) -> None:
-        while len(view):
-            n = os.preadv(fd, [view], at)
-            if n <= 0:
-                raise ValueError(f"Megatron checkpoint {self.path}: a data file ends at byte {at} inside a saved "
-                                 f"tensor; the checkpoint is truncated")
-            view, at = view[n:], at + n
+        read_fully(fd, view, at, lambda end: f"Megatron checkpoint {self.path}: a data file ends at byte {end} "
+                                             f"inside a saved tensor; the checkpoint is truncated")
 
     def _executor(self):
         with self._lock:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .device_reads import PinnedRing, read_to_device
+from .device_reads import PinnedRing, read_fully, read_to_device
 from .plan import Piece
 from .safetensors_layout import header, tensor_files
 
@@ -151,12 +151,8 @@ READ_THREADS = 4           # concurrent reads of one large tensor
 
 
 def _pread_all(fd: int, view: memoryview, pos: int, name: str, f: Path) -> None:
-    while len(view):
-        n = os.preadv(fd, [view], pos)
-        if n <= 0:
-            raise ValueError(f"source tensor {name!r} in {f} cannot be read (file ends at byte {pos}); the file is "
-                             f"truncated or corrupt")
-        view, pos = view[n:], pos + n
+    read_fully(fd, view, pos, lambda at: f"source tensor {name!r} in {f} cannot be read (file ends at byte {at}); "
+                                         f"the file is truncated or corrupt")
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
