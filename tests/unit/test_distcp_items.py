@@ -77,27 +77,29 @@ def test_read_items_fills_the_regions_torch_would(tmp_path):
     assert torch.equal(regions[(10, 3)], w[10:210, 3:129]) and torch.equal(regions[(296, 0)], w[296:])
 
 
+def _saved_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _locate_in(f, data: bytes, offset: int, length: int):
+    """``locate`` of bytes ``[offset, offset + length)`` of a file holding ``data``."""
+    f.write_bytes(data)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        return locate(fd, f.name, offset, length)
+    finally:
+        os.close(fd)
+
+
 def test_what_is_not_a_plain_saved_tensor_is_not_located(tmp_path):
     f = tmp_path / "x.distcp"
-    buf = io.BytesIO()
-    torch.save({"not": "a tensor"}, buf)
-    junk = os.urandom(1000)
-    f.write_bytes(junk + buf.getvalue() + junk)
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        assert locate(fd, "x.distcp", 1000, len(buf.getvalue())) is None       # a dict, not a tensor
-        assert locate(fd, "x.distcp", 0, 1000) is None                         # not an archive at all
-    finally:
-        os.close(fd)
-    base = torch.arange(100, dtype=torch.float32)
-    buf = io.BytesIO()
-    torch.save(base[10:30], buf)                    # a view into a larger storage, from offset 10
-    f.write_bytes(buf.getvalue())
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        assert locate(fd, "x.distcp", 0, len(buf.getvalue())) is None
-    finally:
-        os.close(fd)
+    saved, junk = _saved_bytes({"not": "a tensor"}), os.urandom(1000)
+    assert _locate_in(f, junk + saved + junk, 1000, len(saved)) is None        # a dict, not a tensor
+    assert _locate_in(f, junk + saved + junk, 0, 1000) is None                 # not an archive at all
+    view = _saved_bytes(torch.arange(100, dtype=torch.float32)[10:30])   # a view into a larger storage, from 10
+    assert _locate_in(f, view, 0, len(view)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
@@ -116,16 +118,9 @@ def test_dtypes_are_located(tmp_path, dtype):
 
 
 def test_views_torch_load_would_change_are_not_located(tmp_path):
-    f = tmp_path / "x.distcp"
     for t in (torch._neg_view(torch.arange(1.0, 5.0)), torch.randn(3, dtype=torch.complex64).conj()):
-        buf = io.BytesIO()
-        torch.save(t, buf)
-        f.write_bytes(buf.getvalue())
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            assert locate(fd, "x.distcp", 0, len(buf.getvalue())) is None
-        finally:
-            os.close(fd)
+        saved = _saved_bytes(t)
+        assert _locate_in(tmp_path / "x.distcp", saved, 0, len(saved)) is None
 
 
 def test_a_read_beyond_its_saved_chunk_is_left_to_torch(tmp_path):
