@@ -124,6 +124,26 @@ def test_torch_path_on_the_gpu_equals_the_kernel():
         assert torch.equal(q_torch.view(torch.uint8), q_kernel.view(torch.uint8)), shape
 
 
+def test_torch_path_of_sharded_pieces_on_the_gpu_equals_the_reference():
+    """The pieces of a sharded tensor (any offset, not a multiple of 128) take ``blockmath`` on the GPU while the
+    kernel compiles: block amax and quantized bytes equal the CPU reference's."""
+    from megatron_fp8pb import blockmath
+    g = torch.Generator().manual_seed(11)
+    full = (torch.randn(1200, 333, generator=g) * 0.02).to(torch.bfloat16)
+    scale_inv = blockmath.scale_inv_from_amax(blockmath.partial_block_amax(full, 0, 0))
+    for dim in (0, 1):
+        for offset, n in [(0, 1), (5, 123), (128, 128), (261, 300), (700, 333 if dim else 500)]:
+            if offset + n > full.shape[dim]:
+                continue
+            piece = full.narrow(dim, offset, n)
+            want_amax = blockmath.partial_block_amax(piece, dim, offset)
+            got_amax = blockmath.partial_block_amax(piece.cuda(), dim, offset)
+            assert torch.equal(got_amax.cpu(), want_amax), (dim, offset, n)
+            want = blockmath.quantize_piece(piece, scale_inv, dim, offset)
+            got = blockmath.quantize_piece(piece.cuda(), scale_inv.cuda(), dim, offset)
+            assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), (dim, offset, n)
+
+
 class _Alive:
     def is_alive(self) -> bool:
         return True
@@ -147,5 +167,6 @@ if __name__ == "__main__":
     test_device_reads_wait_for_work_queued_on_the_destination()
     test_a_failed_read_names_the_tensor_and_gives_every_buffer_back()
     test_torch_path_on_the_gpu_equals_the_kernel()
+    test_torch_path_of_sharded_pieces_on_the_gpu_equals_the_reference()
     test_warm_up_compiles_in_the_background()
     print("ok")
