@@ -153,6 +153,15 @@ def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, sour
                 out_bytes=out_bytes(out))
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The median of repeated runs of ours (the slower of two)."""
+    return sorted(runs, key=lambda t: t["seconds"])[len(runs) // 2]
+
+
+def _runs_label(seconds: list[float]) -> str:
+    return "" if len(seconds) == 1 else f" (median of {', '.join(f'{x:.2f}' for x in seconds)})"
+
+
 def _peer_path(work: Path) -> str:
     """PYTHONPATH for the peer: where ``datasets`` (imported by llm-compressor, unused by a data-free recipe) is not
     installed, a stand-in package with the names it imports."""
@@ -259,7 +268,7 @@ def main() -> None:
             print(f"{n} layers: ours {ours['seconds']:.1f} s, peak RSS per rank "
                   f"{[round(r / 1e9, 2) for r in ours['rss']]} GB; {ours['phases']}; rank 0 {ours['marks']}", flush=True)
             tries.append(ours)
-        ours = sorted(tries, key=lambda t: t["seconds"])[len(tries) // 2]     # the median run
+        ours = _median_run(tries)
         runs[n] = dict(src_bytes=src_bytes, ours=ours, seconds_each=[t["seconds"] for t in tries])
         if n != layers[-1]:
             shutil.rmtree(out)
@@ -288,7 +297,7 @@ def main() -> None:
         same = all((work / "ours-megatron" / f.name).read_bytes() == f.read_bytes() for f in out.glob("*.safetensors"))
         drop_caches()
         mg = dict(saved_s=saved_s, read_floor=read_floor(ck, "*.distcp"), same=same,
-                  ours=sorted(runs_m, key=lambda t: t["seconds"])[len(runs_m) // 2],
+                  ours=_median_run(runs_m),
                   seconds_each=[t["seconds"] for t in runs_m])
     peer = None
     if not args.no_peer:
@@ -304,7 +313,7 @@ def main() -> None:
     print(f"| write floor (fsync) | {wf:.2f} | | | | |")
     print(f"| read + write floor | {floor:.2f} | 1.00 | | | |")
     print(f"| start-up floor: cold `import torch`{' + CUDA context' if args.gpu else ''} | {sf:.2f} | | | | |")
-    each = "" if len(r["seconds_each"]) == 1 else f" (median of {', '.join(f'{x:.2f}' for x in r['seconds_each'])})"
+    each = _runs_label(r["seconds_each"])
     print(f"| ours{each} | {r['ours']['seconds']:.2f} | {r['ours']['seconds'] / floor:.2f} | {max(r['ours']['rss']) / 1e9:.2f}"
           f" | {max(r['ours']['added']) / 1e9:.2f} | {r['ours']['out_bytes'] / 1e9:.2f} |")
     if peer:
@@ -317,7 +326,7 @@ def main() -> None:
         print("agreement: " + agreement(out, work / "peer", names))
     if mg:
         mfloor = mg["read_floor"] + wf
-        each = "" if len(mg["seconds_each"]) == 1 else f" (median of {', '.join(f'{x:.2f}' for x in mg['seconds_each'])})"
+        each = _runs_label(mg["seconds_each"])
         print(f"\nFrom the same weights saved as a Megatron dist checkpoint (torch_dist, tp=1; saved in "
               f"{mg['saved_s']:.0f} s):\n")
         print("| variant | seconds | x floor | peak RSS GB (max rank) | export added GB (max rank) | output GB |")
