@@ -14,6 +14,7 @@ import re
 import threading
 from pathlib import Path
 
+from . import import_prefetch
 from .ranks import ep_rank_of, pp_rank_of, stage_layer_range
 from .safetensors_layout import byte_ranges
 
@@ -181,13 +182,15 @@ def mem_available(cgroup: str = "/sys/fs/cgroup") -> int:
 
 
 def start_for_command_line(config_path: str | None, overrides: list[str]) -> Readahead | None:
-    """Start reading an HF source before the heavy imports, when the command line names one. Any problem with the
-    config or the source is left to the export itself, which names it properly: here it only means no readahead."""
+    """Start reading a source checkpoint before the heavy imports, when the command line names one, and with it the
+    Python modules the export imports (``import_prefetch``). Any problem with the config or the source is left to the
+    export itself, which names it properly: here it only means no readahead."""
     try:
         from .config import load_config
         cfg = load_config(config_path, overrides)
         if cfg.source.kind not in ("hf", "megatron") or not cfg.source.path or not cfg.source.readahead:
             return None
+        import_prefetch.start(cfg.source.kind)
         if cfg.source.kind == "megatron":
             return start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
         hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())

@@ -122,7 +122,8 @@ def test_window_respects_a_cgroup_memory_limit(tmp_path):
     (tmp_path / "memory.current").write_text("1000000000\n")
     assert readahead.mem_available(str(tmp_path)) <= 2_000_000_000
     (tmp_path / "memory.max").write_text("max\n")
-    assert readahead.mem_available(str(tmp_path)) == readahead.mem_available(str(tmp_path / "none"))
+    unlimited, no_cgroup = readahead.mem_available(str(tmp_path)), readahead.mem_available(str(tmp_path / "none"))
+    assert abs(unlimited - no_cgroup) < 256 << 20      # both /proc/meminfo, read at two moments
 
 
 def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path):

@@ -1,0 +1,40 @@
+"""The import prefetch reads a package's module files (compiled where compiled, else the source) without importing
+it."""
+from __future__ import annotations
+
+import sys
+
+from megatron_fp8pb import import_prefetch
+
+
+def _package(root, tag):
+    pkg = root / "fp8pb_fake_pkg"
+    (pkg / "sub" / "__pycache__").mkdir(parents=True)
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (pkg / "__pycache__" / f"__init__.{tag}.pyc").write_bytes(b"c" * 100)
+    (pkg / "plain.py").write_text("x = 1\n")                       # no compiled file: the source is read
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "__pycache__" / f"__init__.{tag}.pyc").write_bytes(b"c" * 30)
+    (pkg / "sub" / "__pycache__" / "__init__.other-99.pyc").write_bytes(b"o" * 1000)    # another interpreter's
+    (pkg / "sub" / "data.bin").write_bytes(b"d" * 5000)            # not a module
+    return pkg
+
+
+def test_reads_each_modules_compiled_file_or_source_without_importing(tmp_path, monkeypatch):
+    tag = sys.implementation.cache_tag
+    pkg = _package(tmp_path, tag)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_prefetch.package_dirs("fp8pb_fake_pkg") == [pkg]
+    got = import_prefetch.prefetch(("fp8pb_fake_pkg",), threads=3)
+    assert got == 100 + len("x = 1\n") + 30
+    assert "fp8pb_fake_pkg" not in sys.modules
+
+
+def test_unknown_packages_and_unreadable_files_are_skipped(tmp_path, monkeypatch):
+    pkg = _package(tmp_path, sys.implementation.cache_tag)
+    (pkg / "gone.py").symlink_to(tmp_path / "missing.py")          # listed, but cannot be opened
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_prefetch.prefetch(("fp8pb_no_such_package",)) == 0
+    got = import_prefetch.prefetch(("fp8pb_no_such_package", "fp8pb_fake_pkg"), threads=2)
+    assert got == 136
