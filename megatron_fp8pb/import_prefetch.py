@@ -3,9 +3,9 @@
 From a cold disk an import reads its modules one small file at a time, each read waiting behind the readahead's
 large reads of the source: megatron-core with what it imports (sympy and mpmath through torch's DTensor) is
 thousands of such files, seconds spent in the queue. Read on many threads at once from process start, their waits
-overlap, and the files are in memory by the time the import reaches them. Only
-Python files are read (``__pycache__`` files of this interpreter, ``.py`` sources without one): a package's shared
-libraries are large and a cold import touches a fraction of them. A hint only: anything unreadable is skipped, and
+overlap, and the files are in memory by the time the import reaches them. Only Python files are read (the
+compiled files of this interpreter, ``.py`` sources without one): a package's shared libraries are large and a cold
+import touches a fraction of them. A hint only: anything unreadable is skipped, and
 nothing here imports a package (``find_spec`` of a top-level name only locates it). Torch-free, like the readahead.
 """
 from __future__ import annotations
@@ -35,18 +35,27 @@ def package_dirs(name: str) -> list[Path]:
     return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
 
 
+def _cache_dir(d: str) -> str:
+    """Where the interpreter keeps the compiled modules of directory ``d``: its ``__pycache__``, or the mirror of
+    ``d`` under ``sys.pycache_prefix`` (PYTHONPYCACHEPREFIX) where one is set."""
+    if sys.pycache_prefix:
+        return os.path.join(sys.pycache_prefix, os.path.abspath(d).lstrip(os.sep))
+    return os.path.join(d, "__pycache__")
+
+
 def _module_files(d: str, names: list[str], tag: str) -> tuple[list[str], list[str]]:
     """Directory ``d`` (its entries ``names``) -> (the files an import of its modules reads: each module's compiled
     file for this interpreter (cache ``tag``), or its ``.py`` source where it has none; its subdirectories)."""
+    cache = _cache_dir(d)
     try:
-        compiled = {f for f in os.listdir(os.path.join(d, "__pycache__")) if f".{tag}." in f}
+        compiled = {f for f in os.listdir(cache) if f".{tag}." in f}
     except OSError:
         compiled = set()
     files, subdirs = [], []
     for f in names:
         if f.endswith(".py"):
             pyc = next((c for c in (f"{f[:-3]}.{tag}.pyc", f"{f[:-3]}.{tag}.opt-1.pyc") if c in compiled), None)
-            files.append(os.path.join(d, "__pycache__", pyc) if pyc else os.path.join(d, f))
+            files.append(os.path.join(cache, pyc) if pyc else os.path.join(d, f))
         elif "." not in f and f != "__pycache__":
             subdirs.append(os.path.join(d, f))
     return files, subdirs

@@ -38,3 +38,18 @@ def test_unknown_packages_and_unreadable_files_are_skipped(tmp_path, monkeypatch
     assert import_prefetch.prefetch(("fp8pb_no_such_package",)) == 0
     got = import_prefetch.prefetch(("fp8pb_no_such_package", "fp8pb_fake_pkg"), threads=2)
     assert got == 136
+
+
+def test_compiled_files_under_a_pycache_prefix_are_read(tmp_path, monkeypatch):
+    tag = sys.implementation.cache_tag
+    pkg = tmp_path / "src" / "fp8pb_fake_prefixed"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / f"__init__.{tag}.pyc").write_bytes(b"x" * 7)      # not where the interpreter looks
+    mirror = tmp_path / "prefix" / str(pkg).lstrip("/")
+    mirror.mkdir(parents=True)
+    (mirror / f"__init__.{tag}.pyc").write_bytes(b"c" * 50)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "prefix"))
+    assert import_prefetch.prefetch(("fp8pb_fake_prefixed",)) == 50
