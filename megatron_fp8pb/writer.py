@@ -88,6 +88,20 @@ def shard_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
     return head, {name: len(head) + off for name, off in rel.items()}
 
 
+def _check_room(tmp: Path, out: Path, need: int) -> None:
+    """Refuse, before anything is written, an output larger than its filesystem's free space (the shard files are
+    made sparse, so a full disk would otherwise show only part way through)."""
+    free = shutil.disk_usage(tmp).free
+    if need > free:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"output.dir {out}: the export writes {_mb(need)} but its filesystem has {_mb(free)} free; "
+                         f"free {_mb(need - free)} there or choose an output.dir on another disk")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
 def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
@@ -153,6 +167,8 @@ class CheckpointWriter:
         if self.mine - set(self.specs):
             raise KeyError(f"tensor(s) {sorted(self.mine - set(self.specs))[:3]} are not in the write plan")
         shards = plan_shards(specs, parse_size(max_shard_size))
+        if create:
+            _check_room(self.tmp, self.out, sum(s.nbytes for s in specs))
         self.files: list[Path] = []
         self.where: dict[str, tuple[int, int]] = {}     # name -> (file index, byte offset)
         self.remaining: list[int] = []                  # per file: tensors of ``mine`` not yet written

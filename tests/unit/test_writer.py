@@ -98,6 +98,22 @@ def test_failure_mid_write_leaves_nothing_that_looks_complete(tmp_path):
     assert (out / "model.safetensors.index.json").exists()
 
 
+def test_refuses_an_output_larger_than_the_free_space_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 10 ** 12 - 1000, 1000))
+    out = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match=r"output.dir .*ckpt: the export writes 0.615 MB but its filesystem has "
+                                         r"0.001 MB free; free 0.614 MB there or choose an output.dir on another "
+                                         r"disk"):
+        _write(out)
+    assert not out.exists() and not partial_dir(out).exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, 10 ** 12))
+    _write(out)
+    assert (out / "model.safetensors.index.json").exists()
+
+
 def test_round_trip_through_dcp_quantized_reader(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
