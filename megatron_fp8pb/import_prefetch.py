@@ -43,21 +43,23 @@ def _cache_dir(d: str) -> str:
     return os.path.join(d, "__pycache__")
 
 
-def _module_files(d: str, names: list[str], tag: str) -> tuple[list[str], list[str]]:
-    """Directory ``d`` (its entries ``names``) -> (the files an import of its modules reads: each module's compiled
-    file for this interpreter (cache ``tag``), or its ``.py`` source where it has none; its subdirectories)."""
+def _module_files(d: str, tag: str) -> tuple[list[str], list[str]]:
+    """Directory ``d`` -> (the files an import of its modules reads: each module's compiled file for this interpreter
+    (cache ``tag``), or its ``.py`` source where it has none; its subdirectories, symbolic links not followed)."""
     cache = _cache_dir(d)
     try:
         compiled = {f for f in os.listdir(cache) if f".{tag}." in f}
     except OSError:
         compiled = set()
     files, subdirs = [], []
-    for f in names:
-        if f.endswith(".py"):
-            pyc = next((c for c in (f"{f[:-3]}.{tag}.pyc", f"{f[:-3]}.{tag}.opt-1.pyc") if c in compiled), None)
-            files.append(os.path.join(cache, pyc) if pyc else os.path.join(d, f))
-        elif "." not in f and f != "__pycache__":
-            subdirs.append(os.path.join(d, f))
+    with os.scandir(d) as entries:
+        for e in entries:
+            if e.name.endswith(".py"):
+                stem = e.name[:-3]
+                pyc = next((c for c in (f"{stem}.{tag}.pyc", f"{stem}.{tag}.opt-1.pyc") if c in compiled), None)
+                files.append(os.path.join(cache, pyc) if pyc else e.path)
+            elif e.name != "__pycache__" and e.is_dir(follow_symlinks=False):
+                subdirs.append(e.path)
     return files, subdirs
 
 
@@ -94,7 +96,7 @@ def prefetch(packages: tuple[str, ...], threads: int = THREADS) -> int:
                 got = _read(path)
             else:
                 try:
-                    files, subdirs = _module_files(path, os.listdir(path), tag)
+                    files, subdirs = _module_files(path, tag)
                     more = [("file", f) for f in files] + [("dir", d) for d in subdirs]
                 except OSError:
                     pass

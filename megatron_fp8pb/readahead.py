@@ -190,7 +190,8 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
         cfg = load_config(config_path, overrides)
         if cfg.source.kind not in ("hf", "megatron") or not cfg.source.path or not cfg.source.readahead:
             return None
-        import_prefetch.start(cfg.source.kind)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:     # one per node: the page cache is shared
+            import_prefetch.start(cfg.source.kind)
         if cfg.source.kind == "megatron":
             return start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
         hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())

@@ -53,3 +53,10 @@ def test_compiled_files_under_a_pycache_prefix_are_read(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "prefix"))
     assert import_prefetch.prefetch(("fp8pb_fake_prefixed",)) == 50
+
+
+def test_a_directory_link_back_up_the_tree_is_not_followed(tmp_path, monkeypatch):
+    pkg = _package(tmp_path, sys.implementation.cache_tag)
+    (pkg / "sub" / "loop").symlink_to(pkg, target_is_directory=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_prefetch.prefetch(("fp8pb_fake_pkg",), threads=2) == 136
