@@ -126,7 +126,11 @@ def test_window_respects_a_cgroup_memory_limit(tmp_path):
     assert abs(unlimited - no_cgroup) < 256 << 20      # both /proc/meminfo, read at two moments
 
 
-def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path):
+def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path, monkeypatch):
+    from megatron_fp8pb import import_prefetch
+    prefetched = []
+    monkeypatch.setattr(import_prefetch, "start", prefetched.append)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     (tmp_path / "ck").mkdir()
     sizes = {"__1_0.distcp": 5 << 20, "__0_0.distcp": 3 << 20 | 7, ".metadata": 100}
     for name, n in sizes.items():
@@ -141,8 +145,14 @@ def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path):
         while ra.bytes_read < ra.total and time.time() < deadline:
             time.sleep(0.01)
         assert ra.bytes_read == ra.total
+        assert prefetched == ["megatron"]       # the modules a Megatron source's export imports, read alongside
     finally:
         readahead.stop(tmp_path / "ck")
+    monkeypatch.setenv("LOCAL_RANK", "1")       # another rank of the node: its modules are already being read
+    readahead.start_for_command_line(None, ["source.kind=megatron", f"source.path={tmp_path}/ck",
+                                            f"source.hf_config={tmp_path}/config.json"])
+    readahead.stop(tmp_path / "ck")
+    assert prefetched == ["megatron"]
     assert readahead.start_for_command_line(None, ["source.kind=megatron", f"source.path={tmp_path}/ck",
                                                    f"source.hf_config={tmp_path}/config.json",
                                                    "source.readahead=false"]) is None
