@@ -80,6 +80,20 @@ def fill_random(model, seed: int) -> None:
                 p.add_(1.0)
 
 
+def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
+    """``d`` without multi-token-prediction layers where the config names some but the source holds no tensor of
+    the first (``held``: the source's names under it). transformers' configs of the DeepSeek-V3 and GLM-4.5 families
+    default to one MTP layer, which transformers' own models do not build or save; config.json then says 0."""
+    if not d.mtp_layers or held:
+        return d
+    from dataclasses import replace
+
+    from .log import warn0
+    warn0(f"the config names {d.mtp_layers} multi-token-prediction layer(s) (num_nextn_predict_layers) but {where} "
+          f"holds none: exported without them, and the written config.json says num_nextn_predict_layers=0")
+    return replace(d, mtp_layers=0)
+
+
 STREAMED_KINDS = ("tiny", "hf", "megatron")   # sources read unit by unit: no Megatron model is loaded
 MCORE_FREE_KINDS = ("tiny", "hf")    # streamed without megatron-core (a megatron source asks it for its layout)
 
@@ -102,6 +116,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
                                 layout.ep_rank) if s.readahead else None
         device = torch.device("cuda", torch.cuda.current_device()) if stream and on_gpu else None
         reader, extra = HFReader(s.path, ahead, device), source_side_files(s.path)
+        d = without_absent_mtp(d, [n for n in reader.names() if n.startswith(f"model.layers.{d.num_layers}.")],
+                               f"source {s.path}")
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)
     else:
@@ -111,6 +127,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     if s.kind == "megatron":
         from . import dist_ckpt_source as dcs
         metadata = dcs.read_checkpoint_metadata(s.path)
+        d = without_absent_mtp(d, [k for k in metadata.state_dict_metadata if k.startswith("mtp.")],
+                               f"Megatron checkpoint {s.path}")
         rows = dcs.padded_vocab_rows(metadata, s.path, layout.tp_size, d.vocab)
         if stream:
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None

@@ -60,6 +60,14 @@ def ragged_deepseek_v3(q_lora_rank=96, mtp=1):
         num_nextn_predict_layers=mtp)
 
 
+def claim_mtp_layers(src: Path, n: int = 1) -> None:
+    """Edit an HF checkpoint's config.json to name ``n`` multi-token-prediction layers its weights do not hold (as
+    transformers' DeepSeek-V3 and GLM-4.5 configs do by default)."""
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = n
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
 def ragged_glm4_moe():
     """q 320 rows (160 per rank at tp 2), k/v 160 (80), dense ffn 640, experts of 160, q/k/v biases, q/k norms."""
     import transformers as tf

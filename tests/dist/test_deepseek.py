@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
-from helpers import mismatches, ragged_deepseek_v3, ragged_glm4_moe, read_output
+from helpers import claim_mtp_layers, mismatches, ragged_deepseek_v3, ragged_glm4_moe, read_output
 from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.plan import expected_tensors, linear_weights
@@ -67,6 +67,8 @@ JOBS = {
                                                       f"parallel.pp={pp}", "output.max_shard_size=1MB"], make())
        for arch, make in CONFIGS.items() for i, (tp, ep, etp, pp, world) in zip(IDS, LAYOUTS)},
     "test_deepseek_v3_q_proj_without_q_lora": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(q_lora_rank=None)),
+    "test_mtp_layers_the_source_lacks_are_left_out": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(mtp=0),
+                                                        edit=claim_mtp_layers),
     **{f"test_transformers_loads[{arch}]": _load_job(arch, args) for arch, args in LOAD_CASES},
     **{f"test_deepseek_v3_multi_token_prediction[{i}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
                                                                      f"parallel.ep={ep}", "parallel.etp=1"],
@@ -90,6 +92,16 @@ def test_deepseek_v3_q_proj_without_q_lora(exported):
     assert mismatches(out, exported.state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.self_attn.q_proj.weight_scale_inv" in index and not any("q_a_proj" in n for n in index)
+
+
+def test_mtp_layers_the_source_lacks_are_left_out(exported):
+    """A config naming an MTP layer (transformers' default) over weights without one (what transformers saves): the
+    export warns, writes the decoder layers byte for byte, and its config.json says num_nextn_predict_layers 0."""
+    assert exported.returncode == 0, exported.log()
+    assert "holds none: exported without them" in exported.stderr
+    assert mismatches(exported.out, exported.state) == []
+    _check_written_once(exported.out, ragged_deepseek_v3(mtp=0), exported.state)
+    assert json.loads((exported.out / "config.json").read_text())["num_nextn_predict_layers"] == 0
 
 
 @pytest.mark.parametrize("arch,args", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])

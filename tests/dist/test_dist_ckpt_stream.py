@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from helpers import RAGGED, mismatches, ragged_deepseek_v3, ragged_qwen3_moe, read_output, torchrun, write_hf_source
+from helpers import RAGGED, claim_mtp_layers, mismatches, ragged_deepseek_v3, ragged_qwen3_moe, read_output, torchrun, write_hf_source
 
 
 def _save(tmp_path, cfg, world: int, tp: int, pp: int = 1, ep: int = 1, *how: str, name: str = "mcore"):
@@ -69,6 +69,20 @@ def test_moe_resharded_as_the_loaded_model(tmp_path, case):
                  script="tests/dist/dcp_worker.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _different(tmp_path / "out", tmp_path / "built") == []
+
+
+def test_mtp_layers_the_checkpoint_lacks_are_left_out(tmp_path):
+    """source.hf_config names an MTP layer that the Megatron checkpoint was saved without: exported without it, with
+    a warning, byte for byte, and config.json says num_nextn_predict_layers 0."""
+    import json
+    src, ckpt, state = _save(tmp_path, ragged_deepseek_v3(mtp=0), 1, tp=1)
+    claim_mtp_layers(src)
+    r = torchrun(2, ["source.kind=megatron", f"source.path={ckpt}", f"source.hf_config={src}/config.json",
+                     f"output.dir={tmp_path / 'out'}", "output.verify=false", "parallel.tp=2"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "holds none: exported without them" in r.stderr
+    assert mismatches(tmp_path / "out", state) == []
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
 
 
 WIDE = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
