@@ -14,19 +14,20 @@ if ls .whl/megatron_core*.whl >/dev/null 2>&1 && ! $PY -c "import megatron.core"
 fi
 T=${WORKDIR:-/tmp/fp8pb-layouts}; rm -rf "$T"; mkdir -p "$T"
 S0=$(date +%s)
+fail=0
 if [ -z "${SKIP_GPU_TESTS:-}" ]; then
-  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | grep -E "passed|failed|^FAILED|Error" | head
+  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/gpu > "$T/gpu_tests.log" 2>&1 || fail=1
+  grep -E "passed|failed|^FAILED|Error" "$T/gpu_tests.log" | head
 fi
 $PY -c "import sys; sys.path[:0] = ['.', 'bench']; from pathlib import Path; from e2e import write_random_source
-print('MoE source:', write_random_source(Path('$T/moe'), 'qwen3-moe-300m', 4, shard='200MB') / 1e6, 'MB')"
-fail=0
+print('MoE source:', write_random_source(Path('$T/moe'), 'qwen3-moe-300m', 4, shard='200MB') / 1e6, 'MB')" || fail=1
 export_() {
   local name=$1; shift; local s; s=$(date +%s)
   $PY -m torch.distributed.run --nproc_per_node=2 --master_port=$((29500 + RANDOM % 500)) launch/export.py "$@" \
     output.dir="$T/$name" output.overwrite=true > "$T/$name.log" 2>&1 || { fail=1; tail -5 "$T/$name.log"; }
   echo "$name: $(grep -E '^verify ' "$T/$name.log" | tail -1) ($(( $(date +%s) - s )) s)"
   [ "$name" = hf-tp1ep2 ] && return
-  for f in "$T"/hf-tp1ep2/*.safetensors; do
+  for f in "$T"/hf-tp1ep2/*.safetensors "$T"/hf-tp1ep2/*.json; do
     cmp -s "$f" "$T/$name/$(basename "$f")" || { fail=1; echo "  DIFFERS from hf-tp1ep2: $(basename "$f")"; return; }
   done
   echo "  byte-identical to hf-tp1ep2"

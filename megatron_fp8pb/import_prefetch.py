@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import threading
 from collections import deque
 from pathlib import Path
@@ -35,31 +34,30 @@ def package_dirs(name: str) -> list[Path]:
     return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
 
 
-def _cache_dir(d: str) -> str:
-    """Where the interpreter keeps the compiled modules of directory ``d``: its ``__pycache__``, or the mirror of
-    ``d`` under ``sys.pycache_prefix`` (PYTHONPYCACHEPREFIX) where one is set."""
-    if sys.pycache_prefix:
-        return os.path.join(sys.pycache_prefix, os.path.abspath(d).lstrip(os.sep))
-    return os.path.join(d, "__pycache__")
+SKIPPED_DIRS = ("tests", "test", "__pycache__")     # test suites shipped inside packages are never imported
 
 
-def _module_files(d: str, tag: str) -> tuple[list[str], list[str]]:
-    """Directory ``d`` -> (the files an import of its modules reads: each module's compiled file for this interpreter
-    (cache ``tag``), or its ``.py`` source where it has none; its subdirectories, symbolic links not followed)."""
-    cache = _cache_dir(d)
+def _module_files(d: str, root: bool) -> tuple[list[str], list[str]]:
+    """Directory ``d`` -> (the files an import of its modules reads: each module's compiled file as this interpreter
+    names it (``importlib.util.cache_from_source``: its optimization level, PYTHONPYCACHEPREFIX), or its ``.py``
+    source where that is missing; its subdirectories, symbolic links not followed). Below a package's ``root``, a
+    directory without ``__init__.py`` (data, headers) is not a package and is skipped."""
+    with os.scandir(d) as it:
+        entries = list(it)
+    if not root and not any(e.name == "__init__.py" for e in entries):
+        return [], []
+    cache = os.path.dirname(importlib.util.cache_from_source(os.path.join(d, "m.py")))
     try:
-        compiled = {f for f in os.listdir(cache) if f".{tag}." in f}
+        compiled = set(os.listdir(cache))
     except OSError:
         compiled = set()
     files, subdirs = [], []
-    with os.scandir(d) as entries:
-        for e in entries:
-            if e.name.endswith(".py"):
-                stem = e.name[:-3]
-                pyc = next((c for c in (f"{stem}.{tag}.pyc", f"{stem}.{tag}.opt-1.pyc") if c in compiled), None)
-                files.append(os.path.join(cache, pyc) if pyc else e.path)
-            elif e.name != "__pycache__" and e.is_dir(follow_symlinks=False):
-                subdirs.append(e.path)
+    for e in entries:
+        if e.name.endswith(".py"):
+            pyc = importlib.util.cache_from_source(e.path)
+            files.append(pyc if os.path.basename(pyc) in compiled else e.path)
+        elif e.name not in SKIPPED_DIRS and e.is_dir(follow_symlinks=False):
+            subdirs.append(e.path)
     return files, subdirs
 
 
@@ -76,8 +74,7 @@ def _read(path: str) -> int:
 def prefetch(packages: tuple[str, ...], threads: int = THREADS) -> int:
     """Read the module files of ``packages`` (their directories walked and their files read by ``threads`` threads at
     once, ``packages`` in order): the bytes read."""
-    tag = sys.implementation.cache_tag
-    tasks = deque(("dir", str(root)) for name in packages for root in package_dirs(name))
+    tasks = deque(("root", str(root)) for name in packages for root in package_dirs(name))
     cv = threading.Condition()
     state = {"busy": 0, "bytes": 0}
 
@@ -92,19 +89,20 @@ def prefetch(packages: tuple[str, ...], threads: int = THREADS) -> int:
                 what, path = tasks.popleft()
                 state["busy"] += 1
             got, more = 0, []
-            if what == "file":
-                got = _read(path)
-            else:
-                try:
-                    files, subdirs = _module_files(path, tag)
+            try:
+                if what == "file":
+                    got = _read(path)
+                else:
+                    files, subdirs = _module_files(path, what == "root")
                     more = [("file", f) for f in files] + [("dir", d) for d in subdirs]
-                except OSError:
-                    pass
-            with cv:
-                tasks.extend(more)
-                state["busy"] -= 1
-                state["bytes"] += got
-                cv.notify_all()
+            except Exception:       # a hint only: whatever cannot be listed or read is left to the import
+                pass
+            finally:
+                with cv:
+                    tasks.extend(more)
+                    state["busy"] -= 1
+                    state["bytes"] += got
+                    cv.notify_all()
 
     pool = [threading.Thread(target=work, name="fp8pb-prefetch", daemon=True) for _ in range(threads)]
     for t in pool:

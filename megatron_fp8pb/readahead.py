@@ -183,21 +183,24 @@ def mem_available(cgroup: str = "/sys/fs/cgroup") -> int:
 
 def start_for_command_line(config_path: str | None, overrides: list[str]) -> Readahead | None:
     """Start reading a source checkpoint before the heavy imports, when the command line names one, and with it the
-    Python modules the export imports (``import_prefetch``). Any problem with the config or the source is left to the
-    export itself, which names it properly: here it only means no readahead."""
+    Python modules the export imports (``import_prefetch``, once per node: the page cache is shared). Any problem
+    with the config or the source is left to the export itself, which names it properly: here it only means no
+    readahead."""
     try:
         from .config import load_config
         cfg = load_config(config_path, overrides)
         if cfg.source.kind not in ("hf", "megatron") or not cfg.source.path or not cfg.source.readahead:
             return None
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:     # one per node: the page cache is shared
-            import_prefetch.start(cfg.source.kind)
         if cfg.source.kind == "megatron":
-            return start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
-        hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
-        hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
-        p, world, rank = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        return start(cfg.source.path, int(hfc["num_hidden_layers"]), p.pp, pp_rank_of(rank, world, p.pp),
-                     p.ep, ep_rank_of(rank, p.ep, p.etp or p.tp))
+            ra = start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
+        else:
+            hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
+            hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
+            p, world, rank = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+            ra = start(cfg.source.path, int(hfc["num_hidden_layers"]), p.pp, pp_rank_of(rank, world, p.pp),
+                       p.ep, ep_rank_of(rank, p.ep, p.etp or p.tp))
     except Exception:
         return None
+    if ra is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        import_prefetch.start(cfg.source.kind)
+    return ra

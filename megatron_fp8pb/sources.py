@@ -80,10 +80,13 @@ def fill_random(model, seed: int) -> None:
                 p.add_(1.0)
 
 
+MTP_LEAVES = (".eh_proj.weight", ".enorm.weight", ".hnorm.weight")    # what only an MTP layer of an HF checkpoint has
+
+
 def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
-    """``d`` without multi-token-prediction layers where the config names some but the source holds no tensor of
-    the first (``held``: the source's names under it). transformers' configs of the DeepSeek-V3 and GLM-4.5 families
-    default to one MTP layer, which transformers' own models do not build or save; config.json then says 0."""
+    """``d`` without multi-token-prediction layers where the config names some but the source holds none of the
+    first (``held``: the source's MTP tensors of it). transformers' DeepSeek-V3 config defaults to one MTP layer,
+    which transformers' own model does not build or save; config.json then says 0."""
     if not d.mtp_layers or held:
         return d
     from dataclasses import replace
@@ -116,8 +119,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
                                 layout.ep_rank) if s.readahead else None
         device = torch.device("cuda", torch.cuda.current_device()) if stream and on_gpu else None
         reader, extra = HFReader(s.path, ahead, device), source_side_files(s.path)
-        d = without_absent_mtp(d, [n for n in reader.names() if n.startswith(f"model.layers.{d.num_layers}.")],
-                               f"source {s.path}")
+        d = without_absent_mtp(d, [n for n in reader.names() if n.startswith(f"model.layers.{d.num_layers}.") and
+                                   n.endswith(MTP_LEAVES)], f"source {s.path}")
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)
     else:

@@ -90,9 +90,14 @@ def shard_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
 
 def _check_room(tmp: Path, out: Path, need: int) -> None:
     """Refuse, before anything is written, an output larger than its filesystem's free space (the shard files are
-    made sparse, so a full disk would otherwise show only part way through)."""
-    free = shutil.disk_usage(tmp).free
-    if need > free:
+    made sparse, so a full disk would otherwise show only part way through). A filesystem that reports no size
+    (some FUSE mounts) is not checked."""
+    try:
+        usage = shutil.disk_usage(tmp)
+    except OSError:
+        return
+    free = usage.free
+    if usage.total and need > free:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"output.dir {out}: the export writes {_mb(need)} but its filesystem has {_mb(free)} free; "
                          f"free {_mb(need - free)} there or choose an output.dir on another disk")

@@ -18,6 +18,10 @@ def _package(root, tag):
     (pkg / "sub" / "__pycache__" / f"__init__.{tag}.pyc").write_bytes(b"c" * 30)
     (pkg / "sub" / "__pycache__" / "__init__.other-99.pyc").write_bytes(b"o" * 1000)    # another interpreter's
     (pkg / "sub" / "data.bin").write_bytes(b"d" * 5000)            # not a module
+    (pkg / "tests").mkdir()                                         # a test suite shipped inside: never imported
+    (pkg / "tests" / "__init__.py").write_text("t" * 900)
+    (pkg / "include" / "deep").mkdir(parents=True)                  # not a package (no __init__.py)
+    (pkg / "include" / "deep" / "gen.py").write_text("g" * 700)
     return pkg
 
 
@@ -60,3 +64,21 @@ def test_a_directory_link_back_up_the_tree_is_not_followed(tmp_path, monkeypatch
     (pkg / "sub" / "loop").symlink_to(pkg, target_is_directory=True)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_prefetch.prefetch(("fp8pb_fake_pkg",), threads=2) == 136
+
+
+def test_a_failure_inside_a_worker_does_not_leave_the_pool_waiting(tmp_path, monkeypatch):
+    import threading
+    _package(tmp_path, sys.implementation.cache_tag)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real, calls = import_prefetch._read, []
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("unexpected")
+        return real(path)
+    monkeypatch.setattr(import_prefetch, "_read", flaky)
+    t = threading.Thread(target=import_prefetch.prefetch, args=(("fp8pb_fake_pkg",), 3), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(calls) == 3

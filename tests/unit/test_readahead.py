@@ -102,17 +102,23 @@ def test_reader_bytes_identical_with_readahead(tmp_path):
         readahead.stop(tmp_path)
 
 
-def test_command_line_start_ignores_other_sources(tmp_path):
+def test_command_line_start_ignores_other_sources(tmp_path, monkeypatch):
+    from megatron_fp8pb import import_prefetch
+    prefetched = []
+    monkeypatch.setattr(import_prefetch, "start", prefetched.append)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     assert readahead.start_for_command_line(None, ["source.kind=tiny"]) is None
     assert readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}",
                                                    "source.readahead=false"]) is None
     assert readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}/none"]) is None
+    assert prefetched == []         # no source read ahead, no modules either
     _checkpoint(tmp_path)
     (tmp_path / "config.json").write_text('{"num_hidden_layers": 6}')
     os.environ.pop("RANK", None)
     ra = readahead.start_for_command_line(None, ["source.kind=hf", f"source.path={tmp_path}"])
     try:
         assert ra is not None and ra.total == sum(r[2] for r in byte_ranges(tmp_path).values())
+        assert prefetched == ["hf"]
     finally:
         readahead.stop(tmp_path)
 

@@ -114,6 +114,21 @@ def test_refuses_an_output_larger_than_the_free_space_before_writing(tmp_path, m
     assert (out / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.parametrize("report", ["no size", "an error"])
+def test_a_filesystem_that_reports_no_free_space_figure_is_not_checked(tmp_path, monkeypatch, report):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+
+    def disk_usage(p):
+        if report == "an error":
+            raise OSError(38, "Function not implemented")
+        return usage(0, 0, 0)       # a FUSE mount without statfs
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    _write(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+
+
 def test_round_trip_through_dcp_quantized_reader(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
