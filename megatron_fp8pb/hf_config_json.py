@@ -60,3 +60,18 @@ def reads_like_transformers(data: dict) -> JsonConfig | None:
         return None
     view.absent.clear()
     return view
+
+
+
+def missing_for_dims(data: dict) -> str:
+    """Why ``config.json`` alone does not give the architecture's dims, and what to add."""
+    from .archs import arch, dims_from_hf
+    view = JsonConfig(data)
+    try:
+        dims_from_hf(view)
+    except AttributeError as e:
+        return f"it lacks {e.args[0]!r}, which the architecture needs; add it with the model's value"
+    except Exception as e:      # a refusal: its own message
+        return str(e)
+    lacking = sorted(view.absent - ABSENT_SAME - set(arch(data["model_type"]).absent_same))
+    return f"it lacks {lacking}, for which transformers' own class would have defaults; add them with the model's values"

@@ -7,9 +7,6 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
 
 def quantization_config(not_converted: list[str], quantized_any: bool, scale_fmt: str = "amax") -> dict | None:
     """FORMAT.md's quantization_config; ``"scale_fmt": "ue8m0"`` only in that mode (amax/448 scales write no key)."""
@@ -52,15 +49,26 @@ def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: d
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".distcp")
+WRITTEN_HERE = ("config.json",)      # the export writes its own (and its own weight index)
+
+
 def source_side_files(src: str | Path | None) -> dict[str, Path]:
-    """generation_config.json and tokenizer files of an HF source directory, when present."""
+    """The files of an HF source directory that the export carries over beside its own config.json and weights: the
+    generation config, the tokenizer and its model files (sentencepiece, tiktoken), the configuration / modeling /
+    tokenization code that config.json's ``auto_map`` names, the model card and license. Not weights, weight
+    indexes, hidden files, subdirectories, or a Megatron checkpoint's own files."""
     if not src:
         return {}
     src = Path(src)
     if src.is_file():
         src = src.parent
+    megatron = (src / ".metadata").exists()
     out = {}
-    for name in ("generation_config.json",) + TOKENIZER_FILES:
-        if (src / name).is_file():
-            out[name] = src / name
+    for f in sorted(src.iterdir()):
+        name = f.name
+        if (not f.is_file() or name.startswith(".") or name in WRITTEN_HERE or name.endswith(WEIGHT_SUFFIXES)
+                or name.endswith(".index.json") or (megatron and name == "metadata.json")):
+            continue
+        out[name] = f
     return out

@@ -229,12 +229,24 @@ def hf_config(path: str | os.PathLike):
         raise FileNotFoundError(f"{p} has no config.json; an HF checkpoint directory (source.path with "
                                 f"source.kind=hf) or source.hf_config (source.kind=megatron) must hold one")
     try:
-        view = reads_like_transformers(json.loads((p / "config.json").read_text()))
+        data = json.loads((p / "config.json").read_text())
+        view = reads_like_transformers(data)
     except ValueError:      # not JSON: transformers names the problem
-        view = None
+        data, view = None, None
     if view is not None:
         return view
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type and model_type not in CONFIG_MAPPING:     # e.g. kimi_k2: the checkpoint's own code (auto_map)
+        from .archs import arch
+        from .hf_config_json import missing_for_dims
+        try:
+            arch(model_type)
+        except ValueError as e:
+            raise ValueError(f"{p}/config.json: {e}") from None
+        raise ValueError(f"{p}/config.json: model_type {model_type!r} is not one transformers knows, so the export "
+                         f"reads config.json itself, and {missing_for_dims(data)}")
     return AutoConfig.from_pretrained(str(p))
 
 

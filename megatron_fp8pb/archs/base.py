@@ -137,7 +137,9 @@ class Arch:
     (dense and MoE layers). tiny: a small transformers config (tie_embeddings) for tests and the default export.
     presets: real shapes (name -> transformers config factory taking num_layers, 0 = as published). absent_same:
     config.json attributes whose absence the dims read as transformers' class does, beyond the ones every family
-    shares (``hf_config_json.ABSENT_SAME``): such a config is read without importing transformers.
+    shares (``hf_config_json.ABSENT_SAME``): such a config is read without importing transformers. also_reads:
+    model_type values of checkpoints with this layout that transformers has no class for (their config.json names
+    their own code in ``auto_map``; e.g. kimi_k2): read, not listed as supported types of their own.
     """
     model_types: tuple[str, ...]
     dims: Callable[[object], Dims]
@@ -155,6 +157,7 @@ class Arch:
     tiny: dict[str, Callable[[bool], object]] = field(default_factory=dict)
     presets: dict[str, Callable[[int], object]] = field(default_factory=dict)
     absent_same: tuple[str, ...] = ()
+    also_reads: tuple[str, ...] = ()
 
 
 def hf_module(hf_name: str) -> str:

@@ -162,12 +162,12 @@ _V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_int
            q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
            routed_scaling_factor=2.5, norm_topk_prob=True)
 DEEPSEEK_V3 = Arch(
-    model_types=("deepseek_v3",), dims=dims, rules=rules,
+    model_types=("deepseek_v3",), also_reads=("kimi_k2",), dims=dims, rules=rules,
     serving={"q_proj": COLUMN, "q_a_proj": WHOLE, "q_b_proj": COLUMN, "kv_a_proj_with_mqa": WHOLE,
              "kv_b_proj": COLUMN, "o_proj": ROW, **c.MLP_SERVING},
     fusion=(("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj")), never_quantized=("gate",),
     exclude=("model.embed_tokens", "lm_head", "*.shared_head.head", "*norm*", "*.mlp.gate"), mcore=mcore,
-    block_spec=True, absent_same=("moe_layer_freq",),
+    block_spec=True, absent_same=("moe_layer_freq", "head_dim"),     # head_dim: nope + rope, whatever it says
     tiny={"deepseek_v3": _tiny},
     presets={"deepseek-v3": _preset(**_V3),
              # Kimi-K2: DeepSeek-V3's layout with 384 experts, 64 heads, one dense layer and a 163840 vocabulary

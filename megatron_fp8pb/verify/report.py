@@ -169,6 +169,8 @@ def _grouped(kind: str, messages: list[str], max_lines: int, more: str) -> list[
 def _load_line(ld: dict | None) -> str:
     if ld is None:
         return "-  (not checked)"
+    if ld.get("skipped"):
+        return f"-  (skipped: {ld['skipped']})"
     if ld.get("error"):
         return f"FAILED: {ld['error']}"
     bad = {k: ld[k] for k in ("missing", "unexpected", "mismatched") if ld.get(k)}

@@ -4,6 +4,7 @@ layouts whose per-rank sizes are not multiples of 128, every HF tensor written e
 the result. The module's exports run in one torchrun launch (tests/jobs.py), each on a process group of its own world
 size."""
 import json
+import re
 
 import pytest
 import torch
@@ -69,6 +70,8 @@ JOBS = {
     "test_deepseek_v3_q_proj_without_q_lora": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(q_lora_rank=None)),
     "test_mtp_layers_the_source_lacks_are_left_out": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(mtp=0),
                                                         edit=claim_mtp_layers),
+    "test_kimi_k2_with_its_own_code_and_tokenizer": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(mtp=0),
+                                                       edit=lambda src: _as_kimi_k2(src)),   # defined below
     **{f"test_transformers_loads[{arch}]": _load_job(arch, args) for arch, args in LOAD_CASES},
     **{f"test_deepseek_v3_multi_token_prediction[{i}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
                                                                      f"parallel.ep={ep}", "parallel.etp=1"],
@@ -92,6 +95,35 @@ def test_deepseek_v3_q_proj_without_q_lora(exported):
     assert mismatches(out, exported.state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.self_attn.q_proj.weight_scale_inv" in index and not any("q_a_proj" in n for n in index)
+
+
+KIMI_FILES = {"configuration_deepseek.py": "# the checkpoint's own config class\n",
+              "tokenization_kimi.py": "# the checkpoint's own tokenizer\n", "tiktoken.model": "tiktoken ranks\n"}
+KIMI_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+
+
+def _as_kimi_k2(src):
+    """Kimi-K2's checkpoint: DeepSeek-V3's layout under model_type kimi_k2, which transformers does not know (its
+    config.json's auto_map names the checkpoint's own code), with a tiktoken tokenizer."""
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="kimi_k2", auto_map=KIMI_AUTO_MAP)
+    (src / "config.json").write_text(json.dumps(cfg))
+    for name, text in KIMI_FILES.items():
+        (src / name).write_text(text)
+
+
+def test_kimi_k2_with_its_own_code_and_tokenizer(exported):
+    """Exported byte for byte as DeepSeek-V3; config.json keeps model_type and auto_map, the code and tokenizer
+    files it names come along, and verify says the transformers load was skipped rather than failed."""
+    assert exported.returncode == 0, exported.log()
+    out = exported.out
+    assert mismatches(out, exported.state) == []
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_k2" and cfg["auto_map"] == KIMI_AUTO_MAP and "quantization_config" in cfg
+    assert {n: (out / n).read_text() for n in KIMI_FILES} == KIMI_FILES
+    assert "transformers load    -  (skipped: transformers has no built-in model_type 'kimi_k2'" in exported.stdout
+    assert re.search(r"^verify \S+: OK$", exported.stdout, re.M), exported.log()
 
 
 def test_mtp_layers_the_source_lacks_are_left_out(exported):

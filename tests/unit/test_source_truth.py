@@ -34,3 +34,25 @@ def test_unmapped_source_tensors_are_named(tmp_path, capsys):
     check_source(HFReader(tmp_path), expected, str(tmp_path))
     err = capsys.readouterr().err
     assert "holds 1 tensor(s) the architecture's table does not map" in err and "model.layers.1.eh_proj.weight" in err
+
+
+def test_the_source_side_files_carried_over(tmp_path):
+    """Everything beside the weights that a loader or a user reads (tokenizer and its model files, the custom code
+    config.json's auto_map names, the model card and license) is carried over; weights, their indexes, config.json
+    (written anew), hidden files, subdirectories and a Megatron checkpoint's own files are not."""
+    from megatron_fp8pb.hf_output import source_side_files
+    keep = ["generation_config.json", "tokenizer_config.json", "tiktoken.model", "tokenization_kimi.py",
+            "configuration_deepseek.py", "LICENSE", "README.md", "chat_template.jinja"]
+    drop = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", ".gitattributes"]
+    for name in keep + drop:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "params.json").write_text("{}")
+    assert sorted(source_side_files(tmp_path)) == sorted(keep)
+    assert source_side_files(tmp_path / "config.json") == source_side_files(tmp_path)
+    ckpt = tmp_path / "ckpt"            # source.hf_config pointing into a Megatron dist checkpoint
+    ckpt.mkdir()
+    for name in (".metadata", "metadata.json", "common.pt", "__0_0.distcp", "config.json"):
+        (ckpt / name).write_text(name)
+    assert source_side_files(ckpt) == {}
