@@ -49,26 +49,39 @@ def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: d
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".distcp")
-WRITTEN_HERE = ("config.json",)      # the export writes its own (and its own weight index)
+CARRIED = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+           "merges.txt", "*.tiktoken", "tiktoken.model", "*.jinja", "chat_template.json", "LICENSE*", "NOTICE*",
+           "README*", "USE_POLICY*")      # fnmatch patterns of the source files carried over
+
+
+def _auto_map_modules(src: Path) -> set[str]:
+    """The ``.py`` files that config.json's and tokenizer_config.json's ``auto_map`` name (a checkpoint's own code)."""
+    out = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto = json.loads((src / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for ref in auto.values():
+            for r in ref if isinstance(ref, list) else [ref]:
+                if isinstance(r, str) and "." in r:
+                    out.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return out
 
 
 def source_side_files(src: str | Path | None) -> dict[str, Path]:
     """The files of an HF source directory that the export carries over beside its own config.json and weights: the
-    generation config, the tokenizer and its model files (sentencepiece, tiktoken), the configuration / modeling /
-    tokenization code that config.json's ``auto_map`` names, the model card and license. Not weights, weight
-    indexes, hidden files, subdirectories, or a Megatron checkpoint's own files."""
+    generation config, the tokenizer and its model files (sentencepiece, tiktoken), chat templates, the code that
+    ``auto_map`` names, the model card and license (``CARRIED``)."""
+    from fnmatch import fnmatch
     if not src:
         return {}
     src = Path(src)
     if src.is_file():
         src = src.parent
-    megatron = (src / ".metadata").exists()
+    code = _auto_map_modules(src)
     out = {}
     for f in sorted(src.iterdir()):
-        name = f.name
-        if (not f.is_file() or name.startswith(".") or name in WRITTEN_HERE or name.endswith(WEIGHT_SUFFIXES)
-                or name.endswith(".index.json") or (megatron and name == "metadata.json")):
-            continue
-        out[name] = f
+        if f.is_file() and (f.name in code or any(fnmatch(f.name, pat) for pat in CARRIED)):
+            out[f.name] = f
     return out

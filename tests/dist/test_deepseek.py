@@ -111,6 +111,8 @@ def _as_kimi_k2(src):
     (src / "config.json").write_text(json.dumps(cfg))
     for name, text in KIMI_FILES.items():
         (src / name).write_text(text)
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {
+        "AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
 
 
 def test_kimi_k2_with_its_own_code_and_tokenizer(exported):

@@ -37,22 +37,21 @@ def test_unmapped_source_tensors_are_named(tmp_path, capsys):
 
 
 def test_the_source_side_files_carried_over(tmp_path):
-    """Everything beside the weights that a loader or a user reads (tokenizer and its model files, the custom code
-    config.json's auto_map names, the model card and license) is carried over; weights, their indexes, config.json
-    (written anew), hidden files, subdirectories and a Megatron checkpoint's own files are not."""
+    """What a loader or a user reads beside the weights is carried over: tokenizer and its model files, chat template,
+    the code config.json's and tokenizer_config.json's auto_map name, model card and license. Nothing else: not
+    weights, indexes, config.json (written anew), other code, or whatever else shares the directory."""
     from megatron_fp8pb.hf_output import source_side_files
-    keep = ["generation_config.json", "tokenizer_config.json", "tiktoken.model", "tokenization_kimi.py",
-            "configuration_deepseek.py", "LICENSE", "README.md", "chat_template.jinja"]
-    drop = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "pytorch_model.bin.index.json", ".gitattributes"]
+    keep = ["generation_config.json", "tiktoken.model", "tokenization_kimi.py", "configuration_deepseek.py",
+            "LICENSE", "README.md", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"]
+    drop = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", ".gitattributes", "train.py", "notes.txt", "metadata.json", "common.pt"]
     for name in keep + drop:
         (tmp_path / name).write_text(name)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "kimi_k2", "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config"}}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": {
+        "AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
     (tmp_path / "original").mkdir()
-    (tmp_path / "original" / "params.json").write_text("{}")
-    assert sorted(source_side_files(tmp_path)) == sorted(keep)
+    (tmp_path / "original" / "tokenizer.model").write_text("x")
+    assert sorted(source_side_files(tmp_path)) == sorted(keep + ["tokenizer_config.json"])
     assert source_side_files(tmp_path / "config.json") == source_side_files(tmp_path)
-    ckpt = tmp_path / "ckpt"            # source.hf_config pointing into a Megatron dist checkpoint
-    ckpt.mkdir()
-    for name in (".metadata", "metadata.json", "common.pt", "__0_0.distcp", "config.json"):
-        (ckpt / name).write_text(name)
-    assert source_side_files(ckpt) == {}
