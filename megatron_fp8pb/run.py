@@ -24,7 +24,13 @@ def preflight(cfg: ExportConfig, world: int):
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
     p = cfg.parallel
-    check_layout(d, world, p.tp, p.pp, p.ep, p.etp)
+    try:
+        check_layout(d, world, p.tp, p.pp, p.ep, p.etp)
+    except ValueError as e:
+        if cfg.source.kind in STREAMED_KINDS:
+            raise ValueError(f"{e}. The export's layout need not be the one the model was trained or saved at: "
+                             f"choose parallel.tp/pp/ep/etp that divide these sizes (1 always does)") from None
+        raise
     out = os.path.realpath(cfg.output.dir)
     for src in (cfg.source.path,):
         if src and (out == os.path.realpath(src) or out.startswith(os.path.realpath(src) + os.sep)):

@@ -66,6 +66,10 @@ def test_bad_key_and_layout_print_once_from_rank0(tmp_path):
     r = torchrun(2, ["parallel.tp=4", f"output.dir={tmp_path / 'o'}"])
     [line] = _errors(r.stderr)
     assert "world size(2) % (tp(4) * pp(1))" in line
+    r = torchrun(2, ["parallel.pp=2", "source.num_layers=3", f"output.dir={tmp_path / 'o'}"])
+    assert _errors(r.stderr) == ["error: impossible parallel layout: num_hidden_layers(3) % pp(2) = 1 != 0. The "
+                                 "export's layout need not be the one the model was trained or saved at: choose "
+                                 "parallel.tp/pp/ep/etp that divide these sizes (1 always does)"]
 
 
 def test_missing_source_path_says_it_does_not_exist(tmp_path):
