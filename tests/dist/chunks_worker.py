@@ -2,7 +2,9 @@
 
 ``vpp``: model chunks of an interleaved (virtual) pipeline, a list per rank;
 ``replicated``: MLA down-projections held whole on every tp rank (as TransformerEngine's duplicated TELinear holds
-them), quantized by the rank that writes them with no collective."""
+them), quantized by the rank that writes them with no collective;
+``uneven``: pipeline stages of unequal depth (``num_layers_in_first_pipeline_stage``, last argument), as a model
+whose layer count pp does not divide (DeepSeek-V3's 61) is trained."""
 import sys
 from pathlib import Path
 
@@ -21,9 +23,11 @@ from megatron_fp8pb.sources import load_hf_weights  # noqa: E402
 
 def main(mode: str, src: str, dst: str, tp: int, pp: int, vp: int) -> None:
     with session.started(ParallelConfig(tp=tp, pp=pp, backend="gloo", device="cpu", timeout_s=120),
-                         vp=vp or None) as job:
+                         vp=(vp or None) if mode == "vpp" else None) as job:
         if mode == "vpp":
             result = export_chunks(src, dst, job.layout, vp)
+        elif mode == "uneven":
+            result = export_uneven(src, dst, job.layout, vp)
         else:
             result = export_replicated(src, dst, job.layout, job.groups)
         if coll.rank() == 0:
@@ -37,6 +41,23 @@ def export_chunks(src: str, dst: str, layout, vp: int):
     chunks = [mcore.build_gpt(d, torch.bfloat16, layout, vp_stage=k) for k in range(vp)]
     load_hf_weights(chunks, HFReader(src), d, layout)
     return export(chunks, cfg, dst, max_shard_size="200KB")
+
+
+def export_uneven(src: str, dst: str, layout, first: int):
+    """A model whose first pipeline stage holds ``first`` layers and the others the rest, evenly."""
+    cfg = hf_config(src)
+    d = dims_from_hf(cfg)
+    plain = mcore.transformer_config
+
+    def uneven(*args, **kwargs):
+        c = plain(*args, **kwargs)
+        c.num_layers_in_first_pipeline_stage = first
+        return c
+    mcore.transformer_config = uneven
+    model = mcore.build_gpt(d, torch.bfloat16, layout)
+    load_hf_weights(model, HFReader(src), d, layout)
+    print(f"rank {coll.rank()} holds layers {sorted(mcore.layer_numbers(model).values())}", flush=True)
+    return export(model, cfg, dst, max_shard_size="200KB")
 
 
 def export_replicated(src: str, dst: str, layout, groups):

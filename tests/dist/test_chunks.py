@@ -1,9 +1,12 @@
-"""The in-process API with what training jobs hold: a list of virtual-pipeline model chunks per rank, and MLA
-down-projections replicated across tensor parallel ranks (TransformerEngine's duplicated TELinear). Real gloo
+"""The in-process API with what training jobs hold: a list of virtual-pipeline model chunks per rank, MLA
+down-projections replicated across tensor parallel ranks (TransformerEngine's duplicated TELinear), and pipeline
+stages of unequal depth. Real gloo
 groups under torchrun, byte for byte against the single-process reference."""
 import json
 
-from helpers import mismatches, ragged_deepseek_v3, torchrun, write_hf_source
+from transformers import LlamaConfig
+
+from helpers import RAGGED, mismatches, ragged_deepseek_v3, torchrun, write_hf_source
 
 WORKER = "tests/dist/chunks_worker.py"
 
@@ -29,3 +32,16 @@ def test_replicated_down_projections_quantized_without_collective(tmp_path):
     r = torchrun(2, ["replicated", str(src), str(out), "2", "1", "0"], script=WORKER)
     assert r.returncode == 0 and "CHUNKS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert mismatches(out, state) == []
+
+
+def test_pipeline_stages_of_unequal_depth(tmp_path):
+    """pp 2 over 3 layers, the first stage holding 1 (``num_layers_in_first_pipeline_stage``): how a model whose
+    depth pp does not divide is trained. Every layer is written once, byte for byte."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    state = write_hf_source(src, LlamaConfig(**{**RAGGED, "num_hidden_layers": 3}))
+    r = torchrun(2, ["uneven", str(src), str(out), "1", "2", "1"], script=WORKER)
+    assert r.returncode == 0 and "CHUNKS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rank 0 holds layers [0]" in r.stdout and "rank 1 holds layers [1, 2]" in r.stdout, r.stdout[-3000:]
+    assert mismatches(out, state) == []
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)} <= set(index)
