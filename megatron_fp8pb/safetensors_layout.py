@@ -13,6 +13,11 @@ def tensor_files(path: str | Path) -> dict[str, Path]:
         return {n: path / f for n, f in json.loads(index.read_text())["weight_map"].items()}
     if single.exists():
         return {n: single for n in header(single)[0]}
+    other = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    if other:
+        raise FileNotFoundError(f"source.path {path} holds {other[:3]} but no model.safetensors or "
+                                f"model.safetensors.index.json, which the export reads: save the model with "
+                                f"transformers' save_pretrained (safetensors) and point source.path at that directory")
     raise FileNotFoundError(f"source.path {path} holds no model.safetensors or model.safetensors.index.json; point "
                             f"source.path at an HF checkpoint directory")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -162,3 +163,15 @@ def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path, monkeypa
     assert readahead.start_for_command_line(None, ["source.kind=megatron", f"source.path={tmp_path}/ck",
                                                    f"source.hf_config={tmp_path}/config.json",
                                                    "source.readahead=false"]) is None
+
+
+def test_a_source_without_safetensors_says_what_it_holds_and_what_to_do(tmp_path):
+    from megatron_fp8pb.safetensors_layout import tensor_files
+    with pytest.raises(FileNotFoundError, match=r"holds no model.safetensors or model.safetensors.index.json; point "
+                                                r"source.path at an HF checkpoint directory"):
+        tensor_files(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"holds \['pytorch_model.bin'\] but no model.safetensors or "
+                                                r"model.safetensors.index.json, which the export reads: save the model "
+                                                r"with transformers' save_pretrained \(safetensors\)"):
+        tensor_files(tmp_path)
