@@ -68,14 +68,15 @@ def claim_mtp_layers(src: Path, n: int = 1) -> None:
     (src / "config.json").write_text(json.dumps(cfg))
 
 
-def ragged_glm4_moe():
-    """q 320 rows (160 per rank at tp 2), k/v 160 (80), dense ffn 640, experts of 160, q/k/v biases, q/k norms."""
+def ragged_glm4_moe(mtp=0):
+    """q 320 rows (160 per rank at tp 2), k/v 160 (80), dense ffn 640, experts of 160, q/k/v biases, q/k norms;
+    ``mtp`` multi-token-prediction layers (HF layer 2 on)."""
     import transformers as tf
     return tf.Glm4MoeConfig(
         vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=80, n_shared_experts=1, n_routed_experts=4,
         num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, attention_bias=True,
-        use_qk_norm=True, max_position_embeddings=256)
+        use_qk_norm=True, max_position_embeddings=256, num_nextn_predict_layers=mtp)
 
 
 def ragged_qwen3_moe():

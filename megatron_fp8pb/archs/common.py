@@ -139,6 +139,8 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
 
 
 def final_rules(d: Dims) -> list[Rule]:
+    """The final norm and lm_head; with multi-token-prediction layers the output layer is also each one's
+    ``shared_head.head`` (DeepSeek-V3's and GLM-4.5's checkpoints hold it there again)."""
     rules = [Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",), lambda d: ((d.hidden,),),
                   REPLICATED, scope=GLOBAL)]
     if d.tie_embeddings:
@@ -147,6 +149,31 @@ def final_rules(d: Dims) -> list[Rule]:
     else:
         rules.append(Rule(("output_layer.weight",), ("lm_head.weight",), lambda d: ((d.vocab, d.hidden),), VOCAB,
                           linear=True, scope=GLOBAL))
+    if d.mtp_layers:
+        heads = tuple(f"model.layers.{d.num_layers + k}.shared_head.head.weight" for k in range(d.mtp_layers))
+        head = rules[-1]
+        rules[-1] = Rule(head.mcore, head.hf + heads, lambda d: ((d.vocab, d.hidden),) * (1 + d.mtp_layers),
+                         VOCAB, linear=head.linear, scope=GLOBAL)
+    return rules
+
+
+def mtp_rules(d: Dims) -> list[Rule]:
+    """Multi-token prediction (``num_nextn_predict_layers``; Megatron ``mtp.layers.{k}``): the decoder layer of MTP
+    layer k is HF layer ``num_layers + k`` (the layer rules cover it); beside it ``enorm``, ``hnorm``, ``eh_proj``
+    ([hidden, 2 * hidden], column-parallel in Megatron; a plain unquantized linear in DeepSeek's release and in
+    vLLM's MTP module) and ``shared_head.norm`` (Megatron's ``final_layernorm``). ``shared_head.head`` is the
+    output layer, written again by the lm_head rule."""
+    rules = []
+    for k in range(d.mtp_layers):
+        hf, mc = f"model.layers.{d.num_layers + k}.", f"mtp.layers.{k}."
+        rules += [
+            Rule((mc + "enorm.weight",), (hf + "enorm.weight",), lambda d: ((d.hidden,),), REPLICATED, scope=GLOBAL),
+            Rule((mc + "hnorm.weight",), (hf + "hnorm.weight",), lambda d: ((d.hidden,),), REPLICATED, scope=GLOBAL),
+            Rule((mc + "eh_proj.weight",), (hf + "eh_proj.weight",), lambda d: ((d.hidden, 2 * d.hidden),), COLWISE,
+                 scope=GLOBAL),
+            Rule((mc + "final_layernorm.weight",), (hf + "shared_head.norm.weight",), lambda d: ((d.hidden,),),
+                 REPLICATED, scope=GLOBAL),
+        ]
     return rules
 
 

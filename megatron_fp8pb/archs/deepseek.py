@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import common as c
-from .base import COLUMN, COLWISE, GLOBAL, REPLICATED, ROW, ROWWISE, VOCAB, WHOLE, Arch, Dims, Rule
+from .base import COLUMN, COLWISE, REPLICATED, ROW, ROWWISE, WHOLE, Arch, Dims, Rule
 
 ATTN = c.ATTN
 
@@ -85,40 +85,9 @@ def mla_rules(d: Dims) -> list[Rule]:
     return rules
 
 
-def mtp_rules(d: Dims) -> list[Rule]:
-    """Multi-token prediction (``num_nextn_predict_layers``; Megatron ``mtp.layers.{k}``): the decoder layer of MTP
-    layer k is HF layer ``num_layers + k`` (the layer rules cover it); beside it ``enorm``, ``hnorm``, ``eh_proj``
-    ([hidden, 2 * hidden], column-parallel in Megatron; a plain unquantized linear in DeepSeek's release and in
-    vLLM's MTP module) and ``shared_head.norm`` (Megatron's ``final_layernorm``). ``shared_head.head`` is the
-    output layer, written again by the lm_head rule."""
-    rules = []
-    for k in range(d.mtp_layers):
-        hf, mc = f"model.layers.{d.num_layers + k}.", f"mtp.layers.{k}."
-        rules += [
-            Rule((mc + "enorm.weight",), (hf + "enorm.weight",), lambda d: ((d.hidden,),), REPLICATED, scope=GLOBAL),
-            Rule((mc + "hnorm.weight",), (hf + "hnorm.weight",), lambda d: ((d.hidden,),), REPLICATED, scope=GLOBAL),
-            Rule((mc + "eh_proj.weight",), (hf + "eh_proj.weight",), lambda d: ((d.hidden, 2 * d.hidden),), COLWISE,
-                 scope=GLOBAL),
-            Rule((mc + "final_layernorm.weight",), (hf + "shared_head.norm.weight",), lambda d: ((d.hidden,),),
-                 REPLICATED, scope=GLOBAL),
-        ]
-    return rules
-
-
-def final_rules(d: Dims) -> list[Rule]:
-    """The final norm and lm_head; with MTP layers the output layer is also each one's ``shared_head.head``."""
-    rules = c.final_rules(d)
-    if d.mtp_layers:
-        heads = tuple(f"model.layers.{d.num_layers + k}.shared_head.head.weight" for k in range(d.mtp_layers))
-        head = rules[-1]
-        rules[-1] = Rule(head.mcore, head.hf + heads, lambda d: ((d.vocab, d.hidden),) * (1 + d.mtp_layers),
-                         VOCAB, linear=head.linear, scope=GLOBAL)
-    return rules
-
-
 def rules(d: Dims) -> list[Rule]:
     return c.embedding_rules() + mla_rules(d) + [c.post_attention_norm_rule()] + c.dense_mlp_rules() + \
-        c.moe_rules(shared="shared_experts.") + final_rules(d) + mtp_rules(d)
+        c.moe_rules(shared="shared_experts.") + c.final_rules(d) + c.mtp_rules(d)
 
 
 def mcore(d: Dims) -> dict:

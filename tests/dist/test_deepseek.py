@@ -73,10 +73,9 @@ JOBS = {
     "test_kimi_k2_with_its_own_code_and_tokenizer": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(mtp=0),
                                                        edit=lambda src: _as_kimi_k2(src)),   # defined below
     **{f"test_transformers_loads[{arch}]": _load_job(arch, args) for arch, args in LOAD_CASES},
-    **{f"test_deepseek_v3_multi_token_prediction[{i}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                                                     f"parallel.ep={ep}", "parallel.etp=1"],
-                                                           ragged_deepseek_v3(mtp=1))
-       for i, (tp, pp, ep) in zip(["tp2ep2", "pp2"], MTP_LAYOUTS)},
+    **{f"test_multi_token_prediction[{i}-{arch}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                                                f"parallel.ep={ep}", "parallel.etp=1"], make(mtp=1))
+       for arch, make in CONFIGS.items() for i, (tp, pp, ep) in zip(["tp2ep2", "pp2"], MTP_LAYOUTS)},
 }
 
 
@@ -155,17 +154,21 @@ def test_transformers_loads(exported, arch, args):
     assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
 
 
+@pytest.mark.parametrize("make_cfg", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("tp,pp,ep", MTP_LAYOUTS, ids=["tp2ep2", "pp2"])
-def test_deepseek_v3_multi_token_prediction(exported, tp, pp, ep):
-    """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek's checkpoint holds
-    it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and shared_head.head (the output
-    layer again, unquantized like lm_head)."""
+def test_multi_token_prediction(exported, make_cfg, tp, pp, ep):
+    """One MTP layer (Megatron ``mtp.layers.0``, built on the last stage) -> HF layer 2 as DeepSeek-V3's and
+    GLM-4.5's checkpoints hold it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and
+    shared_head.head (the output layer again, unquantized like lm_head)."""
     assert exported.returncode == 0, exported.log()
-    cfg, out, state = ragged_deepseek_v3(mtp=1), exported.out, exported.state
+    cfg, out, state = make_cfg(mtp=1), exported.out, exported.state
     assert mismatches(out, state) == []
     _check_written_once(out, cfg, state)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    attn = "kv_b_proj" if cfg.model_type == "deepseek_v3" else "q_proj"
     for leaf in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                 "shared_head.head.weight", "self_attn.kv_b_proj.weight_scale_inv", "mlp.experts.3.down_proj.weight",
+                 "shared_head.head.weight", f"self_attn.{attn}.weight_scale_inv", "mlp.experts.3.down_proj.weight",
                  "mlp.gate.e_score_correction_bias", "mlp.shared_experts.up_proj.weight_scale_inv"):
         assert f"model.layers.2.{leaf}" in index, leaf
+    assert "model.layers.2.shared_head.head" in json.loads((out / "config.json").read_text())[
+        "quantization_config"]["modules_to_not_convert"]

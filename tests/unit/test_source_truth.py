@@ -15,10 +15,13 @@ from megatron_fp8pb.tiny import tiny_hf_config
 
 def test_config_json_counts_the_mtp_layers_written():
     cfg = tiny_hf_config("glm4_moe")
-    assert cfg.num_nextn_predict_layers == 1          # transformers' default for GLM-4.5
+    cfg.num_nextn_predict_layers = 1          # transformers' default for GLM-4.5
     d = dims_from_hf(cfg)
+    assert d.mtp_layers == 1
     out = json.loads(config_json(cfg, d.vocab, False, torch.bfloat16, None, d.mtp_layers))
-    assert out["num_nextn_predict_layers"] == d.mtp_layers == 0
+    assert out["num_nextn_predict_layers"] == 1
+    out = json.loads(config_json(cfg, d.vocab, False, torch.bfloat16, None, 0))     # a source without them
+    assert out["num_nextn_predict_layers"] == 0
     llama = json.loads(config_json(tf.LlamaConfig(vocab_size=1003), 1003, False, torch.bfloat16, None, 0))
     assert "num_nextn_predict_layers" not in llama
 
