@@ -47,7 +47,7 @@ class JsonConfig:
 def reads_like_transformers(data: dict) -> JsonConfig | None:
     """The config as a JsonConfig when the architecture's dims read from it exactly what they would read from
     transformers' class (no nested text config, no absent attribute with a class default of its own); else None."""
-    from .archs import arch, dims_from_hf
+    from .archs import dims_from_hf
     if "text_config" in data or "model_type" not in data:
         return None
     view = JsonConfig(data)
@@ -55,17 +55,21 @@ def reads_like_transformers(data: dict) -> JsonConfig | None:
         dims_from_hf(view)
     except Exception:       # unknown type, a refusal, a missing key: transformers' class decides and names it
         return None
-    allowed = ABSENT_SAME | set(arch(data["model_type"]).absent_same)
-    if view.absent - allowed:
+    if _defaulted(view):
         return None
     view.absent.clear()
     return view
 
 
+def _defaulted(view: JsonConfig) -> list[str]:
+    """The attributes the dims read and found absent whose default transformers' class sets on its own."""
+    from .archs import arch
+    return sorted(view.absent - ABSENT_SAME - set(arch(view.data["model_type"]).absent_same))
+
 
 def missing_for_dims(data: dict) -> str:
     """Why ``config.json`` alone does not give the architecture's dims, and what to add."""
-    from .archs import arch, dims_from_hf
+    from .archs import dims_from_hf
     view = JsonConfig(data)
     try:
         dims_from_hf(view)
@@ -73,5 +77,5 @@ def missing_for_dims(data: dict) -> str:
         return f"it lacks {e.args[0]!r}, which the architecture needs; add it with the model's value"
     except Exception as e:      # a refusal: its own message
         return str(e)
-    lacking = sorted(view.absent - ABSENT_SAME - set(arch(data["model_type"]).absent_same))
-    return f"it lacks {lacking}, for which transformers' own class would have defaults; add them with the model's values"
+    return (f"it lacks {_defaulted(view)}, for which transformers' own class would have defaults; add them with the "
+            f"model's values")
