@@ -107,7 +107,7 @@ def locate(fd: int, file: str, offset: int, length: int) -> SavedTensor | None:
         if storage_type is torch.UntypedStorage:        # numel counts bytes
             if dtype is None:
                 return None
-            numel //= torch.empty((), dtype=dtype).element_size()
+            numel //= dtype.itemsize
         elif isinstance(storage_type, torch.dtype):
             dtype = storage_type
         else:
@@ -123,7 +123,7 @@ def locate(fd: int, file: str, offset: int, length: int) -> SavedTensor | None:
     for s in reversed(size):
         want.append(n)
         n *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if (kind != "storage" or storage_offset != 0 or tuple(reversed(want)) != stride and n > 1
             or member.compress_type != zipfile.ZIP_STORED or member.file_size != numel * itemsize or n > numel):
         return None
@@ -177,7 +177,7 @@ class DirectReads:
         """Rows ``[first, first + rows)`` of a located chunk (dim 0; a 0-d or 1-d chunk counts its elements), as a
         new tensor on this reader's device (host where none)."""
         shape = (rows,) + saved.shape[1:] if saved.shape else ()
-        row = torch.empty((), dtype=saved.dtype).element_size()
+        row = saved.dtype.itemsize
         for s in saved.shape[1:]:
             row *= s
         at = saved.pos + first * row
