@@ -80,7 +80,13 @@ def fill_random(model, seed: int) -> None:
                 p.add_(1.0)
 
 
-MTP_LEAVES = (".eh_proj.weight", ".enorm.weight", ".hnorm.weight")    # what only an MTP layer of an HF checkpoint has
+def mtp_only_names(d: Dims) -> set[str]:
+    """The HF tensors that only the first multi-token-prediction layer has (its ``enorm``, ``hnorm``, ``eh_proj``,
+    ``shared_head.norm``; its decoder layer looks like any other), as the architecture's MTP rules name them."""
+    from dataclasses import replace
+
+    from .archs.common import mtp_rules
+    return {n for r in mtp_rules(replace(d, mtp_layers=1)) for n in r.hf}
 
 
 def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
@@ -119,8 +125,7 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
                                 layout.ep_rank) if s.readahead else None
         device = torch.device("cuda", torch.cuda.current_device()) if stream and on_gpu else None
         reader, extra = HFReader(s.path, ahead, device), source_side_files(s.path)
-        d = without_absent_mtp(d, [n for n in reader.names() if n.startswith(f"model.layers.{d.num_layers}.") and
-                                   n.endswith(MTP_LEAVES)], f"source {s.path}")
+        d = without_absent_mtp(d, sorted(mtp_only_names(d) & set(reader.names())), f"source {s.path}")
         check_source(reader, expected_tensors(rules_for(d), d), s.path)
         dtype = config_dtype(hfc)
     else:
