@@ -63,6 +63,24 @@ LOAD_CASES = [("deepseek_v3", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1
               ("glm4_moe", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"])]
 MTP_LAYOUTS = [(2, 1, 2), (1, 2, 1)]    # (tp, pp, ep)
 
+KIMI_FILES = {"configuration_deepseek.py": "# the checkpoint's own config class\n",
+              "tokenization_kimi.py": "# the checkpoint's own tokenizer\n", "tiktoken.model": "tiktoken ranks\n"}
+KIMI_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+
+
+def _as_kimi_k2(src):
+    """Kimi-K2's checkpoint: DeepSeek-V3's layout under model_type kimi_k2, which transformers does not know (its
+    config.json's auto_map names the checkpoint's own code), with a tiktoken tokenizer."""
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="kimi_k2", auto_map=KIMI_AUTO_MAP)
+    (src / "config.json").write_text(json.dumps(cfg))
+    for name, text in KIMI_FILES.items():
+        (src / name).write_text(text)
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {
+        "AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
+
+
 JOBS = {
     **{f"test_byte_identical[{arch}-{i}]": Job(world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
                                                       f"parallel.pp={pp}", "output.max_shard_size=1MB"], make())
@@ -71,7 +89,7 @@ JOBS = {
     "test_mtp_layers_the_source_lacks_are_left_out": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(mtp=0),
                                                         edit=claim_mtp_layers),
     "test_kimi_k2_with_its_own_code_and_tokenizer": Job(2, ["parallel.tp=2"], ragged_deepseek_v3(mtp=0),
-                                                       edit=lambda src: _as_kimi_k2(src)),   # defined below
+                                                       edit=_as_kimi_k2),
     **{f"test_transformers_loads[{arch}]": _load_job(arch, args) for arch, args in LOAD_CASES},
     **{f"test_multi_token_prediction[{i}-{arch}]": Job(tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}",
                                                                 f"parallel.ep={ep}", "parallel.etp=1"], make(mtp=1))
@@ -94,24 +112,6 @@ def test_deepseek_v3_q_proj_without_q_lora(exported):
     assert mismatches(out, exported.state) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.self_attn.q_proj.weight_scale_inv" in index and not any("q_a_proj" in n for n in index)
-
-
-KIMI_FILES = {"configuration_deepseek.py": "# the checkpoint's own config class\n",
-              "tokenization_kimi.py": "# the checkpoint's own tokenizer\n", "tiktoken.model": "tiktoken ranks\n"}
-KIMI_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
-                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
-
-
-def _as_kimi_k2(src):
-    """Kimi-K2's checkpoint: DeepSeek-V3's layout under model_type kimi_k2, which transformers does not know (its
-    config.json's auto_map names the checkpoint's own code), with a tiktoken tokenizer."""
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(model_type="kimi_k2", auto_map=KIMI_AUTO_MAP)
-    (src / "config.json").write_text(json.dumps(cfg))
-    for name, text in KIMI_FILES.items():
-        (src / name).write_text(text)
-    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {
-        "AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
 
 
 def test_kimi_k2_with_its_own_code_and_tokenizer(exported):
