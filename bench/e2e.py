@@ -6,6 +6,7 @@ be imported, same checkpoint, same run, page cache dropped before each timed ste
   python bench/e2e.py --gpu                   # one GPU, Llama-3-8B shapes (32 layers; 4 for the RSS slope)
   python bench/e2e.py --gpu --arch llama3-70b --layers 2,8
   python bench/e2e.py --gpu --repeats 2 --megatron   # also the same weights as a Megatron dist checkpoint (tp=1)
+  python bench/e2e.py --gpu --repeats 3 --peer-repeats 2 --trace     # medians, and the disks' MB/s every 0.5 s
 
 Last line: ``e2e_vs_floor=X peak_rss_slope=Y`` (ours over the floor at the deepest source; growth of the largest
 rank peak RSS per byte of source between the two depths).
@@ -13,6 +14,7 @@ rank peak RSS per byte of source between the two depths).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _port() -> int:
@@ -34,8 +37,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def drop_caches() -> bool:
-    """Flush dirty pages and drop the page cache (needs root); False where not allowed."""
+def drop_caches(*outputs: Path) -> bool:
+    """Remove ``outputs`` left by an earlier run (each timed run writes a new directory, as a first export does: an
+    existing one is replaced, and freeing its blocks would be timed too), flush dirty pages and drop the page cache
+    (needs root); False where not allowed."""
+    for out in outputs:
+        shutil.rmtree(out, ignore_errors=True)
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -128,8 +135,19 @@ def out_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, source: list[str] | None = None) -> dict:
-    """``source``: the source keys (default: the HF checkpoint ``src``)."""
+def timed(cmd: list[str], env: dict, trace: bool) -> tuple[subprocess.CompletedProcess, float, str]:
+    """Run ``cmd``: its result, wall seconds, and with ``trace`` what the disks did meanwhile (``DiskTrace``)."""
+    from disk_trace import DiskTrace
+    with DiskTrace() if trace else contextlib.nullcontext() as dt:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        seconds = time.perf_counter() - t0
+    return r, seconds, dt.table() if trace else ""
+
+
+def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, source: list[str] | None = None,
+             trace: bool = False) -> dict:
+    """``source``: the source keys (default: the HF checkpoint ``src``). ``trace``: record the disks' activity."""
     # one process needs no launcher (launch/export.py starts a single-rank group itself)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                       f"--master_port={_port()}"]
@@ -137,9 +155,7 @@ def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, sour
     cmd = [sys.executable, *launcher, str(ROOT / "launch" / "export.py"), *source, f"output.dir={out}",
            "output.verify=false", "output.overwrite=true", *extra]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - t0
+    r, seconds, disk = timed(cmd, env, trace)
     with open(log, "a") as f:
         f.write(r.stdout + r.stderr)
     if r.returncode != 0:
@@ -149,8 +165,7 @@ def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, sour
     phases = re.search(r"phases: (.*?); files", r.stdout)
     marks = re.search(r"wall clock since the process started: (.*)", r.stdout)
     return dict(seconds=seconds, rss=rss, added=added, marks=marks.group(1) if marks else "",
-                phases=phases.group(1) if phases else "",
-                out_bytes=out_bytes(out))
+                phases=phases.group(1) if phases else "", out_bytes=out_bytes(out), disk=disk)
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -182,16 +197,14 @@ def _peer_path(work: Path) -> str:
         return f"{path}:{stub.parent}" if path else str(stub.parent)
 
 
-def run_peer(src: Path, out: Path, work: Path, log: Path) -> dict | None:
+def run_peer(src: Path, out: Path, work: Path, log: Path, trace: bool = False) -> dict | None:
     env = dict(os.environ, PYTHONPATH=_peer_path(work), PYTHONWARNINGS="ignore")
     probe = subprocess.run([sys.executable, "-c", "import llmcompressor"], capture_output=True, text=True, env=env)
     if probe.returncode != 0:
         print(f"llm-compressor not importable, peer skipped: {probe.stderr.strip().splitlines()[-1:]}")
         return None
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_llmcompressor.py"), str(src), str(out)],
-                       capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - t0
+    r, seconds, disk = timed([sys.executable, str(ROOT / "bench" / "peer_llmcompressor.py"), str(src), str(out)],
+                             env, trace)
     with open(log, "a") as f:
         f.write(r.stdout + r.stderr)
     m = re.search(r"PEER_RESULT (.*)", r.stdout)
@@ -199,7 +212,7 @@ def run_peer(src: Path, out: Path, work: Path, log: Path) -> dict | None:
         print(f"llm-compressor failed (exit {r.returncode}): {r.stderr[-1500:]}")
         return None
     res = json.loads(m.group(1))
-    res.update(seconds=seconds, out_bytes=out_bytes(out))
+    res.update(seconds=seconds, out_bytes=out_bytes(out), disk=disk)
     return res
 
 
@@ -242,6 +255,9 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=None)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="runs of ours at the deepest source (the median is shown)")
+    ap.add_argument("--peer-repeats", type=int, default=1, help="runs of the peer (the median is shown)")
+    ap.add_argument("--trace", action="store_true",
+                    help="print what the disks did (MB/s read and written every 0.5 s) during each timed run")
     ap.add_argument("--megatron", action="store_true",
                     help="also save the deepest source as a Megatron dist checkpoint and export that (needs megatron-core)")
     ap.add_argument("--workdir", default=None)
@@ -263,10 +279,12 @@ def main() -> None:
         print(f"{n} layers: source {src_bytes / 1e9:.2f} GB written in {time.perf_counter() - t0:.1f} s", flush=True)
         tries = []
         for _ in range(args.repeats if n == layers[-1] else 1):
-            dropped = drop_caches()
-            ours = run_ours(src, out, nproc, extra, log)
+            dropped = drop_caches(out)
+            ours = run_ours(src, out, nproc, extra, log, trace=args.trace and n == layers[-1])
             print(f"{n} layers: ours {ours['seconds']:.1f} s, peak RSS per rank "
                   f"{[round(r / 1e9, 2) for r in ours['rss']]} GB; {ours['phases']}; rank 0 {ours['marks']}", flush=True)
+            if ours["disk"]:
+                print(ours["disk"], flush=True)
             tries.append(ours)
         ours = _median_run(tries)
         runs[n] = dict(src_bytes=src_bytes, ours=ours, seconds_each=[t["seconds"] for t in tries])
@@ -289,11 +307,13 @@ def main() -> None:
         saved_s = save_megatron_checkpoint(src, ck, log)
         runs_m = []
         for _ in range(args.repeats):
-            drop_caches()
+            drop_caches(work / "ours-megatron")
             runs_m.append(run_ours(src, work / "ours-megatron", nproc, extra, log, [
-                "source.kind=megatron", f"source.path={ck}", f"source.hf_config={src}/config.json"]))
+                "source.kind=megatron", f"source.path={ck}", f"source.hf_config={src}/config.json"], trace=args.trace))
             print(f"{n} layers, Megatron checkpoint: ours {runs_m[-1]['seconds']:.1f} s; {runs_m[-1]['phases']}; "
                   f"rank 0 {runs_m[-1]['marks']}", flush=True)
+            if runs_m[-1]["disk"]:
+                print(runs_m[-1]["disk"], flush=True)
         same = all((work / "ours-megatron" / f.name).read_bytes() == f.read_bytes() for f in out.glob("*.safetensors"))
         drop_caches()
         mg = dict(saved_s=saved_s, read_floor=read_floor(ck, "*.distcp"), same=same,
@@ -301,8 +321,19 @@ def main() -> None:
                   seconds_each=[t["seconds"] for t in runs_m])
     peer = None
     if not args.no_peer:
-        drop_caches()
-        peer = run_peer(src, work / "peer", work, log)
+        peers = []
+        for _ in range(args.peer_repeats):
+            drop_caches(work / "peer")
+            got = run_peer(src, work / "peer", work, log, trace=args.trace)
+            if got is None:
+                break
+            print(f"{n} layers: llm-compressor {got['seconds']:.1f} s", flush=True)
+            if got["disk"]:
+                print(got["disk"], flush=True)
+            peers.append(got)
+        peer = _median_run(peers) if peers else None
+        if peer:
+            peer["seconds_each"] = [t["seconds"] for t in peers]
     import torch
     dev = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\ne2e on {dev}: {arch} shapes, {n} layers, source {r['src_bytes'] / 1e9:.2f} GB, nproc={nproc}, page "
@@ -317,7 +348,7 @@ def main() -> None:
     print(f"| ours{each} | {r['ours']['seconds']:.2f} | {r['ours']['seconds'] / floor:.2f} | {max(r['ours']['rss']) / 1e9:.2f}"
           f" | {max(r['ours']['added']) / 1e9:.2f} | {r['ours']['out_bytes'] / 1e9:.2f} |")
     if peer:
-        print(f"| llm-compressor FP8_BLOCK | {peer['seconds']:.2f} | {peer['seconds'] / floor:.2f} | "
+        print(f"| llm-compressor FP8_BLOCK{_runs_label(peer['seconds_each'])} | {peer['seconds']:.2f} | {peer['seconds'] / floor:.2f} | "
               f"{peer['peak_rss_gb']:.2f} | | {peer['out_bytes'] / 1e9:.2f} |")
         print(f"\npeer phases: imports {peer['imports_s']:.1f} s, load {peer['load_s']:.1f} s, quantize "
               f"{peer['quantize_s']:.1f} s, save {peer['save_s']:.1f} s; ours vs peer: "

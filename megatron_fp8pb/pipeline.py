@@ -1,7 +1,8 @@
 """The export pass: plan -> split -> shard-consistent quantization -> gather fp8 to rank 0 -> streaming writer.
 
-Units (the embedding, each layer, the final norm + lm_head) are processed in one global order on every rank; a rank
-skips units it holds nothing of. Inside a unit, quantized pieces first agree on block amax in their TP (or expert-TP)
+Units (the embedding, each layer, the final norm + lm_head) are processed in one global order on every rank (a source
+streamed from disk: lm_head's unit right after the embedding's, ``streamed_unit_order``); a rank skips units it holds
+nothing of. Inside a unit, quantized pieces first agree on block amax in their TP (or expert-TP)
 group, then every piece travels to rank 0 as fp8 bytes plus the scale rows it touches; rank 0 checks that straddling
 scale rows agree, assembles each HF tensor and hands it to the writer. With ``output.writers=node`` a piece goes to
 the writer of its tensor's node instead (node_writers.py).
@@ -26,7 +27,7 @@ from .log import log0
 from .node_writers import Routes
 from .options import ExportOptions, RankView
 from .progress import Phases, Progress
-from .plan import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, final_unit,
+from .plan import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, streamed_unit_order,
                    plan_param)
 from .tp_slices import check_piece_finite, piece_dtype, pieces_of
 from .staging import SlabPool
@@ -320,7 +321,7 @@ PARAMS_IN_FLIGHT = 4   # parameters of a streamed unit read at once (a deeper di
 
 
 def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
-    """(unit, items) in the global unit order. A streamed source is read on a thread one unit ahead, and every rank
+    """(unit, items) in the global unit order (``streamed_unit_order`` for a streamed source). A streamed source is read on a thread one unit ahead, and every rank
     visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
     units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order.unit)}
     if not streamed:
@@ -337,7 +338,7 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
         if phases is not None:
             phases.add("read", time.perf_counter() - t0, sum(t.numel() * t.element_size() for _, t in items))
         return items
-    pre = Prefetch(range(final_unit(d) + 1), load)   # every write unit, the embedding's to the final norm's
+    pre = Prefetch(streamed_unit_order(d), load)   # every write unit, lm_head's right after the embedding's
     try:
         for u, items, error in pre:
             if coll.any_true(error is not None, device):

@@ -60,6 +60,15 @@ def final_unit(d: Dims) -> int:
     return d.num_layers + d.mtp_layers + 1
 
 
+def streamed_unit_order(d: Dims) -> list[int]:
+    """The order a source streamed from disk is read and exported in, the same on every rank: the embedding, then
+    the final norm and lm_head, then each layer. The export's last unit is read and then written with nothing left
+    to overlap either; ending on a layer rather than on lm_head (a vocabulary's rows) keeps that tail short. The
+    files are the same in any order (each tensor has its place in them)."""
+    last = final_unit(d)
+    return [EMBEDDING_UNIT, last, *range(EMBEDDING_UNIT + 1, last)]
+
+
 def write_unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:
     """Write unit of rule ``k``: global layer i is unit 1 + i; a global rule is the embedding unit when the table lists
     it before the first layer rule, else the final unit."""

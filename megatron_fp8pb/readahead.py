@@ -91,9 +91,9 @@ class Readahead:
 
 
 def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: int = 1, ep_rank: int = 0) -> list[str]:
-    """The tensors a pipeline stage reads, in the order the export reads them: the embedding (first stage), each
-    decoder layer, then (last stage) the multi-token-prediction layers, the final norm and lm_head, and the embedding
-    again where lm_head is tied to it. With ``ep`` > 1 a layer's routed experts (``experts.<i>.``) are only those of
+    """The tensors a pipeline stage reads, in the order the export reads them (``plan.streamed_unit_order``): the
+    embedding (first stage), then (last stage) the embedding again where lm_head is tied to it, the final norm and
+    lm_head, then each decoder layer and (last stage) the multi-token-prediction layers. With ``ep`` > 1 a layer's routed experts (``experts.<i>.``) are only those of
     expert-parallel rank ``ep_rank`` (Megatron's contiguous split)."""
     first, last = pp_rank == 0, pp_rank == pp - 1
     mine, tied = stage_layer_range(num_layers, pp, pp_rank), not any(n.startswith("lm_head") for n in names)
@@ -114,9 +114,9 @@ def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: in
                 keyed.append(((1, layer), n))
         elif "embed" in n:
             if first or (last and tied):
-                keyed.append(((0 if first else 2, 0), n))
+                keyed.append(((0, 0 if first else 1), n))
         elif last:
-            keyed.append(((2, 0), n))
+            keyed.append(((0, 2), n))
     return [n for _, n in sorted(keyed)]
 
 

@@ -75,3 +75,14 @@ def test_expert_names_sequential_and_grouped_become_global():
                         PlanContext.make(d, layout, QuantConfig(), {0: 0}, 2))
     assert [(p.hf_name, p.quantize, p.linear) for p in router.pieces] == [("model.layers.0.mlp.gate.weight", False,
                                                                            True)]
+
+
+def test_a_streamed_source_visits_every_unit_once_with_lm_head_second():
+    from megatron_fp8pb.plan import EMBEDDING_UNIT, final_unit, streamed_unit_order, write_unit
+    order = streamed_unit_order(D)
+    last = final_unit(D)
+    assert sorted(order) == list(range(last + 1))
+    assert order[:2] == [EMBEDDING_UNIT, last] and order[2:] == sorted(order[2:])
+    # the table's global rules land in those two units: the embedding's before the layers, lm_head's after them
+    units = {write_unit(RULES, k, None, D) for k, r in enumerate(RULES) if r.scope == "global"}
+    assert units == {EMBEDDING_UNIT, last}
