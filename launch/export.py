@@ -25,11 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="YAML file: a diff over the defaults")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
+    from megatron_fp8pb import bytecode_early
     from megatron_fp8pb.readahead import start_for_command_line
-    start_for_command_line(args.config, args.overrides)     # the disk reads the source while torch is imported
-    from megatron_fp8pb.errors import cli
-    from megatron_fp8pb.run import run
-    return cli(run, args.config, args.overrides)
+    bytecode_early.cleanup_on_sigterm()     # until the job installs its own handler
+    try:
+        bytecode_early.start_for_command_line(args.config, args.overrides)  # spare cores compile megatron-core
+        start_for_command_line(args.config, args.overrides)     # the disk reads the source while torch is imported
+        from megatron_fp8pb.errors import cli
+        from megatron_fp8pb.run import run
+        return cli(run, args.config, args.overrides)
+    finally:
+        bytecode_early.cleanup()
 
 
 if __name__ == "__main__":

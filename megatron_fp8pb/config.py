@@ -39,6 +39,9 @@ def _check_choices(obj) -> None:
             raise ValueError(f"config key {obj.SECTION}.{f.name}={value!r}: choose one of {', '.join(allowed)}")
 
 
+MCORE_FREE_KINDS = ("tiny", "hf")    # sources exported without importing megatron-core
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     SECTION: ClassVar[str] = "source"

@@ -22,6 +22,16 @@ class Refusal(ValueError):
         self.everywhere = everywhere
 
 
+def exit_on_sigterm() -> None:
+    """torchrun stops the surviving ranks with SIGTERM when one fails: unwind, so a partial output is removed (and
+    the command line's helpers stopped)."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def message(e: BaseException) -> str:
     """The text of an error without the quotes ``str(KeyError)`` adds."""
     if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):

@@ -1,7 +1,7 @@
 """The export pass: plan -> split -> shard-consistent quantization -> gather fp8 to rank 0 -> streaming writer.
 
 Units (the embedding, each layer, the final norm + lm_head) are processed in one global order on every rank (a source
-streamed from disk: lm_head's unit right after the embedding's, ``streamed_unit_order``); a rank skips units it holds
+streamed from disk: lm_head's unit after the first layer's, ``streamed_unit_order``); a rank skips units it holds
 nothing of. Inside a unit, quantized pieces first agree on block amax in their TP (or expert-TP)
 group, then every piece travels to rank 0 as fp8 bytes plus the scale rows it touches; rank 0 checks that straddling
 scale rows agree, assembles each HF tensor and hands it to the writer. With ``output.writers=node`` a piece goes to
@@ -321,8 +321,9 @@ PARAMS_IN_FLIGHT = 4   # parameters of a streamed unit read at once (a deeper di
 
 
 def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
-    """(unit, items) in the global unit order (``streamed_unit_order`` for a streamed source). A streamed source is read on a thread one unit ahead, and every rank
-    visits every unit and learns whether any rank failed reading it, before any collective of that unit."""
+    """(unit, items) in the global unit order (a streamed source: ``streamed_unit_order``). A streamed source is
+    read on a thread one unit ahead, and every rank visits every unit and learns whether any rank failed reading it,
+    before any collective of that unit."""
     units_mine = {u: list(g) for u, g in groupby(mine, key=lambda pt: pt[0].order.unit)}
     if not streamed:
         yield from sorted(units_mine.items())
@@ -338,7 +339,7 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
         if phases is not None:
             phases.add("read", time.perf_counter() - t0, sum(t.numel() * t.element_size() for _, t in items))
         return items
-    pre = Prefetch(streamed_unit_order(d), load)   # every write unit, lm_head's right after the embedding's
+    pre = Prefetch(streamed_unit_order(d), load)   # every write unit, lm_head's after the first layer's
     try:
         for u, items, error in pre:
             if coll.any_true(error is not None, device):

@@ -61,12 +61,17 @@ def final_unit(d: Dims) -> int:
 
 
 def streamed_unit_order(d: Dims) -> list[int]:
-    """The order a source streamed from disk is read and exported in, the same on every rank: the embedding, then
-    the final norm and lm_head, then each layer. The export's last unit is read and then written with nothing left
-    to overlap either; ending on a layer rather than on lm_head (a vocabulary's rows) keeps that tail short. The
-    files are the same in any order (each tensor has its place in them)."""
-    last = final_unit(d)
-    return [EMBEDDING_UNIT, last, *range(EMBEDDING_UNIT + 1, last)]
+    """The order a source streamed from disk is read and exported in, the same on every rank (``unit_sequence``)."""
+    return unit_sequence(final_unit(d))
+
+
+def unit_sequence(last: int) -> list[int]:
+    """Units 0..``last`` in streamed order: the embedding, the first layer, then the final norm and lm_head (unit
+    ``last``), then the other layers. The export's last unit is read and then written with nothing left to overlap
+    either; ending on a layer rather than on lm_head (a vocabulary's rows) keeps that tail short, and with lm_head
+    after a layer the two vocabulary-sized units are never read ahead together. The files are the same in any order
+    (each tensor has its place in them)."""
+    return [EMBEDDING_UNIT, *range(1, min(2, last)), last, *range(2, last)]
 
 
 def write_unit(rules: list[Rule], k: int, layer: int | None, d: Dims) -> int:

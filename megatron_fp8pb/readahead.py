@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from . import import_prefetch
+from .plan import unit_sequence
 from .ranks import ep_rank_of, pp_rank_of, stage_layer_range
 from .safetensors_layout import byte_ranges
 
@@ -91,11 +92,15 @@ class Readahead:
 
 
 def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: int = 1, ep_rank: int = 0) -> list[str]:
-    """The tensors a pipeline stage reads, in the order the export reads them (``plan.streamed_unit_order``): the
-    embedding (first stage), then (last stage) the embedding again where lm_head is tied to it, the final norm and
-    lm_head, then each decoder layer and (last stage) the multi-token-prediction layers. With ``ep`` > 1 a layer's routed experts (``experts.<i>.``) are only those of
-    expert-parallel rank ``ep_rank`` (Megatron's contiguous split)."""
+    """The tensors a pipeline stage reads, in the order the export reads them (``plan.unit_sequence``): the
+    embedding (first stage), the first layer, then (last stage) the final norm and lm_head, with the embedding again
+    where lm_head is tied to it, then the other decoder layers and (last stage) the multi-token-prediction layers.
+    With ``ep`` > 1 a layer's routed experts (``experts.<i>.``) are only those of expert-parallel rank ``ep_rank``
+    (Megatron's contiguous split)."""
     first, last = pp_rank == 0, pp_rank == pp - 1
+    top = max((int(m.group(1)) for n in names if (m := _LAYER.search(n))), default=-1)
+    final = max(num_layers, top + 1) + 1        # the final norm's unit: after every decoder and MTP layer
+    pos = {u: i for i, u in enumerate(unit_sequence(final))}
     mine, tied = stage_layer_range(num_layers, pp, pp_rank), not any(n.startswith("lm_head") for n in names)
     experts: dict[int, int] = {}        # layer -> routed experts it has
     for n in names:
@@ -111,12 +116,12 @@ def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: in
             if e and ep > 1 and experts[layer] % ep == 0 and int(e.group(1)) // (experts[layer] // ep) != ep_rank:
                 continue
             if layer in mine or (last and layer >= num_layers):
-                keyed.append(((1, layer), n))
+                keyed.append((pos[1 + layer], n))
         elif "embed" in n:
             if first or (last and tied):
-                keyed.append(((0, 0 if first else 1), n))
+                keyed.append((pos[0 if first else final], n))     # the last stage: read for the tied lm_head
         elif last:
-            keyed.append(((0, 2), n))
+            keyed.append((pos[final], n))
     return [n for _, n in sorted(keyed)]
 
 

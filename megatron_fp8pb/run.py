@@ -7,12 +7,12 @@ import os
 from . import collectives as coll
 from . import session
 from .archs import dims_from_hf
-from .config import ExportConfig, load_config
-from .errors import agree, is_expected, message, refuse_everywhere
+from .config import MCORE_FREE_KINDS, ExportConfig, load_config
+from .errors import agree, exit_on_sigterm, is_expected, message, refuse_everywhere
 from .log import log0
 from .options import ExportOptions, RankView
 from .pipeline import run_export
-from .sources import MCORE_FREE_KINDS, STREAMED_KINDS, build_source, source_config
+from .sources import STREAMED_KINDS, build_source, source_config
 from .stream import fixed_mmap_threshold
 from .validate import check_layout
 
@@ -89,18 +89,9 @@ def peak_rss_bytes() -> int:
     return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _exit_on_sigterm() -> None:
-    """torchrun stops the surviving ranks with SIGTERM when one fails: unwind, so a partial output is removed."""
-    import signal
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run(config_path: str | None, overrides: list[str]) -> int:
     imported = session.process_age()
-    _exit_on_sigterm()
+    exit_on_sigterm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(config_path, overrides)

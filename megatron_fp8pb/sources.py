@@ -104,7 +104,6 @@ def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
 
 
 STREAMED_KINDS = ("tiny", "hf", "megatron")   # sources read unit by unit: no Megatron model is loaded
-MCORE_FREE_KINDS = ("tiny", "hf")    # streamed without megatron-core (a megatron source asks it for its layout)
 
 
 def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False) -> Source:

@@ -77,12 +77,13 @@ def test_expert_names_sequential_and_grouped_become_global():
                                                                            True)]
 
 
-def test_a_streamed_source_visits_every_unit_once_with_lm_head_second():
-    from megatron_fp8pb.plan import EMBEDDING_UNIT, final_unit, streamed_unit_order, write_unit
+def test_a_streamed_source_visits_every_unit_once_with_lm_head_after_the_first_layer():
+    from megatron_fp8pb.plan import EMBEDDING_UNIT, final_unit, streamed_unit_order, unit_sequence, write_unit
     order = streamed_unit_order(D)
     last = final_unit(D)
     assert sorted(order) == list(range(last + 1))
-    assert order[:2] == [EMBEDDING_UNIT, last] and order[2:] == sorted(order[2:])
+    assert order[:3] == [EMBEDDING_UNIT, 1, last] and order[3:] == sorted(order[3:])
+    assert unit_sequence(1) == [0, 1] and unit_sequence(2) == [0, 1, 2]      # no layer; one layer
     # the table's global rules land in those two units: the embedding's before the layers, lm_head's after them
     units = {write_unit(RULES, k, None, D) for k, r in enumerate(RULES) if r.scope == "global"}
     assert units == {EMBEDDING_UNIT, last}

@@ -21,10 +21,11 @@ NAMES = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [
 def test_stage_order_follows_units_and_stages():
     one = stage_order(NAMES, num_layers=4, pp=1, pp_rank=0)
     assert one[:1] == ["model.embed_tokens.weight"]
-    assert set(one[1:3]) == {"lm_head.weight", "model.norm.weight"}     # the export's unit order: lm_head second
+    assert [n.split(".")[2] for n in one[1:3]] == ["0", "0"]        # the export's unit order: the first layer,
+    assert set(one[3:5]) == {"lm_head.weight", "model.norm.weight"}     # then lm_head, then the other layers
     layers = [int(n.split(".")[2]) for n in one if ".layers." in n]
     assert layers == sorted(layers) and set(layers) == {0, 1, 2, 3, 10}     # layer 10: an MTP layer (>= 4)
-    assert one[3:] == [n for n in one if ".layers." in n]
+    assert one[5:] == [n for n in one if ".layers." in n][2:]
     first, last = stage_order(NAMES, 4, 2, 0), stage_order(NAMES, 4, 2, 1)
     assert first == ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in (0, 1)
                                                      for p in ("input_layernorm.weight", "mlp.down_proj.weight")]
