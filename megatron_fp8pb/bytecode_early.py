@@ -34,7 +34,7 @@ MIN_CPUS = 4            # below this the helpers would take the cores the main p
 MAX_HELPERS = 8
 WAIT_S = 3.0            # the longest the import waits for the helpers (then it compiles what they have not)
 SKIPPED_DIRS = ("tests", "test", "__pycache__")
-DIR_PREFIX = "fp8pb-bytecode-"     # then the job's pid: a directory whose job has ended is removed by the next
+DIR_PREFIX = "fp8pb-bytecode-"     # then the host's tag and the job's pid: what a killed job left, the next removes
 
 _state: dict = {}       # "dir": the prefix directory, "procs": the helper processes
 
@@ -123,24 +123,40 @@ def bytecode_will_be_written(dotted: str = "megatron.core") -> bool:
     return os.access(cache, os.W_OK)
 
 
+def _host_tag() -> str:
+    """This host and pid namespace, short: a pid in a directory's name means something only where this tag matches
+    (a temporary directory may be shared by hosts or containers)."""
+    import hashlib
+    import socket
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    return hashlib.sha1(f"{socket.gethostname()}/{ns}".encode()).hexdigest()[:8]
+
+
 def _sweep_stale(tmp: str) -> None:
-    """Remove helper directories left by jobs that no longer run (killed before they could remove them)."""
+    """Remove helper directories left by jobs of this host that no longer run (killed before they could remove
+    them): this user's, named with this host's tag and a pid that no longer exists."""
+    import stat
+    tag = _host_tag()
     try:
         names = os.listdir(tmp)
     except OSError:
         return
     for name in names:
-        parts = name.split("-")
-        if not name.startswith(DIR_PREFIX) or len(parts) < 4 or not parts[2].isdigit():
+        parts = name[len(DIR_PREFIX):].split("-")
+        if not name.startswith(DIR_PREFIX) or len(parts) < 3 or parts[0] != tag:
             continue
         path = os.path.join(tmp, name)
         try:
-            if os.stat(path).st_uid != os.getuid():
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
                 continue
-            os.kill(int(parts[2]), 0)
+            os.kill(int(parts[1]), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
-        except OSError:
+        except (OSError, ValueError, OverflowError):
             pass
 
 
@@ -155,7 +171,7 @@ def start(packages: tuple[str, ...] = PACKAGES, min_cpus: int | None = None) -> 
     roots = [r for r in (package_root(p) for p in packages) if r]
     _sweep_stale(tempfile.gettempdir())
     try:
-        prefix = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
+        prefix = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{_host_tag()}-{os.getpid()}-")
     except OSError:
         return False
     n = max(1, min(MAX_HELPERS, share - 2))     # the main process and the readahead keep two
@@ -188,7 +204,7 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> boo
 @contextlib.contextmanager
 def used():
     """Import with the helpers' bytecode: wait for them (at most ``WAIT_S``), point ``sys.pycache_prefix`` at their
-    directory for the duration, then restore it. Without helpers, nothing changes."""
+    directory for the duration, then restore it and clean up. Without helpers, nothing changes."""
     if not _state:
         yield
         return
@@ -204,14 +220,15 @@ def used():
         yield
     finally:
         sys.pycache_prefix = before
-        _stop_helpers()     # what they have not compiled by now is no longer wanted
+        cleanup()       # imported: the helpers and their files are no longer wanted
 
 
-def _stop_helpers() -> None:
+def _stop_helpers(wait: bool = True) -> None:
     for p in _state.get("procs", []):
         if p.poll() is None:
             p.kill()
-            p.wait()
+            if wait:
+                p.wait()
 
 
 def cleanup() -> None:
@@ -229,10 +246,13 @@ def cleanup_on_sigterm() -> None:
     import signal
 
     def handler(signum, frame):
-        cleanup()
+        _stop_helpers(wait=False)       # a wait here could deadlock with one the signal interrupted
+        if _state.get("dir"):
+            shutil.rmtree(_state["dir"], ignore_errors=True)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:      # an ignored SIGTERM stays ignored
+        signal.signal(signal.SIGTERM, handler)
 
 
 def module_files(roots: list[str]) -> list[str]:
@@ -260,14 +280,13 @@ def _die_with(parent: int) -> None:
 
 def compile_share(prefix: str, k: int, n: int, roots: list[str], parent: int | None = None) -> int:
     """Helper ``k`` of ``n``: compile every n-th file into ``prefix`` as the import will look for it (the same
-    interpreter, optimization level and timestamp check), while ``prefix`` exists and ``parent`` runs; the files
-    compiled."""
+    interpreter, optimization level and timestamp check), while ``parent`` runs; the files compiled."""
     import py_compile
     sys.pycache_prefix = prefix
     done = 0
     for path in module_files(roots)[k::n]:
-        if not os.path.isdir(prefix) or (parent is not None and os.getppid() != parent):
-            break       # the job has cleaned up or ended: nothing more is wanted
+        if parent is not None and os.getppid() != parent:
+            break       # the job has ended: nothing more is wanted
         try:
             py_compile.compile(path, cfile=importlib.util.cache_from_source(path), doraise=True, quiet=2,
                                invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)

@@ -58,8 +58,7 @@ def test_the_import_loads_the_helpers_bytecode_without_compiling(package, monkey
     assert compiled_from_source == []
     assert sys.pycache_prefix == before
     assert not (package / "sub" / "__pycache__").exists()       # nothing next to the installed sources
-    be.cleanup()
-    assert not os.path.exists(prefix) and be._state == {}
+    assert not os.path.exists(prefix) and be._state == {}       # cleaned up once imported
 
 
 def test_cleanup_stops_running_helpers_and_removes_their_directory(package):
@@ -72,13 +71,17 @@ def test_cleanup_stops_running_helpers_and_removes_their_directory(package):
 def test_a_directory_whose_job_has_ended_is_swept(package):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tempfile.mkdtemp(prefix=f"{be.DIR_PREFIX}{dead.pid}-")
-    mine = tempfile.mkdtemp(prefix=f"{be.DIR_PREFIX}{os.getpid()}-")      # a running job's: kept
+    tag = be._host_tag()
+    stale = tempfile.mkdtemp(prefix=f"{be.DIR_PREFIX}{tag}-{dead.pid}-")
+    kept = [tempfile.mkdtemp(prefix=f"{be.DIR_PREFIX}{tag}-{os.getpid()}-"),     # a running job's
+            tempfile.mkdtemp(prefix=f"{be.DIR_PREFIX}0another-{dead.pid}-"),      # another host's: its pids mean
+            tempfile.mkdtemp(prefix=f"{be.DIR_PREFIX}{tag}-x{dead.pid}-")]        # nothing here; not a pid
     try:
         assert be.start(("fp8pb_bc_pkg",), min_cpus=3)
-        assert not os.path.exists(stale) and os.path.exists(mine)
+        assert not os.path.exists(stale) and all(os.path.exists(d) for d in kept)
     finally:
-        os.rmdir(mine)
+        for d in kept:
+            os.rmdir(d)
 
 
 def test_nothing_starts_where_bytecode_exists_or_would_be_written_or_cores_are_few(package, monkeypatch):
@@ -160,3 +163,8 @@ def test_a_sigterm_during_the_imports_cleans_up_and_ends_the_process(package):
     p.terminate()
     assert p.wait(30) == -15         # ended by the signal, as without the handler
     assert not os.path.exists(prefix)
+
+
+def test_the_helpers_compile_what_the_megatron_import_loads():
+    from megatron_fp8pb.mcore import MEGATRON_MODULES
+    assert all(any(m == p or m.startswith(p + ".") for p in be.PACKAGES) for m in MEGATRON_MODULES)
