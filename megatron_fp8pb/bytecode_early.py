@@ -33,21 +33,18 @@ PACKAGES = ("megatron.core", "sympy", "mpmath", "torch.distributed", "torch.fx",
 MIN_CPUS = 4            # below this the helpers would take the cores the main process imports on
 MAX_HELPERS = 8
 WAIT_S = 3.0            # the longest the import waits for the helpers (then it compiles what they have not)
-SKIPPED_DIRS = ("tests", "test", "__pycache__")
+SKIPPED_DIRS = ("tests", "test", "__pycache__")     # import_prefetch's, repeated: the helpers' script is stdlib-only
 DIR_PREFIX = "fp8pb-bytecode-"     # then the host's tag and the job's pid: what a killed job left, the next removes
 
 _state: dict = {}       # "dir": the prefix directory, "procs": the helper processes
 
 
 def package_root(dotted: str) -> str | None:
-    """The directory of a package or subpackage, without importing it (``find_spec`` of the top-level name only)."""
+    """The directory of a package or subpackage, without importing it (``import_prefetch.package_dirs`` of the
+    top-level name). Imported here, not at the top: this file also runs as the helpers' script, outside the package."""
+    from .import_prefetch import package_dirs
     top, *rest = dotted.split(".")
-    try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return None
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
+    for loc in package_dirs(top):
         path = os.path.join(loc, *rest)
         if os.path.isdir(path):
             return path
