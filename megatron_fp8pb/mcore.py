@@ -3,14 +3,12 @@ Dims, dist checkpoints (``sources.fill_random`` also reads parallel_state ranks)
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from . import bytecode_early
 from .archs.base import Dims
 from .plan import Layout
 
@@ -27,36 +25,6 @@ def padded_vocab(vocab: int, tp_size: int, divisible_by: int = 128) -> int:
     """Megatron's padding: the smallest multiple of ``divisible_by * tp_size`` >= vocab."""
     m = divisible_by * tp_size
     return -(-vocab // m) * m
-
-
-# what the export of a Megatron source imports from megatron-core and torch (the rest of megatron-core's modules are
-# imported by these), imported together where ``bytecode_early`` helpers compiled them
-MEGATRON_MODULES = ("megatron.core", "megatron.core.models.gpt.gpt_layer_specs", "megatron.core.dist_checkpointing",
-                    "megatron.core.dist_checkpointing.strategies.torch",
-                    "megatron.core.transformer.multi_latent_attention", "torch.distributed.checkpoint")
-
-
-def import_without_compiling() -> None:
-    """Import megatron.core with ``torch.compile`` a plain decorator while it is imported: its fused functions are
-    decorated with torch.compile at import time, which imports torch's compiler stack (seconds from a cold disk). For
-    a process that never runs the model (the CLI export builds it, or only describes it on the meta device); the
-    in-process API leaves the caller's megatron.core as it is."""
-    import sys
-    if "megatron.core" in sys.modules:
-        return
-    from .log import quiet_known_warnings
-    quiet_known_warnings()      # before megatron.core is imported
-    real = torch.compile
-
-    def plain(model=None, **kwargs):
-        return model if model is not None else (lambda fn: fn)
-    torch.compile = plain
-    try:
-        with bytecode_early.used():     # the bytecode compiled meanwhile, where the installation has none
-            for name in MEGATRON_MODULES:
-                importlib.import_module(name)
-    finally:
-        torch.compile = real
 
 
 def initialize_parallel(tp: int, pp: int, ep: int = 1, etp: int | None = None, vp: int | None = None) -> None:

@@ -103,8 +103,8 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     start = session.process_age()
     mcore_free = cfg.source.kind in MCORE_FREE_KINDS     # the layout and its groups without megatron-core
     if not mcore_free:
-        from . import mcore
-        mcore.import_without_compiling()     # this job never runs the model
+        from .mcore_import import import_without_compiling
+        import_without_compiling()      # this job never runs the model
     with session.started(cfg.parallel, megatron=not mcore_free) as sess:
         if cfg.source.kind in STREAMED_KINDS:
             fixed_mmap_threshold()      # a streamed source's tensors come and go: each gets its own pages
