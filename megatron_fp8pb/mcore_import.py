@@ -18,7 +18,9 @@ MEGATRON_MODULES = ("megatron.core", "megatron.core.models.gpt.gpt_layer_specs",
 # optional imports on that path, each made under ``try: ... except ImportError`` by its importer, for what the export
 # never does: megatron.core.timers' loggers (tensorboard 1.0 s and wandb, from a cold disk), and setuptools'
 # Cython-based build_ext (0.5 s), reached through torch.utils.cpp_extension. Refused while megatron-core is imported,
-# as if not installed; importable again afterwards.
+# as if not installed. Importable again afterwards, but what was imported meanwhile keeps its "not installed" choice
+# (megatron.core.timers' wandb and SummaryWriter None, setuptools' build_ext the distutils one): the CLI's process
+# uses none of them.
 REFUSED_OPTIONAL = ("torch.utils.tensorboard", "wandb", "Cython")
 
 

@@ -70,7 +70,7 @@ def test_refused_only_inside_and_only_what_was_not_imported(stand_ins):
                                        "Cython/Compiler/__init__.py", "Cython/Compiler/Main.py"]
 
 
-def test_refused_restores_a_module_imported_meanwhile_by_other_means():
+def test_refused_leaves_alone_a_module_put_there_meanwhile():
     """A name the block refused but someone put in sys.modules meanwhile is left alone."""
     name = "fp8pb_refused_probe"
     try:
