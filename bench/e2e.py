@@ -168,9 +168,16 @@ def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, sour
                 phases=phases.group(1) if phases else "", out_bytes=out_bytes(out), disk=disk)
 
 
-def _median_run(runs: list[dict]) -> dict:
-    """The median of repeated runs of ours (the slower of two)."""
-    return sorted(runs, key=lambda t: t["seconds"])[len(runs) // 2]
+def _median_run(runs: list[dict], key: str = "seconds") -> dict:
+    """The median of repeated runs by ``key`` (the slower of two)."""
+    return sorted(runs, key=lambda t: t[key])[len(runs) // 2]
+
+
+def _show(line: str, run: dict) -> None:
+    """A timed run's line, then its disk trace where one was recorded."""
+    print(line, flush=True)
+    if run["disk"]:
+        print(run["disk"], flush=True)
 
 
 def _runs_label(seconds: list[float]) -> str:
@@ -283,10 +290,8 @@ def main() -> None:
         for _ in range(args.repeats if n == layers[-1] else 1):
             dropped = drop_caches(out)
             ours = run_ours(src, out, nproc, extra, log, trace=args.trace and n == layers[-1])
-            print(f"{n} layers: ours {ours['seconds']:.1f} s, peak RSS per rank "
-                  f"{[round(r / 1e9, 2) for r in ours['rss']]} GB; {ours['phases']}; rank 0 {ours['marks']}", flush=True)
-            if ours["disk"]:
-                print(ours["disk"], flush=True)
+            _show(f"{n} layers: ours {ours['seconds']:.1f} s, peak RSS per rank "
+                  f"{[round(r / 1e9, 2) for r in ours['rss']]} GB; {ours['phases']}; rank 0 {ours['marks']}", ours)
             tries.append(ours)
         ours = _median_run(tries)
         runs[n] = dict(src_bytes=src_bytes, ours=ours, seconds_each=[t["seconds"] for t in tries])
@@ -312,10 +317,8 @@ def main() -> None:
             drop_caches(work / "ours-megatron")
             runs_m.append(run_ours(src, work / "ours-megatron", nproc, extra, log, [
                 "source.kind=megatron", f"source.path={ck}", f"source.hf_config={src}/config.json"], trace=args.trace))
-            print(f"{n} layers, Megatron checkpoint: ours {runs_m[-1]['seconds']:.1f} s; {runs_m[-1]['phases']}; "
-                  f"rank 0 {runs_m[-1]['marks']}", flush=True)
-            if runs_m[-1]["disk"]:
-                print(runs_m[-1]["disk"], flush=True)
+            _show(f"{n} layers, Megatron checkpoint: ours {runs_m[-1]['seconds']:.1f} s; {runs_m[-1]['phases']}; "
+                  f"rank 0 {runs_m[-1]['marks']}", runs_m[-1])
         same = all((work / "ours-megatron" / f.name).read_bytes() == f.read_bytes() for f in out.glob("*.safetensors"))
         drop_caches()
         mg = dict(saved_s=saved_s, read_floor=read_floor(ck, "*.distcp"), same=same,
@@ -329,14 +332,14 @@ def main() -> None:
             got = run_peer(src, work / "peer", work, log, trace=args.trace)
             if got is None:
                 break
-            print(f"{n} layers: llm-compressor {got['seconds']:.1f} s", flush=True)
-            if got["disk"]:
-                print(got["disk"], flush=True)
+            _show(f"{n} layers: llm-compressor {got['seconds']:.1f} s", got)
+            got["durable"] = got["seconds"] + got["sync_s"]
             peers.append(got)
         peer = _median_run(peers) if peers else None
         if peer:
             peer["seconds_each"] = [t["seconds"] for t in peers]
-            peer["durable_each"] = [t["seconds"] + t["sync_s"] for t in peers]
+            peer["durable_each"] = [t["durable"] for t in peers]
+            peer["durable_median"] = _median_run(peers, "durable")["durable"]
     import torch
     dev = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\ne2e on {dev}: {arch} shapes, {n} layers, source {r['src_bytes'] / 1e9:.2f} GB, nproc={nproc}, page "
@@ -353,7 +356,7 @@ def main() -> None:
     if peer:
         print(f"| llm-compressor FP8_BLOCK{_runs_label(peer['seconds_each'])} | {peer['seconds']:.2f} | {peer['seconds'] / floor:.2f} | "
               f"{peer['peak_rss_gb']:.2f} | | {peer['out_bytes'] / 1e9:.2f} |")
-        durable = sorted(peer["durable_each"])[len(peer["durable_each"]) // 2]
+        durable = peer["durable_median"]
         print(f"| llm-compressor, then `sync` of the output it left in the page cache{_runs_label(peer['durable_each'])}"
               f" | {durable:.2f} | {durable / floor:.2f} | | | |")
         ours_mean = sum(r["seconds_each"]) / len(r["seconds_each"])
