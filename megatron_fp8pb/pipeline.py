@@ -117,16 +117,22 @@ def quantize_unit(items: list[tuple[Piece, torch.Tensor]], groups, traffic: coll
             payload[k] = quantize_checked(t, BLOCK, p.scale_fmt)
     for axis in ("tp", "etp"):
         todo = [(k, p, t) for k, (p, t) in enumerate(items) if p.quantize and p.axis == axis]
-        grids = []
+        # one grid per HF tensor: a rank may hold several row ranges of one tensor (a fused tensor whose parts lie
+        # apart in the HF tensor), and blocks straddling two of them take the MAX of both
+        grids: dict[str, torch.Tensor] = {}
         for _, p, t in todo:
-            grid = torch.zeros(_grid_shape(p), dtype=torch.float32, device=t.device)
+            grid = grids.get(p.hf_name)
+            if grid is None:
+                grid = grids[p.hf_name] = torch.zeros(_grid_shape(p), dtype=torch.float32, device=t.device)
             first, last = blockmath.block_span(p.offset, p.length, BLOCK)
-            part = _partial_amax(t, p)
-            (grid[first:last] if p.dim == 0 else grid[:, first:last]).copy_(part)
-            grids.append(grid)
-        grids = coll.allreduce_amax(grids, getattr(groups, axis), traffic, groups.device)
-        scales = blockmath.scales_from_amax_grids(grids, [p.scale_fmt for _, p, _ in todo])
-        for (k, p, t), scale_inv in zip(todo, scales):
+            dst = grid[first:last] if p.dim == 0 else grid[:, first:last]
+            dst.copy_(torch.maximum(dst, _partial_amax(t, p)))
+        names = list(grids)
+        fmts = {p.hf_name: p.scale_fmt for _, p, _ in todo}
+        reduced = coll.allreduce_amax(list(grids.values()), getattr(groups, axis), traffic, groups.device)
+        scales = dict(zip(names, blockmath.scales_from_amax_grids(reduced, [fmts[n] for n in names])))
+        for k, p, t in todo:
+            scale_inv = scales[p.hf_name]
             _, rows = blockmath.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             payload[k] = (_quantize(t, scale_inv, p), rows)
     for k, (p, t) in enumerate(items):

@@ -10,10 +10,11 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .archs import default_exclude, rules_for
-from .archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB,
-                         Dims, Rule, hf_module, rule_layers)
+from .archs import arch, default_exclude, rules_for
+from .archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, PARTS, QKV, REPLICATED, ROWWISE, TIED_COPY,
+                         VOCAB, Dims, Rule, hf_module, rule_layers)
 from .config import QuantConfig
+from .fused_parts import local_groups, member_rows, member_segments
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MTP_LAYER_RE = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.+)$")
@@ -145,6 +146,9 @@ def _fill(name: str, layer: int | None, expert: int | None) -> str:
 def _shard_sizes(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layout) -> list[int]:
     """Per-rank length of each HF tensor along the sharded dim; refuses shapes the layout cannot split."""
     dim = 1 if rule.shard == ROWWISE else 0
+    if rule.fusion == PARTS:
+        g = local_groups(rule.parts, d, size, f"{name} under {layout.describe()}")
+        return [g * member_rows(rule.parts, d, m) for m in range(len(rule.hf))]
     out = []
     for hf, shape in zip(rule.hf, shapes):
         n = shape[dim]
@@ -252,21 +256,49 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], ctx: PlanContext,
         name = _fill(hf, layer, expert)
         is_linear = rule.linear or (rule.fusion == DUPLICATE and h == 1)
         # q/k/v and gate/up are fused by servers: excluding one member keeps the whole group unquantized
-        group = [hf_module(_fill(x, layer, expert)) for x in rule.hf] if rule.fusion in (QKV, GATED) else \
-            [hf_module(name)]
+        group = [hf_module(_fill(x, layer, expert)) for x in _fused_with(rule, h, d)]
         q = is_linear and len(shape) == 2 and all(quant.quantizes(m, defaults) for m in group)
         # a replicated piece is whole on the rank that exports it: quantized there, with no collective
         axis = ("etp" if is_expert else "tp") if q and split > 1 else None
-        plan.slices.append(Piece(name, tuple(shape), dim, offset, length, q, axis,
-                                 WriteOrder(unit, k, -1 if expert is None else expert, h),
-                                 linear=is_linear and len(shape) == 2,
-                                 scale_fmt=quant.scale_fmt if q else "amax", dtype=rule.dtype))
+        ranges = [(offset, length)]
+        if rule.fusion == PARTS:
+            ranges = merged_ranges(member_segments(rule.parts, d, h, split, rank if split > 1 else 0))
+        for at, n_rows in ranges:
+            plan.slices.append(Piece(name, tuple(shape), dim, at, n_rows, q, axis,
+                                     WriteOrder(unit, k, -1 if expert is None else expert, h),
+                                     linear=is_linear and len(shape) == 2,
+                                     scale_fmt=quant.scale_fmt if q else "amax", dtype=rule.dtype))
     # the first stage writes the embedding; a later stage's copy (multi-token prediction reads embeddings on the
     # last stage) is the same tensor
     copy = rule.hf[:1] == ("model.embed_tokens.weight",) and layout.pp_rank != 0
     if exporting and not (rule.shard == REPLICATED and rank != 0) and not copy:
         plan.pieces = list(plan.slices)
     return plan
+
+
+def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ascending (offset, length) row ranges with touching ones joined (on one rank, all of a tensor is one range)."""
+    out: list[tuple[int, int]] = []
+    for at, n in ranges:
+        if out and out[-1][0] + out[-1][1] == at:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((at, n))
+    return out
+
+
+def _fused_with(rule: Rule, member: int, d: Dims) -> tuple[str, ...]:
+    """The HF names of ``rule`` a server fuses with its ``member`` into one module (quantized all or none): every one
+    of q/k/v and of gate/up; for fused parts, the members whose leaves share one of the architecture's fusion
+    groups."""
+    if rule.fusion in (QKV, GATED):
+        return rule.hf
+    if rule.fusion != PARTS:
+        return (rule.hf[member],)
+    leaf = hf_module(rule.hf[member]).rsplit(".", 1)[-1]
+    groups = [g for g in arch(d.model_type).fusion if leaf in g]
+    return tuple(x for x in rule.hf if any(hf_module(x).rsplit(".", 1)[-1] in g for g in groups)) or \
+        (rule.hf[member],)
 
 
 def local_shape(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layout) -> tuple[int, ...]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .archs.base import GATED, QKV, Dims
+from .archs.base import GATED, PARTS, QKV, Dims
 from .fused import merge_gated, merge_qkv, split_gated, split_qkv
+from .fused_parts import merge_parts, part_rows, split_parts
 from .plan import ParamPlan, Piece
 
 
@@ -14,8 +15,48 @@ def _groups_per_rank(plan: ParamPlan, d: Dims) -> int:
     return q.length // (d.heads_per_group * d.head_dim)
 
 
+def _parts_groups(plan: ParamPlan, d: Dims) -> int:
+    return plan.local_shape[0] // sum(part_rows(plan.rule.parts, d))
+
+
+def _member_slices(plan: ParamPlan, member: int) -> list:
+    return [s for s in plan.slices if s.order.member == member]
+
+
+def _parts_to_slices(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+    """A fused-parts tensor -> one tensor per slice: each member's row ranges, touching ones joined as the plan
+    joined them."""
+    per_member = split_parts(plan.rule.parts, d, local, _parts_groups(plan, d))
+    out = []
+    for m, segs in enumerate(per_member):
+        segs = list(segs)
+        for s in _member_slices(plan, m):
+            take, n = [], 0
+            while n < s.length:
+                take.append(segs.pop(0))
+                n += take[-1].shape[0]
+            out.append(take[0] if len(take) == 1 else torch.cat(take, dim=0))
+    return out
+
+
+def _parts_from_slices(plan: ParamPlan, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
+    from .fused_parts import member_segments
+    fp, g = plan.rule.parts, _parts_groups(plan, d)
+    tp_size = fp.groups(d) // g
+    segments, k = [], 0
+    for m in range(len(fp.members)):
+        n = len(_member_slices(plan, m))
+        joined = torch.cat(tensors[k:k + n], dim=0) if n > 1 else tensors[k]
+        k += n
+        lengths = [length for _, length in member_segments(fp, d, m, tp_size, 0)]
+        segments.append(list(joined.split(lengths, dim=0)))
+    return merge_parts(fp, d, segments, g)
+
+
 def to_slices(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torch.Tensor]:
     """local tensor -> one tensor per entry of ``plan.slices`` (vocab padding rows dropped)."""
+    if plan.fusion == PARTS:
+        return _parts_to_slices(plan, local, d)
     if plan.fusion == QKV:
         parts = split_qkv(local, _groups_per_rank(plan, d), d.heads_per_group, d.head_dim)
     elif plan.fusion == GATED:
@@ -35,14 +76,16 @@ def pieces_of(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torch.Tenso
     """local tensor -> one tensor per entry of ``plan.pieces`` (what this rank exports)."""
     if not plan.pieces:
         return []
-    by_name = dict(zip((s.hf_name for s in plan.slices), to_slices(plan, local, d)))
-    return [by_name[p.hf_name] for p in plan.pieces]
+    by_name = dict(zip(((s.hf_name, s.offset) for s in plan.slices), to_slices(plan, local, d)))
+    return [by_name[(p.hf_name, p.offset)] for p in plan.pieces]
 
 
 def from_slices(plan: ParamPlan, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
     """One tensor per entry of ``plan.slices`` -> the local Megatron tensor (vocab padding rows zero)."""
     if not plan.slices:  # a shard made only of vocab padding
         return torch.zeros(plan.local_shape)
+    if plan.fusion == PARTS:
+        return _parts_from_slices(plan, tensors, d)
     if plan.fusion == QKV:
         return merge_qkv(*tensors, _groups_per_rank(plan, d), d.heads_per_group, d.head_dim)
     if plan.fusion == GATED:

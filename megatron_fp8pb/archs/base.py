@@ -10,6 +10,8 @@ COLWISE, ROWWISE, REPLICATED, VOCAB, TIED_COPY = "colwise", "rowwise", "replicat
 # Fusion kinds: how one Megatron tensor becomes several HF tensors. DUPLICATE: the same tensor under each HF name
 # (the embedding written again as an untied lm_head).
 PLAIN, QKV, GATED, DUPLICATE = "plain", "qkv", "gated", "duplicate"
+# PARTS: one Megatron tensor holding several HF tensors' rows in head groups, as ``Rule.parts`` describes
+PARTS = "parts"
 # Scopes: where the rule's names are expanded.
 GLOBAL, LAYER, EXPERT = "global", "layer", "expert"
 # Serving-side parallel styles of an HF linear (vLLM / SGLang).
@@ -93,6 +95,43 @@ def moe_layers(d: Dims) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One component of a fused Megatron tensor: ``rows(d)`` rows per head group, held by HF tensor ``member``."""
+    member: int
+    rows: Callable[[Dims], int]
+
+
+@dataclass(frozen=True)
+class MemberLayout:
+    """How one HF tensor of a fused rule lays out its parts (indices into ``FusedParts.parts``).
+
+    grouped: rows per head group, each group holding its parts in turn (Qwen3-Next's ``in_proj_qkvz``: per key head
+    [q, k, v, z]); otherwise each part over all groups, one part after the other (Qwen3.5's ``in_proj_qkv``:
+    [q of every head; k; v]). chunks: a grouped member interleaves its parts in this many chunks per group
+    (Qwen3-Next's gated ``q_proj``: per head [query; gate], so heads-per-group chunks); None for one chunk."""
+    parts: tuple[int, ...]
+    grouped: bool = True
+    chunks: Callable[[Dims], int] | None = None
+
+
+@dataclass(frozen=True)
+class FusedParts:
+    """The rows of a fused Megatron tensor, made of parts, each a number of rows per head group.
+
+    Tensor parallelism keeps head groups whole: rank r holds groups ``[r * G / tp, (r + 1) * G / tp)`` of every
+    part, ``G = groups(d)`` (``groups_name`` names it in errors). ``mcore_grouped``: Megatron's local rows are per
+    group, each group holding its parts in turn (True); or each part over the local groups, one after the other
+    (False: gated DeltaNet's ``in_proj`` [q; k; v; z; b; a] of the rank's heads). ``members``: one MemberLayout per
+    HF tensor of the rule. A rank's rows of an HF tensor are one range when the member is grouped, else one range
+    per part."""
+    groups: Callable[[Dims], int]
+    groups_name: str
+    parts: tuple[Part, ...]
+    members: tuple[MemberLayout, ...]
+    mcore_grouped: bool = False
+
+
+@dataclass(frozen=True)
 class Rule:
     """One Megatron parameter and the HF tensors it holds.
 
@@ -102,7 +141,7 @@ class Rule:
     layers: which layers the rule covers (None: every layer). dtype: the dtype it is written in when not quantized
     (None: the checkpoint's dtype). alt_shard: other sharding kinds megatron-core may build the same parameter with
     (MLA down-projections: column-parallel in the local spec, replicated under TransformerEngine); the Megatron
-    module decides which one applies.
+    module decides which one applies. parts: for fusion PARTS, the layout of the fused rows (FusedParts).
     """
     mcore: tuple[str, ...]
     hf: tuple[str, ...]
@@ -114,6 +153,7 @@ class Rule:
     layers: Callable[[Dims], tuple[int, ...]] | None = ALL_LAYERS
     dtype: str | None = None
     alt_shard: tuple[str, ...] = ()
+    parts: FusedParts | None = None     # fusion PARTS: how the Megatron tensor holds the HF tensors
 
 
 def rule_layers(rule: Rule, d: Dims) -> tuple[int, ...]:
