@@ -57,6 +57,21 @@ class Dims:
     norm_topk: bool = False
     partial_rotary: float = 1.0
     mtp_layers: int = 0       # multi-token prediction layers written after the decoder layers
+    # gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): the layers that have it, its head counts and dims;
+    # lin_split: the input projection saved split (in_proj_qkv / in_proj_z / in_proj_b / in_proj_a)
+    linear_layers: tuple[int, ...] = ()
+    lin_k_heads: int = 0
+    lin_v_heads: int = 0
+    lin_k_dim: int = 0
+    lin_v_dim: int = 0
+    lin_conv: int = 0
+    lin_split: bool = False
+    attn_gate: bool = False   # full attention with an output gate: q_proj rows per head [query; gate]
+    # DeepSeek sparse attention's indexer: heads, head dim, and the layers that hold one
+    index_heads: int = 0
+    index_head_dim: int = 0
+    indexer_layers: tuple[int, ...] = ()
+    qk_norm_full: bool = False   # q/k RMSNorm over all heads at once ([heads * head_dim]; MiniMax-M2)
 
     @property
     def heads_per_group(self) -> int:
@@ -70,6 +85,11 @@ class Dims:
     def all_layers(self) -> tuple[int, ...]:
         """Decoder layers, then multi-token-prediction layers (numbered on: ``num_layers + k``)."""
         return tuple(range(self.num_layers + self.mtp_layers))
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Layers with (softmax) self-attention: all but the linear-attention ones."""
+        return tuple(i for i in self.all_layers if i not in set(self.linear_layers))
 
     @property
     def moe_layers(self) -> tuple[int, ...]:

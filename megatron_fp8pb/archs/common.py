@@ -96,7 +96,7 @@ def dense_mlp_rules(prefix: str = MLP, leaves=("gate_proj", "up_proj", "down_pro
 
 
 def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), shared: str | None = None,
-              shared_gate: str | None = None) -> list[Rule]:
+              shared_gate: str | None = None, bias: str = "gate.e_score_correction_bias") -> list[Rule]:
     """The MoE block of the layers ``Dims.moe_layers`` covers: router ``{block}gate`` (with its score correction
     bias when Dims.expert_bias, kept in float32), experts ``{block}experts.{e}.<leaves>``, an optional shared expert
     ``{block}<shared><leaves>`` split along tp and its sigmoid gate ``{block}<shared_gate>``.
@@ -104,7 +104,8 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
     Megatron holds a rank's experts as SequentialMLP (``mlp.experts.local_experts.{x}.linear_fc1.weight``) or in the
     TE grouped layout (``mlp.experts.linear_fc1.weight{x}``); local index x is global expert
     ``ep_rank * num_local_experts + x``. Each expert's fc1 ``[2 * moe_ffn / etp, hidden]`` is ``[gate; up]`` rows
-    split along expert tensor parallel, fc2 ``[hidden, moe_ffn / etp]`` its input columns."""
+    split along expert tensor parallel, fc2 ``[hidden, moe_ffn / etp]`` its input columns. ``bias``: where the
+    score correction bias lives under ``block`` (MiniMax-M2 holds it beside the router, not in it)."""
     gate, up, down = leaves
     experts = block + "experts.{e}."
     rules = [
@@ -118,7 +119,7 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
              (experts + down + ".weight",), lambda d: ((d.hidden, d.moe_ffn_hidden),), ROWWISE, linear=True,
              scope=EXPERT, layers=moe_layers),
     ]
-    rules.append(Rule(("mlp.router.expert_bias",), (block + "gate.e_score_correction_bias",),
+    rules.append(Rule(("mlp.router.expert_bias",), (block + bias,),
                       lambda d: ((d.num_experts,),), REPLICATED, layers=lambda d: d.moe_layers if d.expert_bias else (),
                       dtype="float32"))
     if shared is not None:
