@@ -137,7 +137,7 @@ _common = dict(dims=dims, rules=rules,
                serving={**DEEPSEEK_V3.serving, "wq_b": WHOLE, "wk": WHOLE},
                fusion=DEEPSEEK_V3.fusion, never_quantized=("gate", "weights_proj"),
                exclude=DEEPSEEK_V3.exclude + ("*.indexer.weights_proj",), mcore=mcore, block_spec=True,
-               absent_same=("moe_layer_freq", "head_dim"))
+               absent_same=("moe_layer_freq", "head_dim", "indexer_types"))
 DEEPSEEK_V32 = Arch(model_types=("deepseek_v32",), tiny={"deepseek_v32": _v32},
                     presets={"deepseek-v3.2": _preset("DeepseekV32Config", **_V32)}, **_common)
 GLM_MOE_DSA = Arch(model_types=("glm_moe_dsa",), tiny={"glm_moe_dsa": _glm5},

@@ -72,5 +72,5 @@ MINIMAX_M2 = Arch(
     fusion=(("q_proj", "k_proj", "v_proj"), ("w1", "w3")), kv_leaves=("k_proj", "v_proj"),
     never_quantized=("gate",), expert_leaves=("w1", "w3", "w2"),
     exclude=("model.embed_tokens", "lm_head", "*norm*", "*.block_sparse_moe.gate"),
-    tiny={"minimax_m2": _tiny}, presets={"minimax-m2": _m2})
+    absent_same=("qk_norm_type", "use_qk_norm"), tiny={"minimax_m2": _tiny}, presets={"minimax-m2": _m2})
 UNITS = (MINIMAX_M2,)

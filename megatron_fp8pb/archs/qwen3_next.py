@@ -228,6 +228,7 @@ _common = dict(dims=dims, rules=rules, serving=SERVING,
                kv_leaves=("k_proj", "v_proj"), never_quantized=KEPT_LEAVES, exclude=EXCLUDE, block_spec=True)
 QWEN3_NEXT = Arch(model_types=("qwen3_next",), tiny={"qwen3_next": _qwen3_next},
                   presets={"qwen3-next-80b-a3b": _preset(_real(_qwen3_next, **_NEXT_80B))}, **_common)
-QWEN3_5_MOE = Arch(model_types=("qwen3_5_moe_text",), tiny={"qwen3_5_moe_text": _qwen3_5_moe},
+QWEN3_5_MOE = Arch(model_types=("qwen3_5_moe_text",),
+                   absent_same=("decoder_sparse_step", "intermediate_size", "mlp_only_layers"), tiny={"qwen3_5_moe_text": _qwen3_5_moe},
                    presets={"qwen3.5-397b-a17b": _preset(_real(_qwen3_5_moe, **_QWEN35_397B))}, **_common)
 UNITS = (QWEN3_NEXT, QWEN3_5_MOE)

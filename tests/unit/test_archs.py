@@ -22,15 +22,15 @@ def _transformers_names(cfg) -> set[str]:
     for n, t in model.state_dict().items():
         if n.endswith("experts.gate_up_proj"):
             block = n[:-len("gate_up_proj")]
-            leaves = ("w1", "w3") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj")
+            leaves = ("w1", "w3") if cfg.model_type in ("mixtral", "minimax_m2") else ("gate_proj", "up_proj")
             names |= {f"{block}{e}.{leaf}.weight" for e in range(t.shape[0]) for leaf in leaves}
         elif n.endswith("experts.down_proj"):
             block = n[:-len("down_proj")]
-            leaf = "w2" if cfg.model_type == "mixtral" else "down_proj"
+            leaf = "w2" if cfg.model_type in ("mixtral", "minimax_m2") else "down_proj"
             names |= {f"{block}{e}.{leaf}.weight" for e in range(t.shape[0])}
         else:
             names.add(n)
-    if cfg.model_type == "mixtral":   # transformers renames Mixtral's checkpoint block_sparse_moe to mlp at load
+    if cfg.model_type in ("mixtral", "minimax_m2"):   # transformers renames Mixtral's checkpoint block_sparse_moe to mlp at load
         names = {n.replace(".mlp.", ".block_sparse_moe.") for n in names}
     if getattr(cfg, "tie_word_embeddings", False):
         names.discard("lm_head.weight")
