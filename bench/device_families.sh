@@ -16,7 +16,7 @@ for cfg in bench/family_configs/*/; do
     output.verify=false quant.scale_fmt=$fmt > "$OUT/$name.log" 2>&1; rc=$?
   t1=$(date +%s.%N)
   printf "%s\t%s\t%s\t%.1f\t%s\t%s\n" "$name" "$(du -sb "$src" | awk '{printf "%.2f", $1/1e9}')" \
-    "$(du -sb "$out" 2>/dev/null | awk '{printf "%.2f", $1/1e9}')" "$(echo "$t1 - $t0" | bc)" "$fmt" "$rc" \
+    "$(du -sb "$out" 2>/dev/null | awk '{printf "%.2f", $1/1e9}')" "$(python3 -c "print($t1 - $t0)")" "$fmt" "$rc" \
     >> "$OUT/families.tsv"
   tail -4 "$OUT/$name.log"
   rm -rf "$src" "$out"
