@@ -23,6 +23,11 @@ def member_rows(fp: FusedParts, d: Dims, member: int) -> int:
     return sum(rows[i] for i in fp.members[member].parts)
 
 
+def full_rows(fp: FusedParts, d: Dims) -> list[int]:
+    """Rows of each HF tensor (member) in full: every head group's rows of its parts."""
+    return [fp.groups(d) * member_rows(fp, d, m) for m in range(len(fp.members))]
+
+
 def local_groups(fp: FusedParts, d: Dims, tp_size: int, what: str) -> int:
     """Head groups per rank; ValueError with the arithmetic when ``tp_size`` does not divide them."""
     groups = fp.groups(d)

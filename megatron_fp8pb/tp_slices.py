@@ -6,7 +6,7 @@ import torch
 
 from .archs.base import GATED, PARTS, QKV, Dims
 from .fused import merge_gated, merge_qkv, split_gated, split_qkv
-from .fused_parts import merge_parts, part_rows, split_parts
+from .fused_parts import member_segments, merge_parts, part_rows, split_parts
 from .plan import ParamPlan, Piece
 
 
@@ -40,7 +40,6 @@ def _parts_to_slices(plan: ParamPlan, local: torch.Tensor, d: Dims) -> list[torc
 
 
 def _parts_from_slices(plan: ParamPlan, tensors: list[torch.Tensor], d: Dims) -> torch.Tensor:
-    from .fused_parts import member_segments
     fp, g = plan.rule.parts, _parts_groups(plan, d)
     tp_size = fp.groups(d) // g
     segments, k = [], 0

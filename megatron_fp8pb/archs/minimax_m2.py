@@ -31,14 +31,16 @@ def dims(cfg) -> Dims:
                    router_score="sigmoid", expert_bias=True, qk_norm_full=bool(norm))
 
 
+def _norm_layers(d: Dims) -> tuple[int, ...]:
+    return d.all_layers if d.qk_norm_full else ()
+
+
 def full_width_qk_norm_rules() -> list[Rule]:
     attn = c.ATTN
     return [Rule(("self_attention.q_layernorm.weight",), (attn + "q_norm.weight",),
-                 lambda d: ((d.num_heads * d.head_dim,),), COLWISE, layers=lambda d: d.all_layers if d.qk_norm_full
-                 else ()),
+                 lambda d: ((d.num_heads * d.head_dim,),), COLWISE, layers=_norm_layers),
             Rule(("self_attention.k_layernorm.weight",), (attn + "k_norm.weight",),
-                 lambda d: ((d.num_query_groups * d.head_dim,),), COLWISE,
-                 layers=lambda d: d.all_layers if d.qk_norm_full else ())]
+                 lambda d: ((d.num_query_groups * d.head_dim,),), COLWISE, layers=_norm_layers)]
 
 
 def rules(d: Dims):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..fused_parts import full_rows
 from . import common as c
 from .base import (COLUMN, COLWISE, PARTS, REPLICATED, ROW, ROWWISE, Arch, Dims, FusedParts, MemberLayout, Part,
                    Rule)
@@ -101,29 +102,23 @@ _CONV = FusedParts(lambda d: d.lin_k_heads, "linear_num_key_heads",
                     Part(0, lambda d: _r(d) * d.lin_v_dim)), (MemberLayout((0, 1, 2), grouped=False),))
 
 
-def _key_dim(d: Dims) -> int:
-    return d.lin_k_heads * d.lin_k_dim
-
-
 def _value_dim(d: Dims) -> int:
     return d.lin_v_heads * d.lin_v_dim
 
 
+def _rows_by(fp: FusedParts, *rest):
+    """The full HF shapes of a fused rule: each member's rows (from ``fp``), then ``rest(d)``."""
+    return lambda d: tuple((n, *(r(d) for r in rest)) for n in full_rows(fp, d))
+
+
 def linear_attention_rules(d: Dims) -> list[Rule]:
-    if d.lin_split:
-        names = (LIN + "in_proj_qkv.weight", LIN + "in_proj_z.weight", LIN + "in_proj_b.weight",
-                 LIN + "in_proj_a.weight")
-        shapes = lambda d: ((2 * _key_dim(d) + _value_dim(d), d.hidden), (_value_dim(d), d.hidden),  # noqa: E731
-                            (d.lin_v_heads, d.hidden), (d.lin_v_heads, d.hidden))
-    else:
-        names = (LIN + "in_proj_qkvz.weight", LIN + "in_proj_ba.weight")
-        shapes = lambda d: ((2 * _key_dim(d) + 2 * _value_dim(d), d.hidden), (2 * d.lin_v_heads, d.hidden))  # noqa
+    leaves = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a") if d.lin_split else ("in_proj_qkvz", "in_proj_ba")
+    in_proj = _in_proj(d.lin_split)
     return [
-        Rule(("self_attention.in_proj.weight",), names, shapes, COLWISE, PARTS, linear=True, layers=_linear,
-             parts=_in_proj(d.lin_split)),
+        Rule(("self_attention.in_proj.weight",), tuple(LIN + x + ".weight" for x in leaves),
+             _rows_by(in_proj, lambda d: d.hidden), COLWISE, PARTS, linear=True, layers=_linear, parts=in_proj),
         Rule(("self_attention.conv1d.weight",), (LIN + "conv1d.weight",),
-             lambda d: ((2 * _key_dim(d) + _value_dim(d), 1, d.lin_conv),), COLWISE, PARTS, layers=_linear,
-             parts=_CONV),
+             _rows_by(_CONV, lambda d: 1, lambda d: d.lin_conv), COLWISE, PARTS, layers=_linear, parts=_CONV),
         Rule(("self_attention.A_log",), (LIN + "A_log",), lambda d: ((d.lin_v_heads,),), COLWISE, layers=_linear),
         Rule(("self_attention.dt_bias",), (LIN + "dt_bias",), lambda d: ((d.lin_v_heads,),), COLWISE,
              layers=_linear),
@@ -148,13 +143,10 @@ GATED_QKV = FusedParts(lambda d: d.num_query_groups, "num_query_groups",
 
 def gated_attention_rules(d: Dims, layers=_attention) -> list[Rule]:
     """Full attention whose q_proj holds [query; gate] rows per head (Qwen3-Next, Qwen3.5), with q/k norms."""
-    q = lambda d: 2 * d.num_heads * d.head_dim  # noqa: E731
-    kv = lambda d: d.num_query_groups * d.head_dim  # noqa: E731
     return [
         Rule(("self_attention.linear_qkv.weight",), (ATTN + "q_proj.weight", ATTN + "k_proj.weight",
                                                       ATTN + "v_proj.weight"),
-             lambda d: ((q(d), d.hidden), (kv(d), d.hidden), (kv(d), d.hidden)), COLWISE, PARTS, linear=True,
-             layers=layers, parts=GATED_QKV),
+             _rows_by(GATED_QKV, lambda d: d.hidden), COLWISE, PARTS, linear=True, layers=layers, parts=GATED_QKV),
         Rule(("self_attention.linear_proj.weight",), (ATTN + "o_proj.weight",),
              lambda d: ((d.hidden, d.num_heads * d.head_dim),), ROWWISE, linear=True, layers=layers),
         Rule(("self_attention.q_layernorm.weight",), (ATTN + "q_norm.weight",), lambda d: ((d.head_dim,),),
@@ -200,16 +192,15 @@ def _qwen3_5_moe(tie: bool = False, **kw):
     return tf.Qwen3_5MoeTextConfig(**_tiny_kw(tie_word_embeddings=tie, **kw))
 
 
-def _preset(make, **shape):
-    return lambda num_layers=0: make(**{**shape, **({"num_hidden_layers": num_layers} if num_layers else {})})
-
-
-def _real(make, **shape):
-    def build(tie: bool = False, **kw):
+def _preset(cls_name: str, **shape):
+    """A preset's config factory: the published ``shape``, ``num_layers`` layers when > 0."""
+    def make(num_layers: int = 0):
         import transformers as tf
-        cls = tf.Qwen3NextConfig if make is _qwen3_next else tf.Qwen3_5MoeTextConfig
-        return cls(**{**shape, "tie_word_embeddings": tie, "max_position_embeddings": 8192, **kw})
-    return build
+        kw = {**shape, "tie_word_embeddings": False, "max_position_embeddings": 8192}
+        if num_layers:
+            kw["num_hidden_layers"] = num_layers
+        return getattr(tf, cls_name)(**kw)
+    return make
 
 
 _NEXT_80B = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=16,
@@ -227,8 +218,8 @@ _common = dict(dims=dims, rules=rules, serving=SERVING,
                fusion=(*c.GQA_FUSION, ("in_proj_qkv", "in_proj_z"), ("in_proj_b", "in_proj_a")),
                kv_leaves=("k_proj", "v_proj"), never_quantized=KEPT_LEAVES, exclude=EXCLUDE, block_spec=True)
 QWEN3_NEXT = Arch(model_types=("qwen3_next",), tiny={"qwen3_next": _qwen3_next},
-                  presets={"qwen3-next-80b-a3b": _preset(_real(_qwen3_next, **_NEXT_80B))}, **_common)
+                  presets={"qwen3-next-80b-a3b": _preset("Qwen3NextConfig", **_NEXT_80B)}, **_common)
 QWEN3_5_MOE = Arch(model_types=("qwen3_5_moe_text",),
                    absent_same=("decoder_sparse_step", "intermediate_size", "mlp_only_layers"), tiny={"qwen3_5_moe_text": _qwen3_5_moe},
-                   presets={"qwen3.5-397b-a17b": _preset(_real(_qwen3_5_moe, **_QWEN35_397B))}, **_common)
+                   presets={"qwen3.5-397b-a17b": _preset("Qwen3_5MoeTextConfig", **_QWEN35_397B)}, **_common)
 UNITS = (QWEN3_NEXT, QWEN3_5_MOE)

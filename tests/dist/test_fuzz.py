@@ -139,9 +139,9 @@ def test_fuzz_space_covers_every_registered_architecture():
     assert {random_case(rng)[0].model_type for _ in range(100)} == set(DENSE_ARCHS)
 
 
-def moe_job(case: int) -> tuple[Job, str]:
-    """The export of MoE fuzz case ``case`` and its description."""
-    cfg, tp, pp, ep, etp = random_moe_case(random.Random(SEED * 1000 + 500 + case))
+def moe_job(case: int, make=random_moe_case, stream: int = 500) -> tuple[Job, str]:
+    """The export of MoE fuzz case ``case`` (drawn by ``make`` from seed stream ``stream``) and its description."""
+    cfg, tp, pp, ep, etp = make(random.Random(SEED * 1000 + stream + case))
     args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
             "output.max_shard_size=300KB", "output.verify=false"]
     desc = f"case {case}: {cfg.model_type} {cfg.to_diff_dict()} tp={tp} pp={pp} ep={ep} etp={etp}"
@@ -160,17 +160,8 @@ def dense_job(case: int) -> tuple[Job, str, bool]:
     return Job(tp * pp, args, cfg, seed=case), desc, lm_head
 
 
-def job_2026(case: int) -> tuple[Job, str]:
-    """The export of 2026-family fuzz case ``case`` and its description."""
-    cfg, tp, pp, ep, etp = random_2026_case(random.Random(SEED * 1000 + 800 + case))
-    args = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
-            "output.max_shard_size=300KB", "output.verify=false"]
-    desc = f"case {case}: {cfg.model_type} {cfg.to_diff_dict()} tp={tp} pp={pp} ep={ep} etp={etp}"
-    return Job(pp * max(tp, ep * etp), args, cfg, seed=case), desc
-
-
 MOE = {f"test_fuzz_moe_layouts[{case}]": moe_job(case) for case in range(CASES)}
-NEW = {f"test_fuzz_2026_layouts[{case}]": job_2026(case) for case in range(CASES)}
+NEW = {f"test_fuzz_2026_layouts[{case}]": moe_job(case, random_2026_case, 800) for case in range(CASES)}
 DENSE = {f"test_fuzz_layouts[{case}]": dense_job(case) for case in range(CASES)}
 
 
