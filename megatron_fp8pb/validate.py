@@ -27,6 +27,10 @@ def check_layout(d: Dims, world: int, tp: int, pp: int, ep: int = 1, etp: int | 
     elif d.num_query_groups % tp:
         errs.append(f"num_key_value_heads({d.num_query_groups}) % tp({tp}) = {d.num_query_groups % tp} != 0 "
                     f"(Megatron splits whole query groups)")
+    if d.linear_layers:     # gated DeltaNet splits whole key heads, each with its value heads
+        for name, n in (("linear_num_key_heads", d.lin_k_heads), ("linear_num_value_heads", d.lin_v_heads)):
+            if n % tp:
+                errs.append(f"{name}({n}) % tp({tp}) = {n % tp} != 0 (the linear-attention layers split whole heads)")
     if d.num_layers % pp:
         mix = (f" ({len(d.dense_layers)} dense + {d.num_layers - len(d.dense_layers)} MoE layers; each stage holds a "
                f"contiguous run of "

@@ -117,3 +117,11 @@ def test_glm5_shared_indexer_layers_hold_no_indexer():
     names = expected_tensors(rules_for(d), d)
     assert [i for i in range(4) if f"model.layers.{i}.self_attn.indexer.wq_b.weight" in names] == [0, 3]
     assert "model.layers.1.self_attn.kv_b_proj.weight" in names
+
+
+def test_layout_check_names_the_linear_attention_heads():
+    from megatron_fp8pb.validate import check_layout
+    d = dims_from_hf(_qwen3_next(linear_num_key_heads=1, linear_num_value_heads=4))
+    with pytest.raises(ValueError, match=r"linear_num_key_heads\(1\) % tp\(2\) = 1 != 0 \(the linear-attention"):
+        check_layout(d, world=2, tp=2, pp=1)
+    assert check_layout(d, world=2, tp=1, pp=1) == 2
