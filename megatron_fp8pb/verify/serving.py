@@ -143,7 +143,9 @@ def transformers_load(out: str | os.PathLike) -> dict:
     tf_logging.disable_progress_bar()
     tf_logging.set_verbosity_error()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(out), device_map="meta", output_loading_info=True)
+        # use_kernels=False: transformers >= 5.25 kernelizes by default, which refuses the meta device
+        model, info = AutoModelForCausalLM.from_pretrained(str(out), device_map="meta", output_loading_info=True,
+                                                           use_kernels=False)
     except Exception as e:  # transformers raises many types when a checkpoint does not load
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     finally:
