@@ -57,9 +57,9 @@ def write_random_source(path: Path, arch: str, layers: int, seed: int = 0, shard
     by tensor (bounded memory) through the project's sharded writer. Returns the bytes of tensor data."""
     import torch
     from megatron_fp8pb.archs import dims_from_hf, rules_for
-    from megatron_fp8pb.plan import expected_tensors
-    from megatron_fp8pb.presets import preset_hf_config
-    from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
+    from megatron_fp8pb.plan.params import expected_tensors
+    from megatron_fp8pb.sources.presets import preset_hf_config
+    from megatron_fp8pb.output.writer import CheckpointWriter, TensorSpec
     cfg = preset_hf_config(arch, layers)
     cfg.dtype = torch.bfloat16
     shapes = expected_tensors(rules_for(dims_from_hf(cfg)), dims_from_hf(cfg))
@@ -231,7 +231,7 @@ def agreement(ours: Path, peer: Path, names: list[str]) -> str:
     dequantized weights relative to the block's largest magnitude."""
     import torch
     from safetensors import safe_open
-    from megatron_fp8pb.blockfp8 import dequantize_blockfp8
+    from megatron_fp8pb.quant.reference import dequantize_blockfp8
 
     def load(d: Path, name: str):
         idx = d / "model.safetensors.index.json"

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--metrics", required=True)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    from megatron_fp8pb import session
+    from megatron_fp8pb.parallel import session
     from megatron_fp8pb.config import load_config
     cfg = load_config(None, args.overrides)
     with session.started(cfg.parallel) as job:
@@ -58,10 +58,10 @@ def main() -> None:
 
 def timed_export(args, cfg, job) -> None:
     """Build the source, time one export (``args.mode``), write rank 0's metrics to ``args.metrics``."""
-    from megatron_fp8pb import collectives as coll
-    from megatron_fp8pb.pipeline import run_export
-    from megatron_fp8pb.options import ExportOptions, RankView
-    from megatron_fp8pb.sources import build_source
+    from megatron_fp8pb.parallel import collectives as coll
+    from megatron_fp8pb.exporter.pipeline import run_export
+    from megatron_fp8pb.exporter.options import ExportOptions, RankView
+    from megatron_fp8pb.sources.registry import build_source
     from naive_export import naive_export
     layout, groups, on_gpu = job.layout, job.groups, job.on_gpu
     src = build_source(cfg, layout, on_gpu)

@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_fp8pb.archs import dims_from_hf, rules_for  # noqa: E402
-from megatron_fp8pb.hf_source import hf_config  # noqa: E402
-from megatron_fp8pb.plan import expected_tensors  # noqa: E402
-from megatron_fp8pb.tiny import tensor_dtypes  # noqa: E402
+from megatron_fp8pb.sources.hf import hf_config  # noqa: E402
+from megatron_fp8pb.plan.params import expected_tensors  # noqa: E402
+from megatron_fp8pb.sources.tiny import tensor_dtypes  # noqa: E402
 
 
 def main() -> None:

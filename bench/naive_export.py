@@ -16,15 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_fp8pb import collectives as coll  # noqa: E402
+from megatron_fp8pb.parallel import collectives as coll  # noqa: E402
 from megatron_fp8pb.archs import rules_for  # noqa: E402
-from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference  # noqa: E402
-from megatron_fp8pb.hf_output import config_json, quantization_config  # noqa: E402
-from megatron_fp8pb.pipeline import make_plans  # noqa: E402
-from megatron_fp8pb.tp_slices import piece_dtype  # noqa: E402
-from megatron_fp8pb.options import ExportOptions, RankView  # noqa: E402
-from megatron_fp8pb.plan import Piece, PlanContext, check_coverage, expected_tensors  # noqa: E402
-from megatron_fp8pb.tp_slices import pieces_of  # noqa: E402
+from megatron_fp8pb.quant.reference import quantize_blockfp8_reference  # noqa: E402
+from megatron_fp8pb.output.hf_files import config_json, quantization_config  # noqa: E402
+from megatron_fp8pb.exporter.pipeline import make_plans  # noqa: E402
+from megatron_fp8pb.plan.tp_slices import piece_dtype  # noqa: E402
+from megatron_fp8pb.exporter.options import ExportOptions, RankView  # noqa: E402
+from megatron_fp8pb.plan.params import Piece, PlanContext, check_coverage, expected_tensors  # noqa: E402
+from megatron_fp8pb.plan.tp_slices import pieces_of  # noqa: E402
 
 
 def naive_export(view: RankView, d, layout, groups, hf_config, out_dir, options: ExportOptions) -> coll.Traffic:

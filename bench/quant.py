@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_fp8pb import blockfp8_triton as bt  # noqa: E402
-from megatron_fp8pb import blockmath  # noqa: E402
+from megatron_fp8pb.quant import triton_kernel as bt  # noqa: E402
+from megatron_fp8pb.quant import blockmath  # noqa: E402
 
 CPU_SIZES = [(1024, 1024), (2048, 2048), (4096, 4096)]
 GPU_SIZES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]

@@ -10,7 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from megatron_fp8pb.blockfp8 import dequantize_blockfp8, quantize_blockfp8_reference  # noqa: E402
+from megatron_fp8pb.quant.reference import dequantize_blockfp8, quantize_blockfp8_reference  # noqa: E402
 from megatron_fp8pb.verify.serving import quantize_activation  # noqa: E402
 
 

@@ -26,13 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2")
     args = ap.parse_args(argv)
     from megatron_fp8pb import bytecode_early
-    from megatron_fp8pb.readahead import start_for_command_line
+    from megatron_fp8pb.sources.readahead import start_for_command_line
     bytecode_early.cleanup_on_sigterm()     # until the job installs its own handler
     try:
         bytecode_early.start_for_command_line(args.config, args.overrides)  # spare cores compile megatron-core
         start_for_command_line(args.config, args.overrides)     # the disk reads the source while torch is imported
         from megatron_fp8pb.errors import cli
-        from megatron_fp8pb.run import run
+        from megatron_fp8pb.cli import run
         return cli(run, args.config, args.overrides)
     finally:
         bytecode_early.cleanup()

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from . import mcore, session
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.parallel import session
 from .archs import Dims, dims_from_hf
-from .hf_source import config_dtype
-from .pipeline import ExportResult, run_export
-from .options import ExportOptions, RankView
+from megatron_fp8pb.sources.hf import config_dtype
+from megatron_fp8pb.exporter.pipeline import ExportResult, run_export
+from megatron_fp8pb.exporter.options import ExportOptions, RankView
 
 
 def model_dims(model, hf_config) -> Dims:
@@ -16,7 +17,7 @@ def model_dims(model, hf_config) -> Dims:
     layers the model lacks is corrected, not trusted)."""
     from dataclasses import replace
 
-    from . import collectives as coll
+    from megatron_fp8pb.parallel import collectives as coll
     d = dims_from_hf(hf_config)
     counts = coll.gather_objects(mcore.mtp_layer_count(model))
     have = coll.broadcast_object(max(counts) if counts is not None else None)

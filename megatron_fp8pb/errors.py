@@ -94,7 +94,7 @@ def agree(error: str | None, name_rank: bool = True, cause: BaseException | None
     """Collective: every rank learns whether any rank failed a check, and all raise the first failure (naming its
     rank unless ``name_rank`` is false) as an everywhere-Refusal. ``error``: this rank's message, or None; ``cause``:
     this rank's exception, chained (``from``) to the Refusal so that ``FP8PB_DEBUG=1`` shows where it arose."""
-    from . import collectives as coll
+    from megatron_fp8pb.parallel import collectives as coll
     errors = coll.gather_objects(error)
     first = None
     if errors is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import collectives
+from megatron_fp8pb.parallel import collectives
 
 _logger = logging.getLogger("megatron_fp8pb")
 

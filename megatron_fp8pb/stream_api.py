@@ -13,13 +13,13 @@ from typing import Iterator
 
 import torch
 
-from . import collectives as coll
-from . import session
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.parallel import session
 from .api import model_dims
-from .hf_source import config_dtype
-from .pipeline import run_export
-from .options import ExportOptions, RankView
-from .progress import Phases
+from megatron_fp8pb.sources.hf import config_dtype
+from megatron_fp8pb.exporter.pipeline import run_export
+from megatron_fp8pb.exporter.options import ExportOptions, RankView
+from megatron_fp8pb.exporter.progress import Phases
 
 _DONE = object()
 

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def write_hf_source(path: Path, cfg, seed: int = 0, files: int = 2) -> dict[str, torch.Tensor]:
     """An HF bf16 checkpoint (config.json + sharded safetensors + index + generation_config) with seeded weights."""
-    from megatron_fp8pb.tiny import random_hf_state
+    from megatron_fp8pb.sources.tiny import random_hf_state
     state = random_hf_state(cfg, seed)
     path.mkdir(parents=True, exist_ok=True)
     cfg.dtype = torch.bfloat16
@@ -156,7 +156,7 @@ def read_output(out: Path) -> dict[str, torch.Tensor]:
 def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = True,
                scale_fmt: str = "amax") -> list[str]:
     """Names whose bytes differ from the single-process reference quantization (or the source when unquantized)."""
-    from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
+    from megatron_fp8pb.quant.reference import quantize_blockfp8_reference
     got = read_output(out)
     bad = []
     for name, t in got.items():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..fused_parts import full_rows
+from megatron_fp8pb.plan.fused_parts import full_rows
 from . import common as c
 from .base import (COLUMN, COLWISE, PARTS, REPLICATED, ROW, ROWWISE, Arch, Dims, FusedParts, MemberLayout, Part,
                    Rule)

@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from ..blockfp8 import BLOCK, SCALE_FMTS
-from ..blockmath import pow2_ceil
+from megatron_fp8pb.quant.reference import BLOCK, SCALE_FMTS
+from megatron_fp8pb.quant.blockmath import pow2_ceil
 from .names import is_linear_weight, module_of, never_fp8
 from .reading import Checkpoint, row_chunks
 from .report import FP8, SCALE_SUFFIX, TensorInfo, VerifyReport

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..blockfp8 import BLOCK
+from megatron_fp8pb.quant.reference import BLOCK
 from .report import CHUNK_ELEMENTS, FP8, INDEX, SINGLE, SCALE_SUFFIX, TensorInfo, TensorResult, VerifyReport
 
 _DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .. import serve_check
+from megatron_fp8pb.verify import serve_check
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .. import serve_check
-from ..blockfp8 import BLOCK, FP8_MAX
+from megatron_fp8pb.verify import serve_check
+from megatron_fp8pb.quant.reference import BLOCK, FP8_MAX
 from .names import is_linear_weight, module_of
 from .report import FP8, TensorInfo, VerifyReport
 

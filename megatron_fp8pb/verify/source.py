@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..blockfp8 import BLOCK, dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8_reference
+from megatron_fp8pb.quant.reference import BLOCK, dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8_reference
 from .reading import Checkpoint, row_chunks
 from .report import BOUND_SLACK, SCALE_SUFFIX, VerifyReport
 
@@ -16,7 +16,7 @@ def _open_source(source, rep: VerifyReport):
     ``.read(name, dim, offset, length)`` (``hf_source.DictReader``-like) -> a reader, or None (errors reported)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    from ..hf_source import HFReader
+    from megatron_fp8pb.sources.hf import HFReader
     try:
         return HFReader(source)
     except (OSError, ValueError) as e:

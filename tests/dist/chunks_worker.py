@@ -12,13 +12,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from megatron_fp8pb import collectives as coll, export, mcore, session  # noqa: E402
+from megatron_fp8pb import export
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.parallel import session  # noqa: E402
 from megatron_fp8pb.config import ParallelConfig  # noqa: E402
 from megatron_fp8pb.archs import dims_from_hf  # noqa: E402
-from megatron_fp8pb.hf_source import HFReader, hf_config  # noqa: E402
-from megatron_fp8pb.options import ExportOptions, RankView  # noqa: E402
-from megatron_fp8pb.pipeline import run_export  # noqa: E402
-from megatron_fp8pb.sources import load_hf_weights  # noqa: E402
+from megatron_fp8pb.sources.hf import HFReader, hf_config  # noqa: E402
+from megatron_fp8pb.exporter.options import ExportOptions, RankView  # noqa: E402
+from megatron_fp8pb.exporter.pipeline import run_export  # noqa: E402
+from megatron_fp8pb.sources.registry import load_hf_weights  # noqa: E402
 
 
 def main(mode: str, src: str, dst: str, tp: int, pp: int, vp: int) -> None:

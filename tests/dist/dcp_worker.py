@@ -7,9 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_fp8pb import export, mcore, session  # noqa: E402
+from megatron_fp8pb import export
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.parallel import session  # noqa: E402
 from megatron_fp8pb.config import ParallelConfig, load_config  # noqa: E402
-from megatron_fp8pb.sources import build_source  # noqa: E402
+from megatron_fp8pb.sources.registry import build_source  # noqa: E402
 
 
 def main(mode: str, src: str, dst: str, tp: int, pp: int, ep: int, extra: str = "") -> None:

@@ -12,11 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from megatron_fp8pb import mcore, session  # noqa: E402
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.parallel import session  # noqa: E402
 from megatron_fp8pb.archs import dims_from_hf  # noqa: E402
 from megatron_fp8pb.config import ParallelConfig  # noqa: E402
-from megatron_fp8pb.hf_source import HFReader, hf_config  # noqa: E402
-from megatron_fp8pb.sources import load_hf_weights  # noqa: E402
+from megatron_fp8pb.sources.hf import HFReader, hf_config  # noqa: E402
+from megatron_fp8pb.sources.registry import load_hf_weights  # noqa: E402
 
 
 def main(src: str) -> None:

@@ -12,8 +12,8 @@ from helpers import RAGGED, drop_source_tensor
 from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
-from megatron_fp8pb.validate import check_layout
-from megatron_fp8pb.writer import prepare_output
+from megatron_fp8pb.plan.validate import check_layout
+from megatron_fp8pb.output.writer import prepare_output
 
 
 def _wrong_intermediate_size(src):

@@ -13,8 +13,8 @@ import transformers as tf
 from helpers import claim_mtp_layers, mismatches, ragged_deepseek_v3, ragged_glm4_moe, read_output
 from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import expected_tensors, linear_weights
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.plan.params import expected_tensors, linear_weights
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
 

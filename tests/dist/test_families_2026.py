@@ -12,8 +12,8 @@ import transformers as tf
 from helpers import mismatches, read_output
 from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan import expected_tensors, linear_weights
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.plan.params import expected_tensors, linear_weights
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
 FAMILIES = ("deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5_moe_text", "minimax_m2")

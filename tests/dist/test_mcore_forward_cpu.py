@@ -7,7 +7,7 @@ import re
 import pytest
 
 from helpers import torchrun, write_hf_source
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 
 
 def _deepseek_q_lora():

@@ -13,8 +13,8 @@ import transformers as tf
 from helpers import drop_source_tensor
 from helpers import mismatches, ragged_qwen3_moe, read_output
 from jobs import Job
-from megatron_fp8pb.blockfp8 import dequantize_blockfp8
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.quant.reference import dequantize_blockfp8
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
 

@@ -54,7 +54,7 @@ def test_debug_env_shows_the_traceback(tmp_path):
     (out / "keep.txt").write_text("keep")
     r = torchrun(1, [f"output.dir={out}"], env={"FP8PB_DEBUG": "1"})
     assert r.returncode != 0
-    assert "Traceback" in r.stderr and "megatron_fp8pb/writer.py" in r.stderr and "FileExistsError" in r.stderr
+    assert "Traceback" in r.stderr and "megatron_fp8pb/output/writer.py" in r.stderr and "FileExistsError" in r.stderr
 
 
 def test_bad_key_and_layout_print_once_from_rank0(tmp_path):

@@ -7,11 +7,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import free_port
-from megatron_fp8pb import collectives as coll
-from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
-from megatron_fp8pb.pipeline import _Assembler, quantize_unit
-from megatron_fp8pb.plan import Piece, WriteOrder
-from megatron_fp8pb.staging import SlabPool
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.quant.reference import quantize_blockfp8_reference
+from megatron_fp8pb.exporter.pipeline import _Assembler, quantize_unit
+from megatron_fp8pb.plan.params import Piece, WriteOrder
+from megatron_fp8pb.output.staging import SlabPool
 
 
 class _Groups:

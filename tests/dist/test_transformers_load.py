@@ -4,7 +4,7 @@ The module's exports run from one torchrun launch (tests/jobs.py), each in proce
 import pytest
 
 from jobs import Job
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
 CASES = [("qwen3", False), ("llama", True)]

@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from megatron_fp8pb import blockfp8_triton as bt  # noqa: E402
-from megatron_fp8pb import blockmath  # noqa: E402
-from megatron_fp8pb.blockfp8 import quantize_blockfp8, quantize_blockfp8_reference  # noqa: E402
+from megatron_fp8pb.quant import triton_kernel as bt  # noqa: E402
+from megatron_fp8pb.quant import blockmath  # noqa: E402
+from megatron_fp8pb.quant.reference import quantize_blockfp8, quantize_blockfp8_reference  # noqa: E402
 
 try:
     import pytest

@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from megatron_fp8pb import blockfp8_triton as bt  # noqa: E402
-from megatron_fp8pb import device_reads  # noqa: E402
-from megatron_fp8pb.blockfp8 import quantize_checked  # noqa: E402
-from megatron_fp8pb.hf_source import HFReader  # noqa: E402
+from megatron_fp8pb.quant import triton_kernel as bt  # noqa: E402
+from megatron_fp8pb.sources import device_reads  # noqa: E402
+from megatron_fp8pb.quant.reference import quantize_checked  # noqa: E402
+from megatron_fp8pb.sources.hf import HFReader  # noqa: E402
 
 try:
     import pytest
@@ -127,7 +127,7 @@ def test_torch_path_on_the_gpu_equals_the_kernel():
 def test_torch_path_of_sharded_pieces_on_the_gpu_equals_the_reference():
     """The pieces of a sharded tensor (any offset, not a multiple of 128) take ``blockmath`` on the GPU while the
     kernel compiles: block amax and quantized bytes equal the CPU reference's."""
-    from megatron_fp8pb import blockmath
+    from megatron_fp8pb.quant import blockmath
     g = torch.Generator().manual_seed(11)
     full = (torch.randn(1200, 333, generator=g) * 0.02).to(torch.bfloat16)
     scale_inv = blockmath.scale_inv_from_amax(blockmath.partial_block_amax(full, 0, 0))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_world():
-    from megatron_fp8pb import session
+    from megatron_fp8pb.parallel import session
     from megatron_fp8pb.config import ParallelConfig
     os.environ.setdefault("MASTER_PORT", "29517")
     with session.started(ParallelConfig(backend="nccl", device="cuda", timeout_s=120)):
@@ -33,10 +33,10 @@ def test_megatron_logits_equal_hf(tmp_path, arch, tie, override):
     from transformers import AutoModelForCausalLM
 
     from helpers import write_hf_source
-    from megatron_fp8pb import mcore
+    from megatron_fp8pb.parallel import megatron as mcore
     from megatron_fp8pb.config import load_config
-    from megatron_fp8pb.sources import build_source
-    from megatron_fp8pb.tiny import tiny_hf_config
+    from megatron_fp8pb.sources.registry import build_source
+    from megatron_fp8pb.sources.tiny import tiny_hf_config
     import megatron.core
     if arch == "deepseek_v3" and not override and tuple(map(int, megatron.core.__version__.split(".")[:2])) >= (0, 19):
         pytest.skip("megatron-core >= 0.19 builds MLA without a q latent only with TransformerEngine's fused "

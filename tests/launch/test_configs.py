@@ -1,7 +1,7 @@
 """Every shipped config loads, and its layout is accepted for its architecture on the nodes x GPUs it names.
 
 A config of a real model (``source.kind: hf``) names its architecture by a ``# preset:`` comment, a key of
-megatron_fp8pb/presets.py; one of the embedded tiny model is checked against that model's own config."""
+megatron_fp8pb/sources/presets.py; one of the embedded tiny model is checked against that model's own config."""
 import importlib.util
 import re
 from pathlib import Path
@@ -10,9 +10,9 @@ import pytest
 
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
-from megatron_fp8pb.presets import PRESETS, preset_hf_config
-from megatron_fp8pb.sources import source_config
-from megatron_fp8pb.validate import check_layout
+from megatron_fp8pb.sources.presets import PRESETS, preset_hf_config
+from megatron_fp8pb.sources.registry import source_config
+from megatron_fp8pb.plan.validate import check_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_fp8pb.blockfp8 import quantize_blockfp8
-from megatron_fp8pb.hf_output import config_json, quantization_config
+from megatron_fp8pb.quant.reference import quantize_blockfp8
+from megatron_fp8pb.output.hf_files import config_json, quantization_config
 from megatron_fp8pb.verify import INDEX, is_linear_weight, module_of, should_convert_module
-from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
+from megatron_fp8pb.output.writer import CheckpointWriter, TensorSpec
 
 Q = "model.layers.0.mlp.gate_proj.weight"          # [1152, 384] -> scale [9, 3]
 NOT_CONVERTED = ["lm_head"]
@@ -51,7 +51,7 @@ def write_output(cfg, state: dict[str, torch.Tensor], path: Path, skip: list[str
 
 def tiny_checkpoint(root: Path, scale_fmt: str = "amax"):
     """(cfg, state, source dir, FP8 output dir) of the tiny qwen3 under ``root``, its scales in ``scale_fmt``."""
-    from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
+    from megatron_fp8pb.sources.tiny import random_hf_state, tiny_hf_config
     cfg = tiny_hf_config("qwen3")
     state = random_hf_state(cfg)
     src = write_source(cfg, state, root / "src")

@@ -8,10 +8,10 @@ import transformers as tf
 from megatron_fp8pb import archs
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.config import QuantConfig
-from megatron_fp8pb.plan import Layout, PlanContext, expected_tensors, plan_param
-from megatron_fp8pb.presets import PRESETS, preset_hf_config
-from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
-from megatron_fp8pb.validate import check_layout
+from megatron_fp8pb.plan.params import Layout, PlanContext, expected_tensors, plan_param
+from megatron_fp8pb.sources.presets import PRESETS, preset_hf_config
+from megatron_fp8pb.sources.tiny import random_hf_state, tiny_hf_config
+from megatron_fp8pb.plan.validate import check_layout
 
 
 def _transformers_names(cfg) -> set[str]:

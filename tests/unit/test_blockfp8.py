@@ -4,7 +4,7 @@ import zlib
 import pytest
 import torch
 
-from megatron_fp8pb.blockfp8 import (dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8,
+from megatron_fp8pb.quant.reference import (dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8,
                                      quantize_blockfp8_reference)
 
 
@@ -166,7 +166,7 @@ def test_ue8m0_zero_and_subnormal_blocks():
 
 
 def test_pow2_ceil_over_random_bit_patterns():
-    from megatron_fp8pb.blockmath import pow2_ceil
+    from megatron_fp8pb.quant.blockmath import pow2_ceil
     g = torch.Generator().manual_seed(5)
     bits = torch.randint(1, 0x7F000000, (4000,), generator=g, dtype=torch.int32)
     bits[:1000] = torch.randint(1, 0x800000, (1000,), generator=g, dtype=torch.int32)     # subnormals

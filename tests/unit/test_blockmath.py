@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from megatron_fp8pb import blockmath
-from megatron_fp8pb.blockfp8 import quantize_blockfp8_reference
+from megatron_fp8pb.quant import blockmath
+from megatron_fp8pb.quant.reference import quantize_blockfp8_reference
 
 
 def _cuts(lengths):

@@ -166,5 +166,5 @@ def test_a_sigterm_during_the_imports_cleans_up_and_ends_the_process(package):
 
 
 def test_the_helpers_compile_what_the_megatron_import_loads():
-    from megatron_fp8pb.mcore_import import MEGATRON_MODULES
+    from megatron_fp8pb.parallel.megatron_import import MEGATRON_MODULES
     assert all(any(m == p or m.startswith(p + ".") for p in be.PACKAGES) for m in MEGATRON_MODULES)

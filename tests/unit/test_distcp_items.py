@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from megatron_fp8pb.distcp_items import DirectReads, locate, read_items
+from megatron_fp8pb.sources.distcp import DirectReads, locate, read_items
 
 
 def _saved(path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 import torch
 
-from megatron_fp8pb.fused import merge_gated, merge_qkv, split_gated, split_qkv
+from megatron_fp8pb.plan.fused import merge_gated, merge_qkv, split_gated, split_qkv
 
 
 def test_qkv_split_follows_query_groups():

@@ -8,8 +8,8 @@ import torch
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.archs.qwen3_next import _qwen3_5_moe, _qwen3_next
-from megatron_fp8pb.plan import Layout, PlanContext, plan_param
-from megatron_fp8pb.tp_slices import from_slices, to_slices
+from megatron_fp8pb.plan.params import Layout, PlanContext, plan_param
+from megatron_fp8pb.plan.tp_slices import from_slices, to_slices
 
 H = 8
 
@@ -112,7 +112,7 @@ def test_value_heads_must_be_whole_per_key_head():
 
 def test_glm5_shared_indexer_layers_hold_no_indexer():
     from megatron_fp8pb.archs.dsa import _glm5
-    from megatron_fp8pb.plan import expected_tensors
+    from megatron_fp8pb.plan.params import expected_tensors
     d = dims_from_hf(_glm5(num_hidden_layers=4, indexer_types=["full", "shared", "shared", "full"]))
     names = expected_tensors(rules_for(d), d)
     assert [i for i in range(4) if f"model.layers.{i}.self_attn.indexer.wq_b.weight" in names] == [0, 3]
@@ -120,7 +120,7 @@ def test_glm5_shared_indexer_layers_hold_no_indexer():
 
 
 def test_layout_check_names_the_linear_attention_heads():
-    from megatron_fp8pb.validate import check_layout
+    from megatron_fp8pb.plan.validate import check_layout
     d = dims_from_hf(_qwen3_next(linear_num_key_heads=1, linear_num_value_heads=4))
     with pytest.raises(ValueError, match=r"linear_num_key_heads\(1\) % tp\(2\) = 1 != 0 \(the linear-attention"):
         check_layout(d, world=2, tp=2, pp=1)

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoConfig
 
 from megatron_fp8pb.archs import dims_from_hf, supported, tiny_config
-from megatron_fp8pb.hf_config_json import JsonConfig
-from megatron_fp8pb.hf_output import config_json
-from megatron_fp8pb.hf_source import hf_config
+from megatron_fp8pb.sources.hf_config import JsonConfig
+from megatron_fp8pb.output.hf_files import config_json
+from megatron_fp8pb.sources.hf import hf_config
 
 
 def _saved(tmp_path, cfg, drop=()):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_fp8pb.mcore_import import refused
+from megatron_fp8pb.parallel.megatron_import import refused
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_refused_only_inside_and_only_what_was_not_imported(stand_ins):
     out = _fresh("""
         import json, sys
         import tensorboard                       # imported before: stays
-        from megatron_fp8pb.mcore_import import refused
+        from megatron_fp8pb.parallel.megatron_import import refused
         res = {}
         with refused(("wandb", "Cython", "tensorboard")):
             for name in ("wandb", "Cython.Distutils.build_ext", "tensorboard"):
@@ -90,7 +90,7 @@ def test_megatron_core_imports_without_the_optional_packages(stand_ins):
     path, log = stand_ins
     out = _fresh("""
         import json, sys
-        from megatron_fp8pb.mcore_import import MEGATRON_MODULES, REFUSED_OPTIONAL, import_without_compiling
+        from megatron_fp8pb.parallel.megatron_import import MEGATRON_MODULES, REFUSED_OPTIONAL, import_without_compiling
         import_without_compiling()
         import megatron.core.timers as timers
         res = {"imported": all(m in sys.modules for m in MEGATRON_MODULES),

@@ -7,9 +7,9 @@ import transformers as tf
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.config import QuantConfig
-from megatron_fp8pb.plan import Layout, PlanContext, check_coverage, expected_tensors, plan_param
-from megatron_fp8pb.tiny import tiny_hf_config
-from megatron_fp8pb.validate import check_layout
+from megatron_fp8pb.plan.params import Layout, PlanContext, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.sources.tiny import tiny_hf_config
+from megatron_fp8pb.plan.validate import check_layout
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
 FC1 = ("decoder.layers.{j}.mlp.experts.local_experts.{x}.linear_fc1.weight",

@@ -6,8 +6,8 @@ import torch
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
 from megatron_fp8pb.config import QuantConfig
-from megatron_fp8pb.options import ExportOptions
-from megatron_fp8pb.sources import source_config
+from megatron_fp8pb.exporter.options import ExportOptions
+from megatron_fp8pb.sources.registry import source_config
 
 
 def _cfg_and_dims(*overrides):

@@ -3,8 +3,8 @@ import pytest
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.config import QuantConfig
-from megatron_fp8pb.plan import Layout, PlanContext, check_coverage, expected_tensors, plan_param
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.plan.params import Layout, PlanContext, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 
 D = dims_from_hf(tiny_hf_config("qwen3"))   # hidden 384, 6 heads x 64, 2 kv heads, ffn 1152, vocab 1003
 RULES = rules_for(D)
@@ -78,7 +78,7 @@ def test_expert_names_sequential_and_grouped_become_global():
 
 
 def test_a_streamed_source_visits_every_unit_once_with_lm_head_after_the_first_layer():
-    from megatron_fp8pb.plan import EMBEDDING_UNIT, final_unit, streamed_unit_order, unit_sequence, write_unit
+    from megatron_fp8pb.plan.params import EMBEDDING_UNIT, final_unit, streamed_unit_order, unit_sequence, write_unit
     order = streamed_unit_order(D)
     last = final_unit(D)
     assert sorted(order) == list(range(last + 1))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_fp8pb import readahead
-from megatron_fp8pb.hf_source import HFReader
-from megatron_fp8pb.readahead import Readahead, stage_order
-from megatron_fp8pb.safetensors_layout import byte_ranges
+from megatron_fp8pb.sources import readahead
+from megatron_fp8pb.sources.hf import HFReader
+from megatron_fp8pb.sources.readahead import Readahead, stage_order
+from megatron_fp8pb.sources.safetensors_layout import byte_ranges
 
 NAMES = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [
     f"model.layers.{i}.{p}" for i in (0, 1, 2, 3, 10) for p in ("mlp.down_proj.weight", "input_layernorm.weight")]
@@ -168,7 +168,7 @@ def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path, monkeypa
 
 
 def test_a_source_without_safetensors_says_what_it_holds_and_what_to_do(tmp_path):
-    from megatron_fp8pb.safetensors_layout import tensor_files
+    from megatron_fp8pb.sources.safetensors_layout import tensor_files
     with pytest.raises(FileNotFoundError, match=r"holds no model.safetensors or model.safetensors.index.json; point "
                                                 r"source.path at an HF checkpoint directory"):
         tensor_files(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_fp8pb import blockmath
+from megatron_fp8pb.quant import blockmath
 
 
 def test_reciprocal_multiply_is_not_the_reference_quotient():

@@ -4,10 +4,10 @@ import pytest
 
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import load_config
-from megatron_fp8pb.hf_output import quantization_config
+from megatron_fp8pb.output.hf_files import quantization_config
 from megatron_fp8pb.config import QuantConfig
-from megatron_fp8pb.plan import Layout, PlanContext, plan_param
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.plan.params import Layout, PlanContext, plan_param
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 
 
 def test_config_key_default_and_choices():

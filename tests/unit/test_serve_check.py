@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_fp8pb.serve_check import (fused_partial_problems, fusion_group, layers_to_keep_unquantized,
+from megatron_fp8pb.verify.serve_check import (fused_partial_problems, fusion_group, layers_to_keep_unquantized,
                                         serve_problems, transformers_problems)
 
 L0 = "model.layers.0."

@@ -7,10 +7,10 @@ import transformers as tf
 from safetensors.torch import save_file
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.hf_output import config_json
-from megatron_fp8pb.hf_source import HFReader, check_source
-from megatron_fp8pb.plan import expected_tensors
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.output.hf_files import config_json
+from megatron_fp8pb.sources.hf import HFReader, check_source
+from megatron_fp8pb.plan.params import expected_tensors
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 
 
 def test_config_json_counts_the_mtp_layers_written():
@@ -43,7 +43,7 @@ def test_the_source_side_files_carried_over(tmp_path):
     """What a loader or a user reads beside the weights is carried over: tokenizer and its model files, chat template,
     the code config.json's and tokenizer_config.json's auto_map name, model card and license. Nothing else: not
     weights, indexes, config.json (written anew), other code, or whatever else shares the directory."""
-    from megatron_fp8pb.hf_output import source_side_files
+    from megatron_fp8pb.output.hf_files import source_side_files
     keep = ["generation_config.json", "tiktoken.model", "tokenization_kimi.py", "configuration_deepseek.py",
             "LICENSE", "README.md", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"]
     drop = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -6,10 +6,10 @@ import pytest
 
 from megatron_fp8pb.archs import dims_from_hf, rules_for
 from megatron_fp8pb.config import QuantConfig
-from megatron_fp8pb.plan import PlanContext, check_coverage, expected_tensors, plan_param
-from megatron_fp8pb.ranks import group_ranks, rank_layout
-from megatron_fp8pb.stream import local_param_shapes, stage_layers
-from megatron_fp8pb.tiny import tiny_hf_config
+from megatron_fp8pb.plan.params import PlanContext, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.plan.ranks import group_ranks, rank_layout
+from megatron_fp8pb.sources.streamed import local_param_shapes, stage_layers
+from megatron_fp8pb.sources.tiny import tiny_hf_config
 
 LAYOUTS = [  # arch, tie, world, tp, pp, ep, etp
     ("qwen3", False, 2, 2, 1, 1, None), ("qwen3", True, 4, 1, 2, 1, None), ("llama", False, 8, 2, 2, 1, None),

@@ -7,12 +7,12 @@ import struct
 import pytest
 import torch
 
-from megatron_fp8pb.blockfp8 import quantize_blockfp8
-from megatron_fp8pb.hf_output import config_json
-from megatron_fp8pb.hf_source import DictReader
-from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
+from megatron_fp8pb.quant.reference import quantize_blockfp8
+from megatron_fp8pb.output.hf_files import config_json
+from megatron_fp8pb.sources.hf import DictReader
+from megatron_fp8pb.sources.tiny import random_hf_state, tiny_hf_config
 from megatron_fp8pb.verify import BOUND_SLACK, INDEX, main, should_convert_module, verify_checkpoint
-from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
+from megatron_fp8pb.output.writer import CheckpointWriter, TensorSpec
 
 from fp8_checkpoints import Q, file_of, patch, read_index, rewrite, write_output
 

@@ -9,9 +9,9 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from megatron_fp8pb.hf_output import config_json, quantization_config
-from megatron_fp8pb.serve_check import layers_for_transformers, transformers_problems
-from megatron_fp8pb.tiny import random_hf_state, tiny_hf_config
+from megatron_fp8pb.output.hf_files import config_json, quantization_config
+from megatron_fp8pb.verify.serve_check import layers_for_transformers, transformers_problems
+from megatron_fp8pb.sources.tiny import random_hf_state, tiny_hf_config
 from megatron_fp8pb.verify import main, verify_checkpoint
 from megatron_fp8pb.verify.serving import quantize_activation
 

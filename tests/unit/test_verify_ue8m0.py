@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_fp8pb.hf_source import DictReader
+from megatron_fp8pb.sources.hf import DictReader
 from megatron_fp8pb.verify import main, verify_checkpoint
 
 from fp8_checkpoints import Q, data_offset, file_of, tiny_checkpoint, write_output

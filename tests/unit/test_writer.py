@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megatron_fp8pb.blockfp8 import dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8
-from megatron_fp8pb.writer import CheckpointWriter, TensorSpec, parse_size, partial_dir, plan_shards
+from megatron_fp8pb.quant.reference import dequantize_blockfp8, e4m3_error_bound, quantize_blockfp8
+from megatron_fp8pb.output.writer import CheckpointWriter, TensorSpec, parse_size, partial_dir, plan_shards
 
 
 def _tensors(seed=0):
@@ -142,7 +142,7 @@ def test_round_trip_through_dcp_quantized_reader(tmp_path):
 
 
 def test_background_writer_row_chunks(tmp_path):
-    from megatron_fp8pb.writer import BackgroundWriter
+    from megatron_fp8pb.output.writer import BackgroundWriter
     w = torch.randn(300, 70).to(torch.bfloat16)
     out = tmp_path / "ckpt"
     bw = BackgroundWriter(CheckpointWriter(out, [TensorSpec("a.weight", torch.bfloat16, (300, 70))], "1GB"))
@@ -159,7 +159,7 @@ def test_background_writer_fault_names_the_rank_it_was_given(tmp_path, monkeypat
     """Fault injection asks the writer for its rank, not the process group (none exists here)."""
     import torch.distributed as dist
     from megatron_fp8pb.faults import ExportError
-    from megatron_fp8pb.writer import BackgroundWriter
+    from megatron_fp8pb.output.writer import BackgroundWriter
     assert not dist.is_initialized()
     monkeypatch.setenv("FP8PB_INJECT_FAULT", "3:write:enospc")
     spec = [TensorSpec("a.weight", torch.bfloat16, (4, 4))]

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from megatron_fp8pb.node_writers import owners, writer_ranks
-from megatron_fp8pb.plan import Piece
-from megatron_fp8pb.writer import CheckpointWriter, TensorSpec
+from megatron_fp8pb.output.node_writers import owners, writer_ranks
+from megatron_fp8pb.plan.params import Piece
+from megatron_fp8pb.output.writer import CheckpointWriter, TensorSpec
 
 
 def test_writer_of_each_rank_is_the_lowest_rank_of_its_node():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .plan import Layout
+    from megatron_fp8pb.plan.params import Layout
 
 
 def pp_rank_of(rank: int, world: int, pp: int) -> int:
@@ -29,7 +29,7 @@ def ep_rank_of(rank: int, ep: int, etp: int) -> int:
 
 
 def rank_layout(rank: int, world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> Layout:
-    from .plan import Layout
+    from megatron_fp8pb.plan.params import Layout
     etp = etp or tp
     dp, edp = world // (tp * pp), world // (etp * ep * pp)
     tp_rank, rest = rank % tp, rank // tp

@@ -1,7 +1,7 @@
 """Checks of a parallel layout against a model's dimensions, before any weight is touched."""
 from __future__ import annotations
 
-from .archs.base import Dims
+from megatron_fp8pb.archs.base import Dims
 
 
 def check_layout(d: Dims, world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:

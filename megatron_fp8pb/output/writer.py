@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .config import parse_size  # noqa: F401  (re-exported: the writer's size unit)
-from .faults import ExportError, inject
+from megatron_fp8pb.config import parse_size  # noqa: F401  (re-exported: the writer's size unit)
+from megatron_fp8pb.faults import ExportError, inject
 
 SCALE_SUFFIX = "_scale_inv"
 _DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from .blockmath import FP8_MAX, check_scale_fmt, num_blocks
+from megatron_fp8pb.quant.blockmath import FP8_MAX, check_scale_fmt, num_blocks
 
 _AMAX, _QUANT, _FUSED = 0, 1, 2
 _NUM_WARPS = 8

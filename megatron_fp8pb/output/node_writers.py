@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import socket
 
-from . import collectives as coll
-from .errors import agree
-from .faults import ExportError
-from .writer import BackgroundWriter, CheckpointWriter
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.errors import agree
+from megatron_fp8pb.faults import ExportError
+from megatron_fp8pb.output.writer import BackgroundWriter, CheckpointWriter
 
 SCALE = ".weight_scale_inv"
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .blockmath import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece,
-                      scale_inv_from_amax)
+from megatron_fp8pb.quant.blockmath import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece, scale_inv_from_amax)
 
 BLOCK = 128
 
@@ -63,7 +62,7 @@ def quantize_checked(w: torch.Tensor, block_size: int = BLOCK,
     """quantize_blockfp8 for a 2-D weight already known to be finite: the Triton kernel on CUDA, else the
     reference math."""
     if w.is_cuda:
-        from . import blockfp8_triton
+        from megatron_fp8pb.quant import triton_kernel as blockfp8_triton
         if blockfp8_triton.usable(w):
             return blockfp8_triton.quantize(w, block_size, scale_fmt)
     scale_inv = scale_inv_from_amax(partial_block_amax(w, 0, 0, block_size), scale_fmt)

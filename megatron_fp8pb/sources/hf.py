@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .device_reads import PinnedRing, read_fully, read_to_device
-from .plan import Piece
-from .safetensors_layout import header, tensor_files
+from megatron_fp8pb.sources.device_reads import PinnedRing, read_fully, read_to_device
+from megatron_fp8pb.plan.params import Piece
+from megatron_fp8pb.sources.safetensors_layout import header, tensor_files
 
 
 class HFReader:
@@ -128,7 +128,7 @@ class HFReader:
 
     def close(self) -> None:
         if self.readahead is not None:
-            from .readahead import stop
+            from megatron_fp8pb.sources.readahead import stop
             stop(self.path)
             self.readahead = None
         if self._pool is not None:
@@ -200,7 +200,7 @@ def check_source(reader, expected: dict[str, tuple[int, ...]], where: str) -> No
         raise ValueError(f"source {where} lacks {len(missing)} tensor(s) the config implies, e.g. {missing[:5]}")
     extra = sorted(have - set(expected))
     if extra:
-        from .log import warn0
+        from megatron_fp8pb.log import warn0
         warn0(f"source {where} holds {len(extra)} tensor(s) the architecture's table does not map, which the export "
               f"does not write, e.g. {extra[:4]} (multi-token-prediction layers of an architecture that maps none, "
               f"or a tied lm_head)")
@@ -221,7 +221,7 @@ def hf_config(path: str | os.PathLike):
     """The source's config: ``config.json`` read directly where that reads the same as transformers' config class
     (``hf_config_json``), else that class (importing transformers)."""
     import json
-    from .hf_config_json import reads_like_transformers
+    from megatron_fp8pb.sources.hf_config import reads_like_transformers
     p = Path(path)
     if p.is_file():
         p = p.parent
@@ -239,8 +239,8 @@ def hf_config(path: str | os.PathLike):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type and model_type not in CONFIG_MAPPING:     # e.g. kimi_k2: the checkpoint's own code (auto_map)
-        from .archs import arch
-        from .hf_config_json import missing_for_dims
+        from megatron_fp8pb.archs import arch
+        from megatron_fp8pb.sources.hf_config import missing_for_dims
         try:
             arch(model_type)
         except ValueError as e:

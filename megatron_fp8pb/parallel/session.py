@@ -12,11 +12,11 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from . import collectives as coll
-from . import mcore
-from .config import ParallelConfig
-from .log import quiet_known_warnings
-from .plan import Layout
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.config import ParallelConfig
+from megatron_fp8pb.log import quiet_known_warnings
+from megatron_fp8pb.plan.params import Layout
 
 
 @dataclass
@@ -66,7 +66,7 @@ def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None =
             mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp, vp=vp)
             session = joined(p.on_gpu)
         else:
-            from .ranks import group_ranks, rank_layout
+            from megatron_fp8pb.plan.ranks import group_ranks, rank_layout
             rank, world = coll.rank(), coll.world_size()
             g = coll.new_groups(group_ranks(world, p.tp, p.pp, p.ep, p.etp))
             session = Session(rank, world, rank_layout(rank, world, p.tp, p.pp, p.ep, p.etp),
@@ -90,7 +90,7 @@ def _start_process_group(backend: str, timeout_s: float, cuda: bool) -> None:
     if cuda or backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if cuda:
-        from . import blockfp8_triton
+        from megatron_fp8pb.quant import triton_kernel as blockfp8_triton
         blockfp8_triton.warm_up(torch.device("cuda", torch.cuda.current_device()))     # while the group starts
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from . import archs
+from megatron_fp8pb import archs
 
 BLOCK = 128
 _EXPERT_W = {x: archs.serving_styles()[x] for x in archs.expert_only_leaves()}

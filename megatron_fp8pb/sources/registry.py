@@ -5,15 +5,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import mcore, readahead
-from .archs import Dims, dims_from_hf, rules_for
-from .archs.base import TIED_COPY
-from .config import ExportConfig, QuantConfig
-from .hf_source import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
-from .hf_output import source_side_files
-from .plan import Layout, PlanContext, expected_tensors, plan_param
-from .tp_slices import from_slices
-from .stream import hf_params, stage_layers
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.sources import readahead
+from megatron_fp8pb.archs import Dims, dims_from_hf, rules_for
+from megatron_fp8pb.archs.base import TIED_COPY
+from megatron_fp8pb.config import ExportConfig, QuantConfig
+from megatron_fp8pb.sources.hf import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
+from megatron_fp8pb.output.hf_files import source_side_files
+from megatron_fp8pb.plan.params import Layout, PlanContext, expected_tensors, plan_param
+from megatron_fp8pb.plan.tp_slices import from_slices
+from megatron_fp8pb.sources.streamed import hf_params, stage_layers
 
 
 @dataclass
@@ -32,8 +33,8 @@ def source_config(cfg: ExportConfig):
     """The HF config of the configured source (read before any weight)."""
     s = cfg.source
     if s.kind in ("tiny", "random"):
-        from .presets import PRESETS, preset_hf_config
-        from .tiny import tiny_hf_config
+        from megatron_fp8pb.sources.presets import PRESETS, preset_hf_config
+        from megatron_fp8pb.sources.tiny import tiny_hf_config
         if s.arch in PRESETS:
             return preset_hf_config(s.arch, s.num_layers)
         cfg = tiny_hf_config(s.arch, s.tie_embeddings)
@@ -52,7 +53,7 @@ def source_config(cfg: ExportConfig):
 
 def load_hf_weights(model, reader, d: Dims, layout: Layout) -> None:
     """Fill every local parameter from the HF slices it holds (each rank reads only its slices)."""
-    from .options import RankView
+    from megatron_fp8pb.exporter.options import RankView
     view = RankView.of_model(model, d, layout)
     ctx = PlanContext.make(d, layout, QuantConfig(enabled=False), view.layer_of_local, view.num_local_experts)
     with torch.no_grad():
@@ -85,7 +86,7 @@ def mtp_only_names(d: Dims) -> set[str]:
     ``shared_head.norm``; its decoder layer looks like any other), as the architecture's MTP rules name them."""
     from dataclasses import replace
 
-    from .archs.common import mtp_rules
+    from megatron_fp8pb.archs.common import mtp_rules
     return {n for r in mtp_rules(replace(d, mtp_layers=1)) for n in r.hf}
 
 
@@ -97,7 +98,7 @@ def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
         return d
     from dataclasses import replace
 
-    from .log import warn0
+    from megatron_fp8pb.log import warn0
     warn0(f"the config names {d.mtp_layers} multi-token-prediction layer(s) (num_nextn_predict_layers) but {where} "
           f"holds none: exported without them, and the written config.json says num_nextn_predict_layers=0")
     return replace(d, mtp_layers=0)
@@ -114,7 +115,7 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
     if s.kind == "tiny":
-        from .tiny import random_hf_state
+        from megatron_fp8pb.sources.tiny import random_hf_state
         reader, extra = DictReader(random_hf_state(hfc, s.seed)), {}
         dtype = torch.bfloat16
     elif s.kind == "random":
@@ -132,7 +133,7 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         dtype = config_dtype(hfc)
     rows = None
     if s.kind == "megatron":
-        from . import dist_ckpt_source as dcs
+        from megatron_fp8pb.sources import megatron_dist as dcs
         metadata = dcs.read_checkpoint_metadata(s.path)
         d = without_absent_mtp(d, [k for k in metadata.state_dict_metadata if k.startswith("mtp.")],
                                f"Megatron checkpoint {s.path}")

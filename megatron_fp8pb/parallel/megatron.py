@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .archs.base import Dims
-from .plan import Layout
+from megatron_fp8pb.archs.base import Dims
+from megatron_fp8pb.plan.params import Layout
 
 
 @dataclass
@@ -53,7 +53,7 @@ def layout_and_groups() -> tuple[Layout, Groups]:
         etp_size=st.get_expert_tensor_parallel_world_size(), etp_rank=st.get_expert_tensor_parallel_rank(),
         exporting=st.get_data_parallel_rank() == 0,
         expert_exporting=st.get_expert_data_parallel_rank() == 0)
-    from . import collectives as coll
+    from megatron_fp8pb.parallel import collectives as coll
     device = coll.comm_device()
     return layout, Groups(st.get_tensor_model_parallel_group(), st.get_expert_tensor_parallel_group(), device)
 
@@ -61,8 +61,8 @@ def layout_and_groups() -> tuple[Layout, Groups]:
 def transformer_config(d: Dims, dtype: torch.dtype, layout: Layout, on_gpu: bool):
     """The megatron-core config: common settings here, the architecture's own from its unit (``Arch.mcore``)."""
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
-    from .archs import arch
-    from .archs.common import moe_mcore
+    from megatron_fp8pb.archs import arch
+    from megatron_fp8pb.archs.common import moe_mcore
     kw = dict(
         num_layers=d.num_layers, hidden_size=d.hidden, num_attention_heads=d.num_heads,
         num_query_groups=d.num_query_groups, kv_channels=d.head_dim, ffn_hidden_size=d.ffn_hidden,
@@ -116,7 +116,7 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     """The layer spec(s) of the local (no TransformerEngine) backend the unit asks for: one spec for every layer,
     or per-layer specs (dense layers below MoE layers, multi-latent attention)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
-    from .archs import arch
+    from megatron_fp8pb.archs import arch
     unit = arch(d.model_type)
     if not unit.block_spec:
         return get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=False,
@@ -164,7 +164,7 @@ def build_gpt(d: Dims, dtype: torch.dtype, layout: Layout, *, on_gpu: bool = Fal
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
         with _cpu_current_device(on_gpu):
             kw["mtp_block_spec"] = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False, vp_stage=vp_stage)
-    from .archs import arch
+    from megatron_fp8pb.archs import arch
     kw.update(arch(d.model_type).gpt(d))
     if on_gpu:
         with _mla_without_te():

@@ -11,8 +11,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import collectives
-from .log import log0
+from megatron_fp8pb.parallel import collectives
+from megatron_fp8pb.log import log0
 
 
 @dataclass

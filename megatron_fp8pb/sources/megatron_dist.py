@@ -20,12 +20,12 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from . import mcore
-from .archs import Dims
-from .distcp_items import DirectReads, read_items
-from .plan import Layout, ParamPlan
-from .stream import LazyParam, local_param_shapes
-from .tp_slices import pieces_of
+from megatron_fp8pb.parallel import megatron as mcore
+from megatron_fp8pb.archs import Dims
+from megatron_fp8pb.sources.distcp import DirectReads, read_items
+from megatron_fp8pb.plan.params import Layout, ParamPlan
+from megatron_fp8pb.sources.streamed import LazyParam, local_param_shapes
+from megatron_fp8pb.plan.tp_slices import pieces_of
 
 
 def read_checkpoint_metadata(path: str) -> Metadata:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .archs.base import Dims, FusedParts
+from megatron_fp8pb.archs.base import Dims, FusedParts
 
 
 def part_rows(fp: FusedParts, d: Dims) -> list[int]:

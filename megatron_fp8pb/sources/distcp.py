@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device_reads import PinnedRing, read_fully, read_to_device
+from megatron_fp8pb.sources.device_reads import PinnedRing, read_fully, read_to_device
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .archs.base import GATED, PARTS, QKV, Dims
-from .fused import merge_gated, merge_qkv, split_gated, split_qkv
-from .fused_parts import member_segments, merge_parts, part_rows, split_parts
-from .plan import ParamPlan, Piece
+from megatron_fp8pb.archs.base import GATED, PARTS, QKV, Dims
+from megatron_fp8pb.plan.fused import merge_gated, merge_qkv, split_gated, split_qkv
+from megatron_fp8pb.plan.fused_parts import member_segments, merge_parts, part_rows, split_parts
+from megatron_fp8pb.plan.params import ParamPlan, Piece
 
 
 def _groups_per_rank(plan: ParamPlan, d: Dims) -> int:

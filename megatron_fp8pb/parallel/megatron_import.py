@@ -7,7 +7,7 @@ import contextlib
 import importlib
 import sys
 
-from . import bytecode_early
+from megatron_fp8pb import bytecode_early
 
 # what the export of a Megatron source imports from megatron-core and torch (the rest of megatron-core's modules are
 # imported by these), imported together where ``bytecode_early`` helpers compiled them
@@ -48,7 +48,7 @@ def import_without_compiling() -> None:
         return
     import torch
 
-    from .log import quiet_known_warnings
+    from megatron_fp8pb.log import quiet_known_warnings
     quiet_known_warnings()      # before megatron.core is imported
     real = torch.compile
 

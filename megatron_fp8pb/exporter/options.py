@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .archs import Dims
-from .config import QuantConfig
-from .log import log0, warn0
-from .plan import Layout
+from megatron_fp8pb.archs import Dims
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.log import log0, warn0
+from megatron_fp8pb.plan.params import Layout
 
 
 @dataclass(frozen=True)
@@ -64,23 +64,23 @@ class RankView:
     @classmethod
     def of_model(cls, model, d: Dims, layout: Layout) -> "RankView":
         """A megatron-core model of this rank, or the list of its virtual-pipeline chunks."""
-        from . import mcore
+        from megatron_fp8pb.parallel import megatron as mcore
         return cls(mcore.local_params(model), mcore.layer_numbers(model), mcore.num_local_experts(d, layout))
 
     @classmethod
     def of_source(cls, src, layout: Layout) -> "RankView":
         """A ``sources.Source`` (a built model or a streamed checkpoint)."""
-        from . import mcore
+        from megatron_fp8pb.parallel import megatron as mcore
         return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout))
 
 
 def serve_exclusions(d: Dims, quant: QuantConfig, dtype_name: str = "bfloat16") -> tuple[str, ...]:
     """Modules a target of ``quant.serve_tp`` would refuse (or, transformers, dequantize wrong) in FP8, with their
     fusion groups: kept unquantized. A loud warning when that is most of the linears."""
-    from .archs import default_exclude, rules_for
-    from .archs.base import hf_module
-    from .plan import linear_weights
-    from .serve_check import layers_for_transformers, layers_to_keep_unquantized
+    from megatron_fp8pb.archs import default_exclude, rules_for
+    from megatron_fp8pb.archs.base import hf_module
+    from megatron_fp8pb.plan.params import linear_weights
+    from megatron_fp8pb.verify.serve_check import layers_for_transformers, layers_to_keep_unquantized
     serve_tp = quant.serve_tp
     tps, for_transformers = quant.serve_targets()
     if not (tps or for_transformers) or not quant.enabled:

@@ -2,7 +2,7 @@
 architecture unit in ``archs/`` owns its presets; this module only looks them up."""
 from __future__ import annotations
 
-from .archs import presets as _presets
+from megatron_fp8pb.archs import presets as _presets
 
 PRESETS = {name: model_type for name, (model_type, _) in _presets().items()}
 

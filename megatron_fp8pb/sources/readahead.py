@@ -14,10 +14,10 @@ import re
 import threading
 from pathlib import Path
 
-from . import import_prefetch
-from .plan import unit_sequence
-from .ranks import ep_rank_of, pp_rank_of, stage_layer_range
-from .safetensors_layout import byte_ranges
+from megatron_fp8pb import import_prefetch
+from megatron_fp8pb.plan.params import unit_sequence
+from megatron_fp8pb.plan.ranks import ep_rank_of, pp_rank_of, stage_layer_range
+from megatron_fp8pb.sources.safetensors_layout import byte_ranges
 
 CHUNK = 4 << 20        # bytes per read
 THREADS = 8            # reads in flight (the disk's queue depth)
@@ -192,7 +192,7 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
     with the config or the source is left to the export itself, which names it properly: here it only means no
     readahead."""
     try:
-        from .config import load_config
+        from megatron_fp8pb.config import load_config
         cfg = load_config(config_path, overrides)
         if cfg.source.kind not in ("hf", "megatron") or not cfg.source.path or not cfg.source.readahead:
             return None

@@ -15,24 +15,23 @@ from itertools import groupby
 
 import torch
 
-from . import collectives as coll
-from . import blockmath
-from .archs import Dims, rules_for
-from .archs.base import hf_module
-from .blockfp8 import BLOCK, quantize_checked
-from .hf_output import config_json, quantization_config
-from .errors import agree
-from .faults import ExportError, stage
-from .log import log0
-from .node_writers import Routes
-from .options import ExportOptions, RankView
-from .progress import Phases, Progress
-from .plan import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, streamed_unit_order,
-                   plan_param)
-from .tp_slices import check_piece_finite, piece_dtype, pieces_of
-from .staging import SlabPool
-from .stream import Deferred, LazyParam, Prefetch, materialize
-from .writer import TensorSpec
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.quant import blockmath
+from megatron_fp8pb.archs import Dims, rules_for
+from megatron_fp8pb.archs.base import hf_module
+from megatron_fp8pb.quant.reference import BLOCK, quantize_checked
+from megatron_fp8pb.output.hf_files import config_json, quantization_config
+from megatron_fp8pb.errors import agree
+from megatron_fp8pb.faults import ExportError, stage
+from megatron_fp8pb.log import log0
+from megatron_fp8pb.output.node_writers import Routes
+from megatron_fp8pb.exporter.options import ExportOptions, RankView
+from megatron_fp8pb.exporter.progress import Phases, Progress
+from megatron_fp8pb.plan.params import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, streamed_unit_order, plan_param)
+from megatron_fp8pb.plan.tp_slices import check_piece_finite, piece_dtype, pieces_of
+from megatron_fp8pb.output.staging import SlabPool
+from megatron_fp8pb.sources.streamed import Deferred, LazyParam, Prefetch, materialize
+from megatron_fp8pb.output.writer import TensorSpec
 
 SCALE = ".weight_scale_inv"
 
@@ -82,7 +81,7 @@ def local_pieces(plans, d: Dims, me: int) -> list[tuple[Piece, object]]:
 
 def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
     if t.is_cuda:
-        from . import blockfp8_triton
+        from megatron_fp8pb.quant import triton_kernel as blockfp8_triton
         if blockfp8_triton.usable(t):
             x = t if p.dim == 0 else t.t()
             a = blockfp8_triton.block_amax(x, p.offset % BLOCK, BLOCK)
@@ -92,7 +91,7 @@ def _partial_amax(t: torch.Tensor, p: Piece) -> torch.Tensor:
 
 def _quantize(t: torch.Tensor, scale_inv: torch.Tensor, p: Piece) -> torch.Tensor:
     if t.is_cuda:
-        from . import blockfp8_triton
+        from megatron_fp8pb.quant import triton_kernel as blockfp8_triton
         if blockfp8_triton.usable(t):
             first, rows = blockmath.scale_rows_of_piece(scale_inv, p.dim, p.offset, p.length, BLOCK)
             x, s = (t, rows) if p.dim == 0 else (t.t(), rows.t())

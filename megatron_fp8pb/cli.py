@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 import os
 
-from . import collectives as coll
-from . import session
-from .archs import dims_from_hf
-from .config import MCORE_FREE_KINDS, ExportConfig, load_config
-from .errors import agree, exit_on_sigterm, is_expected, message, refuse_everywhere
-from .log import log0
-from .options import ExportOptions, RankView
-from .pipeline import run_export
-from .sources import STREAMED_KINDS, build_source, source_config
-from .stream import fixed_mmap_threshold
-from .validate import check_layout
+from megatron_fp8pb.parallel import collectives as coll
+from megatron_fp8pb.parallel import session
+from megatron_fp8pb.archs import dims_from_hf
+from megatron_fp8pb.config import MCORE_FREE_KINDS, ExportConfig, load_config
+from megatron_fp8pb.errors import agree, exit_on_sigterm, is_expected, message, refuse_everywhere
+from megatron_fp8pb.log import log0
+from megatron_fp8pb.exporter.options import ExportOptions, RankView
+from megatron_fp8pb.exporter.pipeline import run_export
+from megatron_fp8pb.sources.registry import STREAMED_KINDS, build_source, source_config
+from megatron_fp8pb.sources.streamed import fixed_mmap_threshold
+from megatron_fp8pb.plan.validate import check_layout
 
 
 def preflight(cfg: ExportConfig, world: int):
@@ -51,7 +51,7 @@ def check_source_paths(cfg: ExportConfig) -> None:
 
 def check_output_on_rank0(cfg: ExportConfig) -> None:
     """Collective: rank 0 (the writer) checks output.dir; every rank learns its verdict at once."""
-    from .writer import prepare_output
+    from megatron_fp8pb.output.writer import prepare_output
     error = cause = None
     if coll.rank() == 0:
         try:
@@ -103,7 +103,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     start = session.process_age()
     mcore_free = cfg.source.kind in MCORE_FREE_KINDS     # the layout and its groups without megatron-core
     if not mcore_free:
-        from .mcore_import import import_without_compiling
+        from megatron_fp8pb.parallel.megatron_import import import_without_compiling
         import_without_compiling()      # this job never runs the model
     with session.started(cfg.parallel, megatron=not mcore_free) as sess:
         if cfg.source.kind in STREAMED_KINDS:
@@ -146,7 +146,7 @@ def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, 
                  ", ".join(f"rank {r} {b / 1e9:.6f}" for r, b in sorted(result.bytes_by_writer.items())))
         log0("wall clock since the process started: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks))
         if cfg.output.verify:
-            from .verify import verify_checkpoint
+            from megatron_fp8pb.verify import verify_checkpoint
             tps, for_transformers = options.quant.serve_targets()
             report = verify_checkpoint(result.out_dir, source=src.truth, serve_tp=tps,
                                        serve_transformers=for_transformers)

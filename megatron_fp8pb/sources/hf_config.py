@@ -47,7 +47,7 @@ class JsonConfig:
 def reads_like_transformers(data: dict) -> JsonConfig | None:
     """The config as a JsonConfig when the architecture's dims read from it exactly what they would read from
     transformers' class (no nested text config, no absent attribute with a class default of its own); else None."""
-    from .archs import dims_from_hf
+    from megatron_fp8pb.archs import dims_from_hf
     if "text_config" in data or "model_type" not in data:
         return None
     view = JsonConfig(data)
@@ -63,13 +63,13 @@ def reads_like_transformers(data: dict) -> JsonConfig | None:
 
 def _defaulted(view: JsonConfig) -> list[str]:
     """The attributes the dims read and found absent whose default transformers' class sets on its own."""
-    from .archs import arch
+    from megatron_fp8pb.archs import arch
     return sorted(view.absent - ABSENT_SAME - set(arch(view.data["model_type"]).absent_same))
 
 
 def missing_for_dims(data: dict) -> str:
     """Why ``config.json`` alone does not give the architecture's dims, and what to add."""
-    from .archs import dims_from_hf
+    from megatron_fp8pb.archs import dims_from_hf
     view = JsonConfig(data)
     try:
         dims_from_hf(view)

@@ -10,11 +10,10 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .archs import arch, default_exclude, rules_for
-from .archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, PARTS, QKV, REPLICATED, ROWWISE, TIED_COPY,
-                         VOCAB, Dims, Rule, hf_module, rule_layers)
-from .config import QuantConfig
-from .fused_parts import local_groups, member_rows, member_segments
+from megatron_fp8pb.archs import arch, default_exclude, rules_for
+from megatron_fp8pb.archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, PARTS, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims, Rule, hf_module, rule_layers)
+from megatron_fp8pb.config import QuantConfig
+from megatron_fp8pb.plan.fused_parts import local_groups, member_rows, member_segments
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MTP_LAYER_RE = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.+)$")

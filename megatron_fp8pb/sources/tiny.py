@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .archs import dims_from_hf, rules_for, tiny_config
-from .plan import expected_tensors
+from megatron_fp8pb.archs import dims_from_hf, rules_for, tiny_config
+from megatron_fp8pb.plan.params import expected_tensors
 
 
 def tiny_hf_config(arch: str, tie_embeddings: bool = False):
@@ -44,7 +44,7 @@ def random_hf_state(hf_config, seed: int = 0, dtype: torch.dtype = torch.bfloat1
 
 def tensor_dtypes(rules, d) -> dict[str, torch.dtype]:
     """HF tensors that the architecture writes in their own dtype."""
-    from .plan import expected_tensors as exp
+    from megatron_fp8pb.plan.params import expected_tensors as exp
     out = {}
     for r in rules:
         if r.dtype:
