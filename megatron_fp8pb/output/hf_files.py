@@ -7,16 +7,14 @@ from pathlib import Path
 
 import torch
 
+from megatron_fp8pb.quant.format import FORMAT
+
 
 def quantization_config(not_converted: list[str], quantized_any: bool, scale_fmt: str = "amax") -> dict | None:
     """FORMAT.md's quantization_config; ``"scale_fmt": "ue8m0"`` only in that mode (amax/448 scales write no key)."""
     if not quantized_any:
         return None
-    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-          "modules_to_not_convert": list(not_converted), "ignored_layers": list(not_converted)}
-    if scale_fmt != "amax":
-        qc["scale_fmt"] = scale_fmt
-    return qc
+    return FORMAT.quantization_config(not_converted, scale_fmt)
 
 
 def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None,

@@ -24,9 +24,9 @@ import socket
 from megatron_fp8pb.parallel import collectives as coll
 from megatron_fp8pb.errors import agree
 from megatron_fp8pb.faults import ExportError
+from megatron_fp8pb.quant.format import FORMAT
 from megatron_fp8pb.output.writer import BackgroundWriter, CheckpointWriter
 
-SCALE = ".weight_scale_inv"
 
 
 def node_of_this_rank() -> str:
@@ -52,7 +52,7 @@ def owners(by_name: dict[str, list], writer_of: list[int]) -> dict[str, int]:
 
 def file_names(name: str, tiles: list) -> list[str]:
     """The names a tensor is written under: the tensor, and its scale when quantized."""
-    return [name, name[:-len(".weight")] + SCALE] if tiles[0].quantize else [name]
+    return [name, FORMAT.scale_name(name)] if tiles[0].quantize else [name]
 
 
 class Routes:

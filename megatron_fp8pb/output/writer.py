@@ -25,10 +25,9 @@ import torch
 
 from megatron_fp8pb.config import parse_size  # noqa: F401  (re-exported: the writer's size unit)
 from megatron_fp8pb.faults import ExportError, inject
+from megatron_fp8pb.quant.format import FORMAT
+from megatron_fp8pb.safetensors_dtypes import code_of
 
-SCALE_SUFFIX = "_scale_inv"
-_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-           torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Tenso
     gets a shard of its own."""
     groups: list[list[TensorSpec]] = []
     for s in specs:
-        if s.name.endswith(SCALE_SUFFIX) and groups and groups[-1][0].name == s.name[:-len(SCALE_SUFFIX)]:
+        if groups and FORMAT.weight_of_scale(s.name) == groups[-1][0].name:
             groups[-1].append(s)
         else:
             groups.append([s])
@@ -79,7 +78,7 @@ def shard_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
     header: dict = {"__metadata__": {"format": "pt"}}
     rel, at = {}, 0
     for s in layout:
-        header[s.name] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [at, at + s.nbytes]}
+        header[s.name] = {"dtype": code_of(s.dtype), "shape": list(s.shape), "data_offsets": [at, at + s.nbytes]}
         rel[s.name] = at
         at += s.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0
-SCALE_FMTS = ("amax", "ue8m0")   # block scale = amax/448, or that rounded up to a power of two
+from megatron_fp8pb.quant.format import FORMAT, SCALE_FMTS
+
+FP8_MAX = FORMAT.fp8_max
 _MANT = 0x7FFFFF
 
 
@@ -36,7 +37,7 @@ def _to_dim0(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x if dim == 0 else x.transpose(0, 1)
 
 
-def partial_block_amax(piece: torch.Tensor, dim: int, offset: int, block: int = 128) -> torch.Tensor:
+def partial_block_amax(piece: torch.Tensor, dim: int, offset: int, block: int = FORMAT.block) -> torch.Tensor:
     """Block amax of a piece at ``offset`` along ``dim``.
 
     piece [n, K] (dim 0) or [N, k] (dim 1) -> float32 amax of the blocks it touches:
@@ -115,7 +116,7 @@ def expand_scale(scale_rows: torch.Tensor, n: int, k: int, lead: int, block: int
 
 
 def quantize_piece(piece: torch.Tensor, scale_inv: torch.Tensor, dim: int, offset: int,
-                   block: int = 128) -> torch.Tensor:
+                   block: int = FORMAT.block) -> torch.Tensor:
     """Quantize a piece with the full tensor's scale grid.
 
     piece [n, K] (dim 0) / [N, k] (dim 1), scale_inv [ceil(N/block), ceil(K/block)] -> qdata float8_e4m3fn, piece's shape.
@@ -131,7 +132,7 @@ def quantize_piece(piece: torch.Tensor, scale_inv: torch.Tensor, dim: int, offse
 
 
 def scale_rows_of_piece(scale_inv: torch.Tensor, dim: int, offset: int, length: int,
-                        block: int = 128) -> tuple[int, torch.Tensor]:
+                        block: int = FORMAT.block) -> tuple[int, torch.Tensor]:
     """The block rows (dim 0) or block columns (dim 1) of ``scale_inv`` a piece touches: (first, slice)."""
     first, last = block_span(offset, length, block)
     sl = scale_inv[first:last] if dim == 0 else scale_inv[:, first:last]

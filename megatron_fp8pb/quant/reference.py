@@ -9,7 +9,9 @@ import torch
 
 from megatron_fp8pb.quant.blockmath import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece, scale_inv_from_amax)
 
-BLOCK = 128
+from megatron_fp8pb.quant.format import FORMAT
+
+BLOCK = FORMAT.block     # the default block size of every function here
 
 
 def check_finite(w: torch.Tensor, name: str) -> None:

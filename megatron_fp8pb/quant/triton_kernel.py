@@ -19,6 +19,7 @@ import threading
 import torch
 
 from megatron_fp8pb.quant.blockmath import FP8_MAX, check_scale_fmt, num_blocks
+from megatron_fp8pb.quant.format import FORMAT
 
 _AMAX, _QUANT, _FUSED = 0, 1, 2
 _NUM_WARPS = 8
@@ -137,7 +138,7 @@ def _launch(mode: int, x: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor,
                                 MODE=mode, BLOCK=block, FP8_MAX=FP8_MAX, POW2=pow2, num_warps=_NUM_WARPS)
 
 
-def block_amax(x: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
+def block_amax(x: torch.Tensor, lead: int, block: int = FORMAT.block) -> torch.Tensor:
     """x [n, K] sitting ``lead`` rows into its first block -> float32 [ceil((lead+n)/block), ceil(K/block)] of max|x|.
 
     Equals ``blockmath.partial_block_amax(x, 0, offset, block)`` for any ``offset % block == lead``.
@@ -148,7 +149,7 @@ def block_amax(x: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
     return amax
 
 
-def quantize_rows(x: torch.Tensor, scale_rows: torch.Tensor, lead: int, block: int = 128) -> torch.Tensor:
+def quantize_rows(x: torch.Tensor, scale_rows: torch.Tensor, lead: int, block: int = FORMAT.block) -> torch.Tensor:
     """x [n, K], scale_rows float32 [ceil((lead+n)/block), ceil(K/block)] -> float8_e4m3fn [n, K].
 
     q = clamp(x / scale, -448, 448) cast with round-to-nearest-even; equals ``blockmath.quantize_piece(x, full, 0,
@@ -165,7 +166,7 @@ def quantize_rows(x: torch.Tensor, scale_rows: torch.Tensor, lead: int, block: i
     return q
 
 
-def quantize(w: torch.Tensor, block: int = 128, scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, block: int = FORMAT.block, scale_fmt: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (qdata float8_e4m3fn [N, K], scale_inv float32 [ceil(N/block), ceil(K/block)]) in one pass.
 
     scale_inv = amax/448 per block (1.0 for an all-zero block), rounded up to a power of two for scale_fmt "ue8m0",

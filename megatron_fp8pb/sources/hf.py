@@ -9,6 +9,7 @@ import torch
 
 from megatron_fp8pb.sources.device_reads import PinnedRing, read_fully, read_to_device
 from megatron_fp8pb.plan.params import Piece
+from megatron_fp8pb.safetensors_dtypes import torch_dtype
 from megatron_fp8pb.sources.safetensors_layout import header, tensor_files
 
 
@@ -55,7 +56,7 @@ class HFReader:
         f, e, base = self._entry(name)
         if self.readahead is not None:
             self.readahead.consumed(name)
-        shape, dtype = tuple(e["shape"]), _ST_DTYPES.get(e["dtype"])
+        shape, dtype = tuple(e["shape"]), torch_dtype(e["dtype"])
         if dtype is None:
             raise ValueError(f"source tensor {name!r} in {f} has dtype {e['dtype']}, which the export does not read")
         length = (shape[dim] if shape else 1) - offset if length is None else length
@@ -155,9 +156,6 @@ def _pread_all(fd: int, view: memoryview, pos: int, name: str, f: Path) -> None:
                                          f"the file is truncated or corrupt")
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _numel(shape) -> int:
@@ -188,8 +186,6 @@ class DictReader:
         return t.narrow(dim, offset, length)
 
 
-_DTYPE_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 
 
 def check_source(reader, expected: dict[str, tuple[int, ...]], where: str) -> None:
@@ -209,7 +205,7 @@ def check_source(reader, expected: dict[str, tuple[int, ...]], where: str) -> No
         if tuple(got) != tuple(shape):
             raise ValueError(f"source tensor {name!r} has shape {tuple(got)}, but the config implies {tuple(shape)};"
                              f" the config.json and the weights disagree")
-        if dtype not in _DTYPE_NAMES:
+        if torch_dtype(dtype) not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"source tensor {name!r} has dtype {dtype}; expected a float dtype (BF16/F16/F32)")
 
 
@@ -253,5 +249,5 @@ def hf_config(path: str | os.PathLike):
 def config_dtype(cfg) -> torch.dtype:
     d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.bfloat16
     if isinstance(d, str):
-        d = _DTYPE_NAMES.get(d, None) or getattr(torch, d)
+        d = torch_dtype(d) or torch.bfloat16
     return d

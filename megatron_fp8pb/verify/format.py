@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from megatron_fp8pb.safetensors_dtypes import torch_dtype
 from megatron_fp8pb.quant.reference import BLOCK, SCALE_FMTS
 from megatron_fp8pb.quant.blockmath import pow2_ceil
 from .names import is_linear_weight, module_of, never_fp8
@@ -15,7 +16,6 @@ from .report import FP8, SCALE_SUFFIX, TensorInfo, VerifyReport
 FORBIDDEN_SUFFIXES = (".input_scale", ".weight_scale", ".activation_scale")
 REQUIRED_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 KNOWN_QC_KEYS = set(REQUIRED_QC) | {"modules_to_not_convert", "ignored_layers", "scale_fmt"}
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def should_convert_module(full_name: str, patterns: list[str] | None) -> bool:
@@ -90,7 +90,8 @@ def check_vocab_and_tie(cfg: dict, tensors: dict[str, TensorInfo], rep: VerifyRe
 def output_dtype(cfg: dict) -> torch.dtype:
     """The unquantized dtype of the checkpoint (config ``dtype`` / ``torch_dtype``, bfloat16 when absent)."""
     d = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    return _CONFIG_DTYPES.get(str(d).replace("torch.", ""), torch.bfloat16)
+    got = torch_dtype(str(d))
+    return got if got in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
 
 
 def expected_scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:

@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from megatron_fp8pb.quant.reference import BLOCK
+from megatron_fp8pb.safetensors_dtypes import itemsize
 from .report import CHUNK_ELEMENTS, FP8, INDEX, SINGLE, SCALE_SUFFIX, TensorInfo, TensorResult, VerifyReport
 
-_DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2,
-                "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
@@ -36,8 +35,9 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     for name, h in header.items():
         shape = tuple(int(s) for s in h["shape"])
         begin, stop = h["data_offsets"]
-        want = math.prod(shape) * _DTYPE_BYTES.get(h["dtype"], 0)
-        if h["dtype"] in _DTYPE_BYTES and stop - begin != want:
+        per = itemsize(h["dtype"])
+        want = math.prod(shape) * (per or 0)
+        if per is not None and stop - begin != want:
             raise ValueError(f"{path.name}: tensor {name!r} {h['dtype']} {list(shape)} spans {stop - begin} bytes, "
                              f"its shape needs {want}; the file is corrupt")
         out[name] = TensorInfo(name, path.name, h["dtype"], shape, stop - begin)

@@ -4,12 +4,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from megatron_fp8pb.quant.format import FORMAT
+from megatron_fp8pb.safetensors_dtypes import code_of
 from megatron_fp8pb.verify import serve_check
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-SCALE_SUFFIX = "_scale_inv"
-FP8 = "F8_E4M3"
+SCALE_SUFFIX = FORMAT.scale_suffix
+FP8 = code_of(FORMAT.fp8_dtype)
 
 DEFAULT_INFO_TP = (1, 2, 4, 8)
 CHUNK_ELEMENTS = 1 << 25

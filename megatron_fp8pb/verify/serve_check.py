@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from megatron_fp8pb import archs
+from megatron_fp8pb.quant.format import FORMAT
 
-BLOCK = 128
+BLOCK = FORMAT.block
 _EXPERT_W = {x: archs.serving_styles()[x] for x in archs.expert_only_leaves()}
 COLUMN_PARALLEL = tuple(x for x in archs.leaves_with_style("column") if x not in _EXPERT_W)
 ROW_PARALLEL = tuple(x for x in archs.leaves_with_style("row") if x not in _EXPERT_W)
