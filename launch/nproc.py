@@ -8,7 +8,6 @@ and no override changes the file's layout (else the resolved layout's smallest w
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -23,11 +22,6 @@ def header(path: str | None, key: str) -> int | None:
     with open(path) as f:
         m = re.search(rf"^#\s*{key}:\s*(\d+)\s*$", f.read(), re.MULTILINE)
     return int(m.group(1)) if m else None
-
-
-def min_world(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
-    """The smallest world size the layout fits: lcm(tp*pp, pp*ep*etp)."""
-    return math.lcm(tp * pp, pp * ep * (etp or tp))
 
 
 def per_node(need: int, nodes: int, header_nodes: int | None = None, header_gpus: int | None = None) -> int:
@@ -50,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from megatron_fp8pb.config import load_config
+    from megatron_fp8pb.launcher import min_world
     p = load_config(args.config, args.overrides).parallel
     hn, hg = header(args.config, "nodes"), header(args.config, "gpus_per_node")
     if p != load_config(args.config).parallel:

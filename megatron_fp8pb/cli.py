@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from pathlib import Path
 
 from megatron_fp8pb.parallel import collectives as coll
 from megatron_fp8pb.parallel import session
 from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import MCORE_FREE_KINDS, ExportConfig, load_config
-from megatron_fp8pb.errors import agree, exit_on_sigterm, is_expected, message, refuse_everywhere
+from megatron_fp8pb.errors import is_expected, message, refuse_everywhere
+from megatron_fp8pb.parallel.collectives import agree
+from megatron_fp8pb.process import exit_on_sigterm, set_phase
 from megatron_fp8pb.log import log0
 from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.pipeline import run_export
 from megatron_fp8pb.sources.registry import STREAMED_KINDS, build_source, source_config
 from megatron_fp8pb.sources.streamed import fixed_mmap_threshold
 from megatron_fp8pb.plan.validate import check_layout
+from megatron_fp8pb.output.writer import partial_dir
+
+RESOLVED_CONFIG = "fp8pb_export_config.json"    # written into the output: the config this export resolved
 
 
 def preflight(cfg: ExportConfig, world: int):
@@ -116,7 +123,10 @@ def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, 
     """The CLI job inside its session: source -> export -> verification; whether every check passed (on every
     rank). ``marks``: (step, seconds since the process started) so far."""
     check_output_on_rank0(cfg)
-    log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
+    resolved = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    log0("resolved config:\n" + resolved, logging.DEBUG)
+    out = Path(cfg.output.dir)
+    set_phase("reading the source", partial=partial_dir(out))
     layout = sess.layout
     rss_start = reset_peak_rss()
     src = error = cause = None
@@ -129,9 +139,12 @@ def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, 
          f"{'streamed' if src.model is None else 'built'} for "
          f"tp={layout.tp_size} pp={layout.pp_size} ep={layout.ep_size} on {sess.world} rank(s)")
     marks.append(("source", session.process_age()))
-    options = ExportOptions.from_config(cfg.quant, cfg.output, src.dims, src.dtype, src.extra_files)
+    options = ExportOptions.from_config(cfg.quant, cfg.output, src.dims, src.dtype,
+                                        {**src.extra_files, RESOLVED_CONFIG: resolved.encode()})
+    set_phase("exporting")
     result = run_export(RankView.of_source(src, layout), src.dims, layout, sess.groups, src.hf_config, cfg.output.dir,
                         options)
+    set_phase("verifying", complete=Path(result.out_dir) if result.out_dir else out)
     ok = True
     if sess.rank == 0:
         t = result.traffic

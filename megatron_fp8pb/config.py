@@ -39,21 +39,36 @@ def _check_choices(obj) -> None:
             raise ValueError(f"config key {obj.SECTION}.{f.name}={value!r}: choose one of {', '.join(allowed)}")
 
 
+def knob(default, help: str, values=None):
+    """A config field: its default, its one-line ``--help`` meaning, and ``values``, a function naming the values it
+    takes where a registry holds them (a ``Literal`` type names its own)."""
+    return field(default=default, metadata={"help": help, "values": values})
+
+
+def _arch_values() -> str:
+    from megatron_fp8pb.archs import presets, tiny_names
+    return f"tiny: {', '.join(tiny_names())}; random: {', '.join(presets())}"
+
+
+def _kind_values() -> str:
+    return ("tiny (the embedded model), hf (an HF safetensors checkpoint), megatron (a Megatron dist checkpoint), "
+            "random (a preset's shapes, random weights)")
+
+
 MCORE_FREE_KINDS = ("tiny", "hf")    # sources exported without importing megatron-core
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     SECTION: ClassVar[str] = "source"
-    kind: SourceKind = "tiny"       # tiny | hf | megatron | random
-    path: str | None = None         # HF checkpoint dir (hf) or Megatron dist checkpoint dir (megatron)
-    arch: str = "qwen3"             # tiny: llama | mistral | qwen2 | qwen3 | qwen3_moe | mixtral; random: a preset
-    num_layers: int = 0             # tiny / random: keep this many layers (0: the model's own count)
-    hf_config: str | None = None    # megatron: an HF config.json (or its directory) describing the architecture
-    seed: int = 0                   # tiny: weights seed
-    tie_embeddings: bool = False    # tiny: tie embeddings and lm_head
-    readahead: bool = True          # hf, megatron: read the source into the page cache from process start
-
+    kind: SourceKind = knob("tiny", "where the weights come from", _kind_values)
+    path: str | None = knob(None, "HF checkpoint dir (hf) or Megatron dist checkpoint dir (megatron)")
+    arch: str = knob("qwen3", "the model of kind tiny or random", _arch_values)
+    num_layers: int = knob(0, "tiny / random: keep this many layers (0: the model's own count)")
+    hf_config: str | None = knob(None, "megatron: an HF config.json (or its directory) describing the architecture")
+    seed: int = knob(0, "tiny: weights seed")
+    tie_embeddings: bool = knob(False, "tiny: tie embeddings and lm_head")
+    readahead: bool = knob(True, "hf, megatron: read the source into the page cache from process start")
     def __post_init__(self):
         _check_choices(self)
         if self.num_layers < 0:
@@ -79,14 +94,13 @@ class ResolvedParallel:
 @dataclass(frozen=True)
 class ParallelConfig:
     SECTION: ClassVar[str] = "parallel"
-    tp: int = 1                     # tensor parallel size of the export
-    pp: int = 1                     # pipeline parallel size
-    ep: int = 1                     # expert parallel size (mixture-of-experts models)
-    etp: int | None = None          # expert tensor parallel; default: tp
-    backend: Backend = "auto"       # auto (nccl with CUDA, else gloo) | gloo | nccl
-    timeout_s: float = 300.0        # collective timeout
-    device: Device = "auto"         # where the model lives: auto | cpu | cuda
-
+    tp: int = knob(1, "tensor parallel size of the export")
+    pp: int = knob(1, "pipeline parallel size")
+    ep: int = knob(1, "expert parallel size (mixture-of-experts models)")
+    etp: int | None = knob(None, "expert tensor parallel; default: tp")
+    backend: Backend = knob("auto", "auto: nccl with CUDA, else gloo")
+    timeout_s: float = knob(300.0, "collective timeout")
+    device: Device = knob("auto", "where the model lives; auto: CUDA when available")
     def __post_init__(self):
         _check_choices(self)
         bad = [f"parallel.{k}={v} must be >= 1" for k, v in
@@ -113,12 +127,11 @@ class QuantConfig:
     ``quantize_lm_head``, ``scale_fmt``, ``serve_tp``) and what the planner asks (``quantizes``). In an
     ``options.ExportOptions``, ``exclude`` also holds the modules the serve targets would refuse."""
     SECTION: ClassVar[str] = "quant"
-    enabled: bool = True            # false: write the source dtype, byte-identical to the source
-    exclude: tuple[str, ...] = ()   # fnmatch patterns of HF module names, added to the defaults
-    lm_head: bool = False           # quantize lm_head (unties tied embeddings)
-    serve_tp: str | None = None     # targets whose refusals stay unquantized: TP size (4), transformers or 4,transformers
-    scale_fmt: ScaleFmt = "amax"    # block scales: amax (amax/448) | ue8m0 (rounded up to a power of two)
-
+    enabled: bool = knob(True, "false: write the source dtype, byte-identical to the source")
+    exclude: tuple[str, ...] = knob((), "fnmatch patterns of HF module names, added to the defaults")
+    lm_head: bool = knob(False, "quantize lm_head (unties tied embeddings)")
+    serve_tp: str | None = knob(None, "targets whose refusals stay unquantized: TP size (4), transformers or 4,transformers")
+    scale_fmt: ScaleFmt = knob("amax", "block scales: amax is amax/448, ue8m0 that rounded up to a power of two")
     def __post_init__(self):
         _check_choices(self)
         serve_targets(self.serve_tp)
@@ -140,12 +153,11 @@ class QuantConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     SECTION: ClassVar[str] = "output"
-    dir: str = "out/tiny-qwen3-fp8"  # where the checkpoint appears (written in <dir>.partial, renamed at the end)
-    max_shard_size: str = "5GB"     # shard size (GB = 10^9, GiB = 2^30)
-    overwrite: bool = False         # replace a non-empty output.dir
-    verify: bool = True             # re-read the output and check it against FORMAT.md (and the source)
-    writers: Writers = "rank0"      # rank0 | node: a writer per node into a shared output.dir (one node: as rank0)
-
+    dir: str = knob("out/tiny-qwen3-fp8", "where the checkpoint appears (written in <dir>.partial, renamed at the end)")
+    max_shard_size: str = knob("5GB", "shard size (GB = 10^9, GiB = 2^30)")
+    overwrite: bool = knob(False, "replace a non-empty output.dir")
+    verify: bool = knob(True, "re-read the output and check it against FORMAT.md (and the source)")
+    writers: Writers = knob("rank0", "node: a writer per node into a shared output.dir (one node: as rank0)")
     def __post_init__(self):
         _check_choices(self)
         parse_size(self.max_shard_size)
@@ -163,11 +175,8 @@ class ExportConfig:
 
 
 def describe_keys(cls=ExportConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, meaning) of every config key, read from the dataclasses and the comment beside each
-    field, so that the list cannot go stale."""
-    import inspect
-    import re
-    comments = dict(re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.+?)\s*$", inspect.getsource(cls), re.MULTILINE))
+    """(dotted key, default, meaning) of every config key, from the fields' metadata, their ``Literal`` choices and
+    the registries their ``values`` functions read, so that the list cannot go stale."""
     out = []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -175,9 +184,11 @@ def describe_keys(cls=ExportConfig, prefix: str = "") -> list[tuple[str, str, st
         if dataclasses.is_dataclass(default):
             out += describe_keys(type(default), key + ".")
             continue
-        meaning = comments.get(f.name, "")
+        meaning = f.metadata.get("help", "")
         allowed = choices(cls, f.name)
-        if allowed and "|" not in meaning:
+        if f.metadata.get("values"):
+            meaning = f"{meaning} ({f.metadata['values']()})"
+        elif allowed:
             meaning = f"{meaning} (one of {', '.join(allowed)})".strip()
         shown = default if isinstance(default, str) else "none" if default is None else json.dumps(
             list(default) if isinstance(default, tuple) else default)

@@ -13,13 +13,9 @@ import os
 import signal
 import time
 
-from .errors import Refusal, message
+from megatron_fp8pb.errors import ExportError, Refusal, message
 
 ENV = "FP8PB_INJECT_FAULT"
-
-
-class ExportError(RuntimeError):
-    """An export failure that names the rank and the stage."""
 
 
 def inject(stage: str, rank: int) -> None:

@@ -9,16 +9,17 @@ from megatron_fp8pb.parallel import collectives
 _logger = logging.getLogger("megatron_fp8pb")
 
 
-def log0(msg: str) -> None:
-    """Log on global rank 0 only."""
+def log0(msg: str, level: int = logging.INFO) -> None:
+    """Log on global rank 0 only; ``logging.DEBUG`` lines show with ``FP8PB_DEBUG=1``."""
     if collectives.rank() == 0:
         if not _logger.handlers:
+            from megatron_fp8pb.errors import debug
             h = logging.StreamHandler(sys.stdout)
             h.setFormatter(logging.Formatter("[fp8pb] %(message)s"))
             _logger.addHandler(h)
-            _logger.setLevel(logging.INFO)
+            _logger.setLevel(logging.DEBUG if debug() else logging.INFO)
             _logger.propagate = False
-        _logger.info(msg)
+        _logger.log(level, msg)
         sys.stdout.flush()
 
 

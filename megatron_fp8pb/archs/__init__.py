@@ -84,12 +84,16 @@ def fusion_groups() -> tuple[tuple[str, ...], ...]:
     return tuple(seen)
 
 
+def tiny_names() -> tuple[str, ...]:
+    """The architectures with an embedded tiny model (``source.kind=tiny``)."""
+    return tuple(n for a in _units() for n in a.tiny)
+
+
 def tiny_config(name: str, tie_embeddings: bool = False):
     for a in _units():
         if name in a.tiny:
             return a.tiny[name](tie_embeddings)
-    names = [n for a in _units() for n in a.tiny]
-    raise ValueError(f"source.arch={name!r} has no tiny model; choose one of {', '.join(names)}")
+    raise ValueError(f"source.arch={name!r} has no tiny model; choose one of {', '.join(tiny_names())}")
 
 
 def presets() -> dict[str, tuple[str, object]]:
@@ -99,4 +103,4 @@ def presets() -> dict[str, tuple[str, object]]:
 
 __all__ = ["Arch", "COLUMN", "Dims", "ROW", "Rule", "arch", "default_exclude", "dims_from_hf", "expert_only_leaves", "fusion_groups",
            "kv_leaves", "leaves_with_style", "linear_leaves", "never_quantized_leaves", "presets", "registry",
-           "rules_for", "serving_styles", "supported", "tiny_config"]
+           "rules_for", "serving_styles", "supported", "tiny_config", "tiny_names"]

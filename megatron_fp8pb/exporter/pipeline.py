@@ -21,7 +21,7 @@ from megatron_fp8pb.archs import Dims, rules_for
 from megatron_fp8pb.archs.base import hf_module
 from megatron_fp8pb.quant.reference import BLOCK, quantize_checked
 from megatron_fp8pb.output.hf_files import config_json, quantization_config
-from megatron_fp8pb.errors import agree
+from megatron_fp8pb.parallel.collectives import agree
 from megatron_fp8pb.faults import ExportError, stage
 from megatron_fp8pb.log import log0
 from megatron_fp8pb.output.node_writers import Routes
@@ -276,8 +276,10 @@ def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_d
     finish_error = None
     try:
         with stage("transfer", me):
-            _transfer(mine, own, groups, traffic, writer, out_dtype, d, streamed, result.phases, routes)
+            progress = _transfer(mine, own, groups, traffic, writer, out_dtype, d, streamed, result.phases, routes)
         routes.flush(writer)
+        if progress is not None and writer is not None:
+            progress.finish()
         if me == 0:
             linear_modules = sorted({hf_module(n) for n, tiles in by_name.items() if tiles[0].linear})
             result.quantized = sorted(hf_module(n) for n, tiles in by_name.items() if tiles[0].quantize)
@@ -357,7 +359,7 @@ def _units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None):
 
 
 def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False,
-              phases: Phases | None = None, routes: Routes | None = None) -> None:
+              phases: Phases | None = None, routes: Routes | None = None) -> Progress | None:
     me, routes = coll.rank(), routes or Routes(coll.rank())
     if not routes.writer:
         for u, items in _units(mine, d, streamed, groups.device):
@@ -394,4 +396,5 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
                 asm.tensor(tiles, local)
         routes.wait(sent)
         done += u in by_unit
-        progress.update(done, force=done == len(by_unit) and u in by_unit)
+        progress.update(done)
+    return progress

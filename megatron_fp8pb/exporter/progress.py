@@ -50,6 +50,11 @@ class Progress:
         self.last = -1e9
         self.tty = sys.stdout.isatty()
 
+    def finish(self) -> None:
+        """The last line, once every write has landed: 100%."""
+        self.phases.written_bytes = max(self.phases.written_bytes, self.total) if self.total > 1 else 0
+        self.update(self.units, force=True)
+
     def update(self, units_done: int, force: bool = False) -> None:
         now = time.perf_counter()
         if (not force and now - self.last < self.every) or collectives.rank() != 0:

@@ -8,7 +8,7 @@ byte-identical to the single-writer export:
 1. rank 0 plans the shards, creates ``<out>.partial`` and preallocates every file (headers written) for all writers;
 2. every rank learns where its pieces go (a scatter); the other writers open the files and check their headers;
 3. pieces travel to their tensor's writer, which assembles and writes its tensors (``pipeline._transfer``);
-4. every writer waits for its writes and fsyncs; every rank learns whether any writer failed (``errors.agree``);
+4. every writer waits for its writes and fsyncs; every rank learns whether any writer failed (``collectives.agree``);
 5. rank 0 writes config.json and the index, fsyncs, and renames the directory into place.
 
 A tensor is written by the node of the lowest rank holding a piece of it, so a tensor-parallel gather stays inside
@@ -22,7 +22,7 @@ import os
 import socket
 
 from megatron_fp8pb.parallel import collectives as coll
-from megatron_fp8pb.errors import agree
+from megatron_fp8pb.parallel.collectives import agree
 from megatron_fp8pb.faults import ExportError
 from megatron_fp8pb.quant.format import FORMAT
 from megatron_fp8pb.output.writer import BackgroundWriter, CheckpointWriter

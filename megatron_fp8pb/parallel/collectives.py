@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_fp8pb.errors import Refusal
+
 
 @dataclass
 class Traffic:
@@ -154,3 +156,20 @@ def new_groups(ranks_by_axis: dict[str, list[list[int]]], backend: str | None = 
             if me in ranks:
                 mine[axis] = g
     return mine
+
+
+def agree(error: str | None, name_rank: bool = True, cause: BaseException | None = None) -> None:
+    """Collective: every rank learns whether any rank failed a check, and all raise the first failure (naming its
+    rank unless ``name_rank`` is false) as an everywhere-Refusal. ``error``: this rank's message, or None; ``cause``:
+    this rank's exception, chained (``from``) to the Refusal so that ``FP8PB_DEBUG=1`` shows where it arose."""
+    errors = gather_objects(error)
+    first = None
+    if errors is not None:
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if bad:
+            r, msg = bad[0]
+            plain = not name_rank or msg.startswith("rank ") or world_size() == 1
+            first = msg if plain else f"rank {r}: {msg}"
+    first = broadcast_object(first)
+    if first:
+        raise Refusal(first, everywhere=True) from cause

@@ -14,7 +14,6 @@ import re
 import threading
 from pathlib import Path
 
-from megatron_fp8pb import import_prefetch
 from megatron_fp8pb.plan.params import unit_sequence
 from megatron_fp8pb.plan.ranks import ep_rank_of, pp_rank_of, stage_layer_range
 from megatron_fp8pb.sources.safetensors_layout import byte_ranges
@@ -187,8 +186,7 @@ def mem_available(cgroup: str = "/sys/fs/cgroup") -> int:
 
 
 def start_for_command_line(config_path: str | None, overrides: list[str]) -> Readahead | None:
-    """Start reading a source checkpoint before the heavy imports, when the command line names one, and with it the
-    Python modules the export imports (``import_prefetch``, once per node: the page cache is shared). Any problem
+    """Start reading a source checkpoint before the heavy imports, when the command line names one. Any problem
     with the config or the source is left to the export itself, which names it properly: here it only means no
     readahead."""
     try:
@@ -206,6 +204,4 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
                        p.ep, ep_rank_of(rank, p.ep, p.etp or p.tp))
     except Exception:
         return None
-    if ra is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        import_prefetch.start(cfg.source.kind)
     return ra

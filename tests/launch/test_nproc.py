@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_fp8pb import launcher
+
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("nproc", ROOT / "launch" / "nproc.py")
 nproc = importlib.util.module_from_spec(_spec)
@@ -13,7 +15,7 @@ _spec.loader.exec_module(nproc)
 @pytest.mark.parametrize("layout,world", [((2, 1, 1, None), 2), ((8, 2, 1, None), 16), ((2, 1, 4, 1), 4),
                                           ((4, 2, 8, 1), 16), ((1, 1, 4, 2), 8), ((2, 3, 1, None), 6)])
 def test_min_world(layout, world):
-    assert nproc.min_world(*layout) == world
+    assert launcher.min_world(*layout) == world
 
 
 def test_per_node_keeps_the_header_world_while_the_layout_divides_it():

@@ -3,15 +3,16 @@ import json
 
 import pytest
 
-from megatron_fp8pb import errors
-from megatron_fp8pb.errors import EXIT_REFUSED, Refusal, cli, exit_code_for, is_expected
+from megatron_fp8pb import process
+from megatron_fp8pb.errors import EXIT_REFUSED, Refusal, is_expected
+from megatron_fp8pb.process import cli, exit_code_for
 from megatron_fp8pb.faults import ExportError, stage
 
 
 def _as(monkeypatch, rank, local_rank, local_world=1):
     for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("LOCAL_WORLD_SIZE", local_world)):
         monkeypatch.setenv(k, str(v))
-    monkeypatch.setattr(errors.time, "sleep", lambda s: None)
+    monkeypatch.setattr(process.time, "sleep", lambda s: None)
 
 
 @pytest.mark.parametrize("rank,local_rank,printed,code", [(0, 0, True, EXIT_REFUSED), (1, 1, False, 0),
