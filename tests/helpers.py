@@ -155,21 +155,43 @@ def read_output(out: Path) -> dict[str, torch.Tensor]:
 
 def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = True,
                scale_fmt: str = "amax") -> list[str]:
-    """Names whose bytes differ from the single-process reference quantization (or the source when unquantized)."""
+    """Names whose bytes differ from the single-process reference quantization, or from the source where the tensor
+    stays unquantized; each with the reason when it is the wrong kind of tensor.
+
+    quantized=True: every linear weight that config.json's ``modules_to_not_convert`` does not match must be F8_E4M3
+    with its ``weight_scale_inv``, and every other tensor the source tensor unchanged. quantized=False: an unquantized
+    export, where every tensor is the source tensor and config.json has no ``quantization_config``.
+    """
     from megatron_fp8pb.quant.reference import quantize_blockfp8_reference
+    from megatron_fp8pb.verify import is_linear_weight, module_of, should_convert_module
     got = read_output(out)
+    qc = json.loads((out / "config.json").read_text()).get("quantization_config")
     bad = []
+    if quantized != (qc is not None):
+        bad.append(f"config.json quantization_config is {qc!r} in an export with quantized={quantized}")
+    skip = (qc or {}).get("modules_to_not_convert") or []
     for name, t in got.items():
         if name.endswith(".weight_scale_inv"):
             w = name[:-len("_scale_inv")]
+            if w not in got or got[w].dtype != torch.float8_e4m3fn:
+                bad.append(f"{name} (a scale of a weight that is not fp8)")
+                continue
             _, s = quantize_blockfp8_reference(source[w], scale_fmt=scale_fmt)
             if not torch.equal(t, s):
                 bad.append(name)
-        elif t.dtype == torch.float8_e4m3fn:
+            continue
+        want_fp8 = (quantized and name in source and is_linear_weight(name, tuple(t.shape))
+                    and should_convert_module(module_of(name), skip))
+        if want_fp8 != (t.dtype == torch.float8_e4m3fn):
+            want = torch.float8_e4m3fn if want_fp8 else source[name].dtype if name in source else "no tensor"
+            bad.append(f"{name} ({t.dtype}, expected {want})")
+        elif want_fp8:
             q, _ = quantize_blockfp8_reference(source[name], scale_fmt=scale_fmt)
-            if not torch.equal(t.view(torch.uint8), q.view(torch.uint8)):
+            if name + "_scale_inv" not in got:
+                bad.append(f"{name} (fp8 without weight_scale_inv)")
+            elif not torch.equal(t.view(torch.uint8), q.view(torch.uint8)):
                 bad.append(name)
-        elif name not in source or not torch.equal(t, source[name]):
+        elif name not in source or t.dtype != source[name].dtype or not torch.equal(t, source[name]):
             bad.append(name)
     written = {n for n in got if not n.endswith("_scale_inv")}
     expected = set(source)

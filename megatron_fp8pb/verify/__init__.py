@@ -15,11 +15,13 @@ first, then one tensor (or a block of 128-row chunks of one) at a time, never th
   dtype;
 - transformers loads it on the meta device: every tensor name and shape fits the architecture of config.json;
 - serve-check (vLLM / SGLang partition rules) and transformers-check (weights its dequantize gets wrong);
-- optionally logits of the transformers-loaded source and output on a fixed prompt batch, weight-only (W8A16) and
-  with dynamic activation quantization simulated (W8A8).
+- optionally logits on a fixed batch of token ids, weight-only (W8A16) and with dynamic activation quantization
+  simulated (W8A8), of the output and of the reference quantization of the source, both against the bf16 source:
+  the reference's numbers are what the format costs (reported), and the output fails only when it is further from
+  bf16 than the reference beyond a small slack.
 
 Modules: names (which tensors are linears), report, reading (headers, index), format (FORMAT.md checks), source
-(comparison), serving (serve-check, transformers, logits), cli (``verify_checkpoint`` and the command line).
+(comparison), serving (serve-check, transformers), logits, cli (``verify_checkpoint`` and the command line).
 
 CLI: ``python -m megatron_fp8pb.verify OUT_DIR [--source SRC] [--serve-tp 1,2,4,8,transformers]
 [--tolerance exact|bound] [--logits] [--no-load] [--json R.json]``.
@@ -30,7 +32,7 @@ from .cli import build_parser, main, verify_checkpoint
 from .format import should_convert_module
 from .names import EXPERT_LEAVES, LINEAR_LEAVES, is_linear_weight, module_of, never_fp8
 from .report import BOUND_SLACK, FP8, INDEX, SCALE_SUFFIX, TensorResult, VerifyReport
-from .serving import compare_logits
+from .logits import compare_logits
 
 __all__ = ["verify_checkpoint", "VerifyReport", "TensorResult", "compare_logits", "should_convert_module",
            "is_linear_weight", "module_of", "never_fp8", "main", "build_parser", "INDEX", "BOUND_SLACK", "FP8",

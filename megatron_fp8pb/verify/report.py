@@ -90,7 +90,7 @@ class VerifyReport:
         grouped across layers, and the fix."""
         c = self.counts()
         head = "OK" if self.ok else f"FAILED ({len(self.errors)} error(s))"
-        vs = "against source" if self.compared else "no --source"
+        vs = "the reference quantization of the source, byte for byte" if self.compared else "no --source"
         lines = [f"verify {self.out_dir}: {head}",
                  f"  tensors checked      {c['checked']}",
                  f"  quantized (fp8)      {c['quantized']}",
@@ -114,7 +114,7 @@ class VerifyReport:
                 f"or refused (vLLM/SGLang are fine), e.g. {self.transformers[0].module}")
             lines.append(f"  transformers dequant {tf}{' (required)' if self.transformers_required else ''}")
         if self.logits is not None:
-            lines.append(f"  logits               {_logits_line(self.logits)}")
+            lines += _logits_lines(self.logits)
         more = (f"all of them in {json_path}" if json_path else
                 "megatron-fp8pb-verify --json REPORT.json lists all of them")
         other = [w for w in self.warnings if not w.startswith(("serve-check", "transformers-check"))]
@@ -151,21 +151,49 @@ class VerifyReport:
                 "logits": self.logits}
 
 
-_LAYER = re.compile(r"\.(layers|experts)\.\d+\.")
+_LAYER = re.compile(r"\.(layers|experts)\.(\d+)\.")
 
 
 def _grouped(kind: str, messages: list[str], max_lines: int, more: str) -> list[str]:
     """One line per distinct message once layer and expert numbers are replaced by ``*``, with how many it stands
-    for: ``error: (36x) serve-check: model.layers.*.self_attn.k_proj at tp=2: ...``."""
-    groups: dict[str, int] = {}
+    for and which numbers: ``error: (36x) serve-check: model.layers.*.self_attn.k_proj at tp=2: ... [layers 0-35]``.
+
+    A message that no other shares up to those numbers is printed as it is, naming its own layer.
+    """
+    groups: dict[str, list[str]] = {}
     for m in messages:
-        key = _LAYER.sub(lambda g: f".{g.group(1)}.*.", m)
-        groups[key] = groups.get(key, 0) + 1
-    lines = [f"  {kind}: {'(%dx) ' % n if n > 1 else ''}{m}" for m, n in list(groups.items())[:max_lines]]
+        groups.setdefault(_LAYER.sub(lambda g: f".{g.group(1)}.*.", m), []).append(m)
+    lines = []
+    for key, found in list(groups.items())[:max_lines]:
+        count = f"({len(found)}x) " if len(found) > 1 else ""
+        if len(set(found)) == 1:
+            lines.append(f"  {kind}: {count}{found[0]}")
+        else:
+            lines.append(f"  {kind}: {count}{key} [{_numbers(found)}]")
     if len(groups) > max_lines:
-        rest = sum(list(groups.values())[max_lines:])
+        rest = sum(len(v) for v in list(groups.values())[max_lines:])
         lines.append(f"  ... and {rest} more {kind}(s) ({more})")
     return lines
+
+
+def _numbers(messages: list[str]) -> str:
+    """The layer and expert numbers the ``*`` of a group stands for: ``layers 0-3, 7; experts 0-127``."""
+    seen: dict[str, set[int]] = {}
+    for m in messages:
+        for axis, n in _LAYER.findall(m):
+            seen.setdefault(axis, set()).add(int(n))
+    return "; ".join(f"{axis} {_ranges(sorted(ns))}" for axis, ns in seen.items())
+
+
+def _ranges(ns: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> ``0-2, 5, 7-8``."""
+    runs: list[list[int]] = []
+    for n in ns:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _load_line(ld: dict | None) -> str:
@@ -181,11 +209,28 @@ def _load_line(ld: dict | None) -> str:
     return "FAILED: " + ", ".join(f"{len(v)} {k} key(s), e.g. {v[:2]}" for k, v in bad.items())
 
 
-def _logits_line(lg: dict) -> str:
+def _logits_lines(lg: dict) -> list[str]:
+    """The logits block of the table: the checkpoint and the reference quantization against bf16, the verdict and
+    the rule it follows."""
     if "error" in lg:
-        return f"FAILED: {lg['error']}"
-    verdict = "OK" if lg["ok"] else "FAILED"
-    line = (f"W8A16 rel err {lg['rel_err']:.4g}, top-1 {lg['top1']:.3f}")
-    if "w8a8_rel_err" in lg:
-        line += f"; W8A8 rel err {lg['w8a8_rel_err']:.4g}, top-1 {lg['w8a8_top1']:.3f}"
-    return f"{line} (max rel err {lg['max_rel_err']}, min top-1 {lg['min_top1']}): {verdict}"
+        return [f"  logits               FAILED: {lg['error']}"]
+    if not lg["ok"]:
+        verdict = "FAILED: further from bf16 than the reference quantization of the source (the rule below)"
+    elif lg["to_ref"] == lg["w8a8_to_ref"] == 0:
+        verdict = "OK: identical to the reference quantization of the source (what this format reaches)"
+    else:
+        verdict = "OK: within the slack of the reference quantization of the source (what this format reaches)"
+    lines = [f"  logits               {verdict}",
+             "    against bf16       checkpoint rel err, top-1   reference rel err, top-1   checkpoint vs reference"]
+    for kind, tag in (("W8A16", ""), ("W8A8", "w8a8_")):
+        to_ref = lg[tag + "to_ref"]
+        lines.append(f"    {kind:<18} {lg[tag + 'rel_err']:<9.4g} {lg[tag + 'top1']:<17.3f} "
+                     f"{lg['ref_' + tag + 'rel_err']:<9.4g} {lg['ref_' + tag + 'top1']:<16.3f} "
+                     f"{'identical' if to_ref == 0 else f'rel diff {to_ref:.3g}'}")
+    lines += [f"    on {lg['batch']} x {lg['seq']} seeded random token ids; rel err = ||logits - bf16|| / ||bf16||; "
+              f"top-1 = share of argmax equal to bf16's",
+              f"    fails when the checkpoint's rel err > the reference's x {1 + lg['rel_err_slack']:g} or its top-1 < "
+              f"the reference's - {lg['top1_slack']:g}",
+              "    the reference's numbers are the format's cost on this model: reported, never failed (on nearly flat",
+              "    logits, as random weights give, FP8 rounding alone moves top-1)"]
+    return lines

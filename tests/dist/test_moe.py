@@ -111,3 +111,4 @@ def test_transformers_loads_moe(exported, arch, args):
     assert report.ok, report.table()
     assert report.logits["rel_err"] < 0.1 and report.logits["top1"] >= 0.9, report.logits
     assert report.logits["rel_err"] > 0.0
+    assert report.logits["to_ref"] == report.logits["w8a8_to_ref"] == 0.0, report.logits

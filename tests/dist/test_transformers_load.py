@@ -23,6 +23,7 @@ def test_transformers_logits_match_source(exported, arch, tie):
     lg = report.logits
     assert lg["rel_err"] < 0.1 and lg["top1"] >= 0.9, lg
     assert lg["rel_err"] > 0.0    # the FP8 model really is a different model
+    assert lg["to_ref"] == lg["w8a8_to_ref"] == 0.0    # and exactly the reference quantization of the source
 
 
 def test_default_tiny_export_prints_verification(exported):

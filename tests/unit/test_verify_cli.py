@@ -13,7 +13,7 @@ from megatron_fp8pb.output.hf_files import config_json, quantization_config
 from megatron_fp8pb.verify.serve_check import layers_for_transformers, transformers_problems
 from megatron_fp8pb.sources.tiny import random_hf_state, tiny_hf_config
 from megatron_fp8pb.verify import main, verify_checkpoint
-from megatron_fp8pb.verify.serving import quantize_activation
+from megatron_fp8pb.verify.logits import quantize_activation
 
 from fp8_checkpoints import Q, output_tensors, rewrite, write_output
 
@@ -105,3 +105,16 @@ def test_activation_quantization_is_per_token_per_128():
             scale = xs.abs().amax(-1, keepdim=True) / 448
             assert torch.equal(ys, (xs / scale).to(torch.float8_e4m3fn).float() * scale)
     assert torch.equal(quantize_activation(torch.zeros(2, 256)), torch.zeros(2, 256))
+
+
+def test_an_error_of_one_layer_names_its_tensor_and_errors_of_several_layers_are_grouped(bad):
+    rewrite(bad, Q, lambda t: t.pop(Q + "_scale_inv"))
+    lines = [line for line in verify_checkpoint(bad, load=False).table().splitlines() if line.startswith("  error:")]
+    assert lines == [f"  error: tensor {Q!r} is F8_E4M3 but has no {Q + '_scale_inv'!r}; write its float32 block "
+                     f"scales [9, 3] = [ceil(N/128), ceil(K/128)] next to it"]
+    q1 = Q.replace("layers.0.", "layers.1.")
+    rewrite(bad, q1, lambda t: t.pop(q1 + "_scale_inv"))
+    lines = [line for line in verify_checkpoint(bad, load=False).table().splitlines() if line.startswith("  error:")]
+    assert lines == ["  error: (2x) tensor 'model.layers.*.mlp.gate_proj.weight' is F8_E4M3 but has no "
+                     "'model.layers.*.mlp.gate_proj.weight_scale_inv'; write its float32 block scales [9, 3] = "
+                     "[ceil(N/128), ceil(K/128)] next to it [layers 0-1]"]
