@@ -237,5 +237,6 @@ def layers_to_keep_unquantized(modules: dict[str, tuple[int, int]], tp: int | It
     return sorted(keep)
 
 
-__all__ = ["Problem", "serve_problems", "norm_problems", "NEVER_FP8", "transformers_problems", "layers_for_transformers", "fused_partial_problems",
+__all__ = ["Problem", "serve_problems", "norm_problems", "NEVER_FP8",
+           "transformers_problems", "layers_for_transformers", "fused_partial_problems",
            "layers_to_keep_unquantized", "fusion_group", "parallel_style", "COLUMN_PARALLEL", "ROW_PARALLEL"]

@@ -105,7 +105,8 @@ def run_serve_checks(tensors: dict[str, TensorInfo], cfg: dict, serve_tp: Iterab
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg   # a vision-language config
     heads = text.get("num_attention_heads")
     kv = text.get("num_key_value_heads") or heads
-    norms = {n: t.shape[0] for n, t in tensors.items() if len(t.shape) == 1 and n.endswith(serve_check.FULL_WIDTH_NORMS)}
+    norms = {n: t.shape[0] for n, t in tensors.items()
+             if len(t.shape) == 1 and n.endswith(serve_check.FULL_WIDTH_NORMS)}
     head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
     rep.serve_required = sorted(set(serve_tp))
     for tp in sorted(set(serve_tp) | set(info_tp)):

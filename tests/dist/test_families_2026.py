@@ -82,8 +82,8 @@ def _flip_kept_dtypes(cfg):
 
 
 JOBS = {
-    **{f"test_kept_as_stored[{arch}]": Job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"], tiny_hf_config(arch),
-                                           edit=_flip_kept_dtypes(tiny_hf_config(arch)))
+    **{f"test_kept_as_stored[{arch}]": Job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"],
+                                           tiny_hf_config(arch), edit=_flip_kept_dtypes(tiny_hf_config(arch)))
        for arch in FAMILIES},
     **{f"test_byte_identical[{i}-{arch}]": Job(world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
                                                       f"parallel.pp={pp}", "output.max_shard_size=1MB"],

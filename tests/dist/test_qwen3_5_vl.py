@@ -1,8 +1,9 @@
 """Qwen3.5-MoE's vision-language checkpoint through the real CLI (torchrun + gloo): a source saved by transformers'
 own ``Qwen3_5MoeForConditionalGeneration`` (seeded random weights, bf16 with a float32 ``A_log`` as the release
-stores it, and a float32 projector to show the vision tower is carried as stored; no dim a multiple of 128). The language model byte for byte against the single-process reference, the
-vision tower and projector byte-identical to the source and named in modules_to_not_convert, the config still a
-vision-language one, and transformers loading the output with its logits following the source's."""
+stores it, and a float32 projector to show the vision tower is carried as stored; no dim a multiple of 128). The
+language model byte for byte against the single-process reference, the vision tower and projector byte-identical
+to the source and named in modules_to_not_convert, the config still a vision-language one, and transformers
+loading the output with its logits following the source's."""
 import json
 
 import pytest
@@ -53,11 +54,12 @@ def _job(world, args, cfg, seed=0):
     return Job(world, args, cfg, seed=seed, edit=_transformers_source(cfg, seed))
 
 
+SHARDS = "output.max_shard_size=1MB"
 JOBS = {
-    "test_byte_identical[tp2ep2]": _job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "output.max_shard_size=1MB"], _tiny()),
-    "test_byte_identical[tp2pp2]": _job(4, ["parallel.tp=2", "parallel.pp=2", "parallel.etp=1", "output.max_shard_size=1MB"], _tiny()),
-    "test_transformers_loads": _job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", f"quant.exclude=[{','.join(_ragged(_loadable()))}]"],
-                                    _loadable(), seed=1),
+    "test_byte_identical[tp2ep2]": _job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", SHARDS], _tiny()),
+    "test_byte_identical[tp2pp2]": _job(4, ["parallel.tp=2", "parallel.pp=2", "parallel.etp=1", SHARDS], _tiny()),
+    "test_transformers_loads": _job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1",
+                                        f"quant.exclude=[{','.join(_ragged(_loadable()))}]"], _loadable(), seed=1),
 }
 
 

@@ -85,7 +85,8 @@ def test_minimax_full_width_norms():
     [p] = norm_problems(norms, 16, 48, 8, 128)
     assert (p.module, p.rule) == (L0 + "self_attn.k_norm", "norm_split")
     assert "1024/16 = 64" in p.message and "one head (128)" in p.message
-    assert {p.module for p in norm_problems(norms, 32, 48, 8, 128)} == {L0 + "self_attn.q_norm", L0 + "self_attn.k_norm"}
+    assert {p.module for p in norm_problems(norms, 32, 48, 8, 128)} == \
+        {L0 + "self_attn.q_norm", L0 + "self_attn.k_norm"}
     assert norm_problems({L0 + "self_attn.k_norm.weight": 128}, 16, 48, 8, 128) == []     # per head: no rule
 
 
