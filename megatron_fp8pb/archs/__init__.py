@@ -7,7 +7,8 @@ import importlib
 
 from .base import COLUMN, ROW, Arch, Dims, Rule
 
-_FAMILIES = ("llama", "qwen", "qwen_moe", "mixtral", "deepseek", "glm4_moe", "qwen3_next", "minimax_m2", "dsa")
+_FAMILIES = ("llama", "qwen", "qwen_moe", "mixtral", "deepseek", "glm4_moe", "qwen3_next", "qwen3_5_vl", "minimax_m2",
+             "dsa")
 
 
 def _units() -> list[Arch]:

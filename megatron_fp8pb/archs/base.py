@@ -72,6 +72,9 @@ class Dims:
     index_head_dim: int = 0
     indexer_layers: tuple[int, ...] = ()
     qk_norm_full: bool = False   # q/k RMSNorm over all heads at once ([heads * head_dim]; MiniMax-M2)
+    # tensors of a vision-language checkpoint written unquantized as the source stores them (the vision tower and
+    # its projector): (HF name, shape, whether it is a linear layer's weight)
+    carried: tuple[tuple[str, tuple[int, ...], bool], ...] = ()
 
     @property
     def heads_per_group(self) -> int:
@@ -162,6 +165,9 @@ class Rule:
     (None: the checkpoint's dtype). alt_shard: other sharding kinds megatron-core may build the same parameter with
     (MLA down-projections: column-parallel in the local spec, replicated under TransformerEngine); the Megatron
     module decides which one applies. parts: for fusion PARTS, the layout of the fused rows (FusedParts).
+    as_stored: an unquantized HF tensor is written in the dtype the source checkpoint stores it in (an HF source's
+    bytes carried over unchanged: the float32 ``A_log`` of a bf16 release stays float32); ``dtype`` then only says
+    what the release stores (a seeded source is made in it, and a source that does not say writes it).
     """
     mcore: tuple[str, ...]
     hf: tuple[str, ...]
@@ -174,6 +180,7 @@ class Rule:
     dtype: str | None = None
     alt_shard: tuple[str, ...] = ()
     parts: FusedParts | None = None     # fusion PARTS: how the Megatron tensor holds the HF tensors
+    as_stored: bool = False
 
 
 def rule_layers(rule: Rule, d: Dims) -> tuple[int, ...]:

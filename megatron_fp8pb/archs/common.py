@@ -99,7 +99,8 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
               shared_gate: str | None = None, bias: str = "gate.e_score_correction_bias") -> list[Rule]:
     """The MoE block of the layers ``Dims.moe_layers`` covers: router ``{block}gate`` (with its score correction
     bias when Dims.expert_bias, kept in float32), experts ``{block}experts.{e}.<leaves>``, an optional shared expert
-    ``{block}<shared><leaves>`` split along tp and its sigmoid gate ``{block}<shared_gate>``.
+    ``{block}<shared><leaves>`` split along tp and its sigmoid gate ``{block}<shared_gate>``. The router, the bias
+    and the shared expert's gate are written as the source stores them (``Rule.as_stored``).
 
     Megatron holds a rank's experts as SequentialMLP (``mlp.experts.local_experts.{x}.linear_fc1.weight``) or in the
     TE grouped layout (``mlp.experts.linear_fc1.weight{x}``); local index x is global expert
@@ -110,7 +111,7 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
     experts = block + "experts.{e}."
     rules = [
         Rule(("mlp.router.weight",), (block + "gate.weight",), lambda d: ((d.num_experts, d.hidden),),
-             REPLICATED, linear=True, layers=moe_layers),
+             REPLICATED, linear=True, layers=moe_layers, as_stored=True),
         Rule(("mlp.experts.local_experts.{x}.linear_fc1.weight", "mlp.experts.linear_fc1.weight{x}"),
              (experts + gate + ".weight", experts + up + ".weight"),
              lambda d: ((d.moe_ffn_hidden, d.hidden),) * 2, COLWISE, GATED, linear=True, scope=EXPERT,
@@ -121,7 +122,7 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
     ]
     rules.append(Rule(("mlp.router.expert_bias",), (block + bias,),
                       lambda d: ((d.num_experts,),), REPLICATED, layers=lambda d: d.moe_layers if d.expert_bias else (),
-                      dtype="float32"))
+                      dtype="float32", as_stored=True))
     if shared is not None:
         s = block + shared
         rules += [
@@ -135,7 +136,7 @@ def moe_rules(block: str = MLP, leaves=("gate_proj", "up_proj", "down_proj"), sh
     if shared_gate is not None:
         rules.append(Rule(("mlp.shared_experts.gate_weight",), (block + shared_gate + ".weight",),
                           lambda d: ((1, d.hidden),), REPLICATED, linear=True,
-                          layers=lambda d: d.moe_layers if d.shared_expert_gate else ()))
+                          layers=lambda d: d.moe_layers if d.shared_expert_gate else (), as_stored=True))
     return rules
 
 

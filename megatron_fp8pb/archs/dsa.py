@@ -65,11 +65,11 @@ def indexer_rules() -> list[Rule]:
         Rule((MC + "linear_wk.weight",), (INDEXER + "wk.weight",), lambda d: ((d.index_head_dim, d.hidden),),
              REPLICATED, linear=True, layers=layers),
         Rule((MC + "k_norm.weight",), (INDEXER + "k_norm.weight",), lambda d: ((d.index_head_dim,),), REPLICATED,
-             layers=layers),
+             layers=layers, as_stored=True),
         Rule((MC + "k_norm.bias",), (INDEXER + "k_norm.bias",), lambda d: ((d.index_head_dim,),), REPLICATED,
-             layers=layers),
+             layers=layers, as_stored=True),
         Rule((MC + "linear_weights_proj.weight",), (INDEXER + "weights_proj.weight",),
-             lambda d: ((d.index_heads, d.hidden),), REPLICATED, linear=True, layers=layers),
+             lambda d: ((d.index_heads, d.hidden),), REPLICATED, linear=True, layers=layers, as_stored=True),
     ]
 
 

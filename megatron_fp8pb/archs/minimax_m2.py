@@ -38,9 +38,9 @@ def _norm_layers(d: Dims) -> tuple[int, ...]:
 def full_width_qk_norm_rules() -> list[Rule]:
     attn = c.ATTN
     return [Rule(("self_attention.q_layernorm.weight",), (attn + "q_norm.weight",),
-                 lambda d: ((d.num_heads * d.head_dim,),), COLWISE, layers=_norm_layers),
+                 lambda d: ((d.num_heads * d.head_dim,),), COLWISE, layers=_norm_layers, as_stored=True),
             Rule(("self_attention.k_layernorm.weight",), (attn + "k_norm.weight",),
-                 lambda d: ((d.num_query_groups * d.head_dim,),), COLWISE, layers=_norm_layers)]
+                 lambda d: ((d.num_query_groups * d.head_dim,),), COLWISE, layers=_norm_layers, as_stored=True)]
 
 
 def rules(d: Dims):

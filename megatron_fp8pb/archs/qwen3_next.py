@@ -116,14 +116,17 @@ def linear_attention_rules(d: Dims) -> list[Rule]:
     in_proj = _in_proj(d.lin_split)
     return [
         Rule(("self_attention.in_proj.weight",), tuple(LIN + x + ".weight" for x in leaves),
-             _rows_by(in_proj, lambda d: d.hidden), COLWISE, PARTS, linear=True, layers=_linear, parts=in_proj),
+             _rows_by(in_proj, lambda d: d.hidden), COLWISE, PARTS, linear=True, layers=_linear, parts=in_proj,
+             as_stored=True),
         Rule(("self_attention.conv1d.weight",), (LIN + "conv1d.weight",),
-             _rows_by(_CONV, lambda d: 1, lambda d: d.lin_conv), COLWISE, PARTS, layers=_linear, parts=_CONV),
-        Rule(("self_attention.A_log",), (LIN + "A_log",), lambda d: ((d.lin_v_heads,),), COLWISE, layers=_linear),
+             _rows_by(_CONV, lambda d: 1, lambda d: d.lin_conv), COLWISE, PARTS, layers=_linear, parts=_CONV,
+             as_stored=True),
+        Rule(("self_attention.A_log",), (LIN + "A_log",), lambda d: ((d.lin_v_heads,),), COLWISE, layers=_linear,
+             dtype="float32", as_stored=True),
         Rule(("self_attention.dt_bias",), (LIN + "dt_bias",), lambda d: ((d.lin_v_heads,),), COLWISE,
-             layers=_linear),
+             layers=_linear, as_stored=True),
         Rule(("self_attention.out_norm.weight",), (LIN + "norm.weight",), lambda d: ((d.lin_v_dim,),), REPLICATED,
-             layers=_linear),
+             layers=_linear, as_stored=True),
         Rule(("self_attention.out_proj.weight",), (LIN + "out_proj.weight",),
              lambda d: ((d.hidden, _value_dim(d)),), ROWWISE, linear=True, layers=_linear),
     ]

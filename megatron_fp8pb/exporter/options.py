@@ -56,10 +56,12 @@ class ExportOptions:
 @dataclass(frozen=True)
 class RankView:
     """This rank's share of the model: ``params`` ``[(mcore_name, tensor or LazyParam)]`` (layers numbered as in
-    ``layer_of_local``), local layer index -> global layer number, and the experts each expert-parallel rank holds."""
+    ``layer_of_local``), local layer index -> global layer number, the experts each expert-parallel rank holds, and
+    the dtypes its source stores the tensors of ``as_stored`` rules in (HF name -> torch dtype name, where known)."""
     params: list
     layer_of_local: dict = field(default_factory=dict)
     num_local_experts: int = 0
+    source_dtypes: dict = field(default_factory=dict)
 
     @classmethod
     def of_model(cls, model, d: Dims, layout: Layout) -> "RankView":
@@ -71,7 +73,8 @@ class RankView:
     def of_source(cls, src, layout: Layout) -> "RankView":
         """A ``sources.Source`` (a built model or a streamed checkpoint)."""
         from megatron_fp8pb.parallel import megatron as mcore
-        return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout))
+        return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout),
+                   dict(getattr(src, "source_dtypes", None) or {}))
 
 
 def serve_exclusions(d: Dims, quant: QuantConfig, dtype_name: str = "bfloat16") -> tuple[str, ...]:

@@ -251,7 +251,7 @@ def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_d
     try:
         with stage("plan", me):
             plans = make_plans(view, PlanContext.make(d, layout, quant, view.layer_of_local, view.num_local_experts,
-                                                      untie))
+                                                      untie, view.source_dtypes))
     except (ValueError, TypeError) as e:
         error = str(e)
     agree(error)

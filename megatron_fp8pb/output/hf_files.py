@@ -23,20 +23,28 @@ def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: d
     multi-token-prediction layers (``num_nextn_predict_layers`` = the ``mtp_layers`` written), and
     ``quantization_config``."""
     cfg = copy.deepcopy(hf_config)
-    cfg.vocab_size = vocab
+    nested = getattr(cfg, "text_config", None) is not None     # a vision-language config: vocab in text_config
+    if not nested:
+        cfg.vocab_size = vocab
     cfg.tie_word_embeddings = tie
     if hasattr(cfg, "get_text_config"):
         cfg.get_text_config().tie_word_embeddings = tie
+        if nested:
+            cfg.get_text_config().vocab_size = vocab
     cfg.dtype = dtype
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     d = cfg.to_diff_dict()
     if not d.get("architectures"):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.model_type)
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+        arch = (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if nested else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                ).get(cfg.model_type)
         d["architectures"] = [arch] if arch else None
     d["model_type"] = cfg.model_type
-    d["vocab_size"], d["tie_word_embeddings"] = vocab, tie
+    d["tie_word_embeddings"] = tie
+    if not nested:
+        d["vocab_size"] = vocab
     if mtp_layers is not None and getattr(cfg, "num_nextn_predict_layers", None) not in (None, mtp_layers):
         d["num_nextn_predict_layers"] = mtp_layers
     d["torch_dtype"] = d["dtype"] = str(dtype).replace("torch.", "")

@@ -125,9 +125,17 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
                                        vp_stage=vp_stage)
     if d.mla:
         from megatron.core.transformer.identity_op import IdentityOp
-        for spec in block.layer_specs:
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+        first = get_transformer_layer_offset(cfg, vp_stage)
+        for k, spec in enumerate(block.layer_specs):
+            if d.indexer_layers:    # the block's layers may share one spec object: each its own attention
+                import copy
+                spec = block.layer_specs[k] = copy.deepcopy(spec)
             attn = spec.submodules.self_attention.submodules
             attn.core_attention = MLACoreAttention
+            if first + k in d.indexer_layers:    # DSA: megatron-core's indexer (GLM-5's shared layers hold none)
+                from megatron_fp8pb.parallel.dsa_local import dsa_core_attention
+                attn.core_attention = dsa_core_attention()
             if not d.q_lora_rank:   # no q latent, no q norm (megatron-core 0.19 refuses one that would go unused)
                 attn.q_layernorm = IdentityOp
     return block

@@ -170,7 +170,8 @@ def _shard_sizes(rule: Rule, d: Dims, shapes, size: int, name: str, layout: Layo
 class PlanContext:
     """What every parameter of one rank is planned against, made once per rank (``make``): the architecture's
     rules and dims, this rank's layout, the quant choice (serve-target excludes resolved), local layer index ->
-    global layer number, the experts each expert-parallel rank holds, and whether a tied lm_head is written."""
+    global layer number, the experts each expert-parallel rank holds, whether a tied lm_head is written, and the
+    dtypes the source stores its tensors in (HF name -> torch dtype name; where known) for rules ``as_stored``."""
     rules: tuple[Rule, ...]
     d: Dims
     layout: Layout
@@ -178,12 +179,14 @@ class PlanContext:
     layer_of_local: dict[int, int] = field(default_factory=dict)
     num_local_experts: int = 0
     untie_lm_head: bool = False
+    source_dtypes: dict = field(default_factory=dict)
 
     @classmethod
     def make(cls, d: Dims, layout: Layout, quant: QuantConfig = QuantConfig(), layer_of_local: dict | None = None,
-             num_local_experts: int = 0, untie_lm_head: bool = False) -> "PlanContext":
+             num_local_experts: int = 0, untie_lm_head: bool = False,
+             source_dtypes: dict | None = None) -> "PlanContext":
         return cls(tuple(rules_for(d)), d, layout, quant, dict(layer_of_local or {}), num_local_experts,
-                   untie_lm_head)
+                   untie_lm_head, dict(source_dtypes or {}))
 
 
 def plan_param(mcore_name: str, local_shape: tuple[int, ...], ctx: PlanContext,
@@ -253,6 +256,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], ctx: PlanContext,
         offset = min(rank * n, shape[dim]) if split > 1 else 0
         length = max(0, min(n, shape[dim] - offset))   # 0: a vocab shard made only of padding
         name = _fill(hf, layer, expert)
+        dtype = ctx.source_dtypes.get(name, rule.dtype) if rule.as_stored else rule.dtype
         is_linear = rule.linear or (rule.fusion == DUPLICATE and h == 1)
         # q/k/v and gate/up are fused by servers: excluding one member keeps the whole group unquantized
         group = [hf_module(_fill(x, layer, expert)) for x in _fused_with(rule, h, d)]
@@ -266,7 +270,7 @@ def plan_param(mcore_name: str, local_shape: tuple[int, ...], ctx: PlanContext,
             plan.slices.append(Piece(name, tuple(shape), dim, at, n_rows, q, axis,
                                      WriteOrder(unit, k, -1 if expert is None else expert, h),
                                      linear=is_linear and len(shape) == 2,
-                                     scale_fmt=quant.scale_fmt if q else "amax", dtype=rule.dtype))
+                                     scale_fmt=quant.scale_fmt if q else "amax", dtype=dtype))
     # the first stage writes the embedding; a later stage's copy (multi-token prediction reads embeddings on the
     # last stage) is the same tensor
     copy = rule.hf[:1] == ("model.embed_tokens.weight",) and layout.pp_rank != 0
@@ -352,6 +356,11 @@ def linear_weights(rules: list[Rule], d: Dims, untie_lm_head: bool = False) -> d
     if untie_lm_head:
         linear.add("lm_head.weight")
     return {n: s for n, s in expected_tensors(rules, d, untie_lm_head).items() if n in linear and len(s) == 2}
+
+
+def as_stored_tensors(rules: list[Rule], d: Dims) -> list[str]:
+    """The HF tensors of rules ``as_stored`` (written in the dtype their source stores them in)."""
+    return [n for r in rules if r.as_stored for n in expected_tensors([r], d)]
 
 
 def check_coverage(pieces: list[Piece], expected: dict[str, tuple[int, ...]]) -> dict[str, list[Piece]]:

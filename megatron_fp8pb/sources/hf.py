@@ -209,6 +209,19 @@ def check_source(reader, expected: dict[str, tuple[int, ...]], where: str) -> No
             raise ValueError(f"source tensor {name!r} has dtype {dtype}; expected a float dtype (BF16/F16/F32)")
 
 
+def stored_dtypes(reader, names) -> dict[str, str]:
+    """HF name -> the torch dtype name (``float32``) ``reader``'s checkpoint stores it in, for ``names`` it holds."""
+    have = set(reader.names())
+    out = {}
+    for n in names:
+        if n in have:
+            dtype = reader.meta(n)[1]
+            dtype = _ST_DTYPES.get(dtype) or _DTYPE_NAMES.get(dtype)
+            if dtype is not None:
+                out[n] = str(dtype).replace("torch.", "")
+    return out
+
+
 def read_slice(reader, p: Piece) -> torch.Tensor:
     return reader.read(p.hf_name, p.dim if len(p.full_shape) > 1 else 0, p.offset, p.length)
 

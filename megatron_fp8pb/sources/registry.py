@@ -10,9 +10,10 @@ from megatron_fp8pb.sources import readahead
 from megatron_fp8pb.archs import Dims, dims_from_hf, rules_for
 from megatron_fp8pb.archs.base import TIED_COPY
 from megatron_fp8pb.config import ExportConfig, QuantConfig
-from megatron_fp8pb.sources.hf import DictReader, HFReader, check_source, config_dtype, hf_config, read_slice
+from megatron_fp8pb.sources.hf import (DictReader, HFReader, check_source, config_dtype, hf_config, read_slice,
+                                      stored_dtypes)
 from megatron_fp8pb.output.hf_files import source_side_files
-from megatron_fp8pb.plan.params import Layout, PlanContext, expected_tensors, plan_param
+from megatron_fp8pb.plan.params import Layout, PlanContext, as_stored_tensors, expected_tensors, plan_param
 from megatron_fp8pb.plan.tp_slices import from_slices
 from megatron_fp8pb.sources.streamed import hf_params, stage_layers
 
@@ -27,6 +28,7 @@ class Source:
     extra_files: dict = field(default_factory=dict)
     params: list = field(default_factory=list)            # (Megatron name, tensor or LazyParam) of this rank
     layer_of_local: dict = field(default_factory=dict)    # local layer index -> global layer number
+    source_dtypes: dict = field(default_factory=dict)     # HF name -> stored dtype, for the rules as_stored
 
 
 def source_config(cfg: ExportConfig):
@@ -145,7 +147,8 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     if stream and s.kind in STREAMED_KINDS:
         # verify compares on the host: a reader into GPU memory is not the truth's reader
         truth = HFReader(s.path) if getattr(reader, "device", None) is not None else reader
-        return Source(None, hfc, d, dtype, truth, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout))
+        return Source(None, hfc, d, dtype, truth, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout),
+                      stored_dtypes(reader, as_stored_tensors(rules_for(d), d)) if reader is not None else {})
     model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu, vocab_rows=rows)
     if reader is not None:
         load_hf_weights(model, reader, d, layout)

@@ -9,6 +9,12 @@ vLLM / SGLang replicate k/v heads when T >= num_key_value_heads (each rank then 
 ``num_kv_heads`` to apply that rule, leave it None for the plain N/T rule of FORMAT.md.
 vLLM / SGLang also fuse q/k/v, gate/up and all experts of a layer into one module each, and refuse one whose parts
 are partly quantized: ``layers_to_keep_unquantized`` returns whole fusion groups.
+
+Some linears the servers build without the checkpoint's quantization at every tp (``NEVER_FP8``): routers
+(``gate``), the shared expert's sigmoid gate, gated DeltaNet's b/a projections (``in_proj_ba``, ``in_proj_b``,
+``in_proj_a``: a few value heads per rank, never a whole 128-row block) and the indexer's ``weights_proj`` (vLLM
+fuses it with ``wk`` into one bf16 weight); an FP8 one is a ``never_fp8`` problem. The shared expert's per-rank size
+at tp=8 follows the gate/up/down rules (Qwen3-Next's 512 gives 64 rows per rank and is refused).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ _EXPERT_W = {x: archs.serving_styles()[x] for x in archs.expert_only_leaves()}
 COLUMN_PARALLEL = tuple(x for x in archs.leaves_with_style("column") if x not in _EXPERT_W)
 ROW_PARALLEL = tuple(x for x in archs.leaves_with_style("row") if x not in _EXPERT_W)
 _KV = archs.kv_leaves()
+NEVER_FP8 = archs.never_quantized_leaves()
 _EXPERT_RE = re.compile(r"^(?P<group>.+\.experts)\.\d+\.(?P<leaf>[^.]+)$")
 
 
@@ -32,7 +39,8 @@ class Problem:
     """One quantized module that a loader refuses. ``tp`` is None for TP-independent rules."""
     module: str
     tp: int | None
-    rule: str           # "output_partition" | "input_partition" | "tp_split" | "transformers_dims" | "fused_partial"
+    rule: str   # "output_partition" | "input_partition" | "tp_split" | "transformers_dims" | "fused_partial" |
+    #             "never_fp8" | "norm_split"
     message: str
 
     def __str__(self) -> str:
@@ -109,7 +117,11 @@ def serve_problems(modules: dict[str, tuple[int, int]], tp: int, block: int = BL
     out = []
     for module, (n, k) in modules.items():
         style = parallel_style(module)
-        if style == "column":
+        if leaf(module) in NEVER_FP8:
+            p = Problem(module, tp, "never_fp8", f"the servers build {leaf(module)} unquantized (a router, a gate, "
+                                                 f"gated DeltaNet's b/a projection or the indexer's weights_proj) and "
+                                                 f"cannot load an FP8 weight into it; keep it in the source dtype")
+        elif style == "column":
             p = _column_problem(module, n, tp, block, num_kv_heads)
         elif style == "row":
             p = _row_problem(module, k, tp, block)
@@ -117,6 +129,29 @@ def serve_problems(modules: dict[str, tuple[int, int]], tp: int, block: int = BL
             p = None
         if p is not None:
             out.append(p)
+    return out
+
+
+FULL_WIDTH_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+def norm_problems(norms: dict[str, int], tp: int, num_heads: int, num_kv_heads: int, head_dim: int) -> list[Problem]:
+    """Full-width q/k RMSNorms (MiniMax-M2: ``q_norm`` [heads * head_dim], ``k_norm`` [kv_heads * head_dim]) that a
+    server at ``tp`` cannot split with the attention heads it shards: each rank normalizes its own heads' slice of
+    the weight, so the heads must split evenly, and a k_norm cannot follow kv heads that are replicated
+    (tp > num_key_value_heads: each rank holds one whole head of ``head_dim`` values, the norm's 1/tp slice is
+    fewer). ``norms``: HF name -> length; per-head norms ([head_dim]) have no such rule."""
+    out = []
+    for name, n in norms.items():
+        if n == head_dim or not name.endswith(FULL_WIDTH_NORMS):
+            continue
+        heads = num_kv_heads if name.endswith("k_norm.weight") else num_heads
+        if heads % tp == 0:
+            continue
+        why = (f"{heads} kv heads at tp {tp}: the kv heads are replicated, and a 1/{tp} slice of the {n}-wide norm "
+               f"({n}/{tp} = {n / tp:g} values) is not one head ({head_dim})" if heads < tp else
+               f"{heads} heads % tp {tp} = {heads % tp}: the norm's slices do not follow whole heads")
+        out.append(Problem(name[:-len(".weight")], tp, "norm_split", f"full-width RMSNorm [{n}]: {why}"))
     return out
 
 
@@ -203,5 +238,6 @@ def layers_to_keep_unquantized(modules: dict[str, tuple[int, int]], tp: int | It
     return sorted(keep)
 
 
-__all__ = ["Problem", "serve_problems", "transformers_problems", "layers_for_transformers", "fused_partial_problems",
+__all__ = ["Problem", "serve_problems", "norm_problems", "NEVER_FP8",
+           "transformers_problems", "layers_for_transformers", "fused_partial_problems",
            "layers_to_keep_unquantized", "fusion_group", "parallel_style", "COLUMN_PARALLEL", "ROW_PARALLEL"]

@@ -21,9 +21,17 @@ def run_serve_checks(tensors: dict[str, TensorInfo], cfg: dict, serve_tp: Iterab
     are warnings."""
     mods = quantized_modules(tensors)
     unq = [module_of(n) for n, t in tensors.items() if t.dtype != FP8 and is_linear_weight(n, t.shape)]
-    kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg   # a vision-language config
+    heads = text.get("num_attention_heads")
+    kv = text.get("num_key_value_heads") or heads
+    norms = {n: t.shape[0] for n, t in tensors.items()
+             if len(t.shape) == 1 and n.endswith(serve_check.FULL_WIDTH_NORMS)}
+    head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
     rep.serve_required = sorted(set(serve_tp))
     for tp in sorted(set(serve_tp) | set(info_tp)):
+        if norms and heads and head_dim:
+            for p in serve_check.norm_problems(norms, tp, heads, kv, head_dim)[:1]:
+                rep.warn(f"serve-check tp={tp}: {p}")
         probs = serve_check.serve_problems(mods, tp, num_kv_heads=kv)
         rep.serve[tp] = probs
         if tp in rep.serve_required:

@@ -52,15 +52,20 @@ def _different(a, b) -> list[str]:
             got[n].reshape(-1).view(torch.uint8), want[n].reshape(-1).view(torch.uint8))]
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3", "qwen3_moe", "qwen3_moe_singleton_experts"])
+@pytest.mark.parametrize("case", ["deepseek_v3", "qwen3_moe", "qwen3_moe_singleton_experts", "deepseek_v32",
+                                  "glm_moe_dsa"])
 def test_moe_resharded_as_the_loaded_model(tmp_path, case):
     """DeepSeek-V3 (multi-latent attention, shared expert, expert bias, a multi-token-prediction layer) saved at ep=2
     exported at tp=2; Qwen3-MoE saved at tp=2 (experts split by etp=2) exported at ep=2, and saved at ep=2 with every
-    expert its own tensor (content metadata ``singleton_local_shards``) exported at tp=2. All byte for byte the
+    expert its own tensor (content metadata ``singleton_local_shards``) exported at tp=2; DeepSeek-V3.2 and GLM-5
+    (megatron-core's DSA indexer; GLM-5's shared indexers) saved at ep=2 exported at tp=2. All byte for byte the
     reference, and the same files as megatron-core's own load of the whole model at the export layout."""
+    from megatron_fp8pb.sources.tiny import tiny_hf_config
     cfg, save, export = {"deepseek_v3": (ragged_deepseek_v3(), (1, 1, 2), (2, 1, 1)),
                          "qwen3_moe": (ragged_qwen3_moe(), (2, 1, 1), (1, 1, 2)),
-                         "qwen3_moe_singleton_experts": (ragged_qwen3_moe(), (1, 1, 2, "singleton"), (2, 1, 1))}[case]
+                         "qwen3_moe_singleton_experts": (ragged_qwen3_moe(), (1, 1, 2, "singleton"), (2, 1, 1)),
+                         "deepseek_v32": (tiny_hf_config("deepseek_v32"), (1, 1, 2), (2, 1, 1)),
+                         "glm_moe_dsa": (tiny_hf_config("glm_moe_dsa"), (1, 1, 2), (2, 1, 1))}[case]
     src, ckpt, state = _save(tmp_path, cfg, 2, *save)
     tp, pp, ep = export
     _export(src, ckpt, tmp_path / "out", 2, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"])

@@ -12,7 +12,7 @@ import transformers as tf
 from helpers import mismatches, read_output
 from jobs import Job
 from megatron_fp8pb.archs import dims_from_hf, rules_for
-from megatron_fp8pb.plan.params import expected_tensors, linear_weights
+from megatron_fp8pb.plan.params import as_stored_tensors, expected_tensors, linear_weights
 from megatron_fp8pb.sources.tiny import tiny_hf_config
 from megatron_fp8pb.verify import verify_checkpoint
 
@@ -64,7 +64,27 @@ def _check_written_once(out, cfg, state, arch):
         assert got[m + ".weight"].dtype == torch.float8_e4m3fn, m
 
 
+def _flip_kept_dtypes(cfg):
+    """``edit``: store every tensor the architecture writes as stored in another dtype than the seeded source's
+    (bf16 <-> float32), so that the export must follow the source and not its own defaults."""
+    from safetensors.torch import load_file, save_file
+
+    def edit(src):
+        d = dims_from_hf(cfg)
+        kept = set(as_stored_tensors(rules_for(d), d))
+        assert kept
+        for f in src.glob("model-*.safetensors"):
+            tensors = load_file(str(f))
+            for n in kept & set(tensors):
+                tensors[n] = tensors[n].to(torch.bfloat16 if tensors[n].dtype == torch.float32 else torch.float32)
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    return edit
+
+
 JOBS = {
+    **{f"test_kept_as_stored[{arch}]": Job(2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"],
+                                           tiny_hf_config(arch), edit=_flip_kept_dtypes(tiny_hf_config(arch)))
+       for arch in FAMILIES},
     **{f"test_byte_identical[{i}-{arch}]": Job(world, [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.etp={etp}",
                                                       f"parallel.pp={pp}", "output.max_shard_size=1MB"],
                                               tiny_hf_config(arch))
@@ -82,6 +102,23 @@ def test_byte_identical(exported, arch, tp, ep, etp, pp, world):
     assert exported.returncode == 0, exported.log()
     assert mismatches(exported.out, exported.state) == []
     _check_written_once(exported.out, tiny_hf_config(arch), exported.state, arch)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_kept_as_stored(exported, arch):
+    """Tensors the release keeps (routers, score bias, A_log, dt_bias, conv1d, b/a projections, indexer weights_proj
+    and k_norm, full-width q/k norms) come out in the dtype and with the bytes the source stores, whatever that is;
+    the rest as ever."""
+    assert exported.returncode == 0, exported.log()
+    src, out = read_output(exported.src), read_output(exported.out)
+    assert mismatches(exported.out, src) == []
+    d = dims_from_hf(tiny_hf_config(arch))
+    kept = [n for n in as_stored_tensors(rules_for(d), d) if out[n].dtype != torch.float8_e4m3fn]
+    assert any(src[n].dtype == torch.float32 for n in kept) and any(src[n].dtype == torch.bfloat16 for n in kept)
+    for n in kept:
+        assert out[n].dtype == src[n].dtype and torch.equal(out[n].view(torch.uint8), src[n].view(torch.uint8)), n
+    assert all(t.dtype == torch.bfloat16 for n, t in out.items() if n not in set(kept) and t.dtype.is_floating_point
+               and t.dtype != torch.float8_e4m3fn and not n.endswith("_scale_inv"))
 
 
 CLASSES = {"deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM",

@@ -18,6 +18,7 @@ SEED = int(os.environ.get("FP8PB_FUZZ_SEED", "2026"))
 DENSE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 MOE_ARCHS = ("deepseek_v3", "glm4_moe", "qwen3_moe", "qwen2_moe", "mixtral")
 ARCHS_2026 = ("deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5_moe_text", "minimax_m2")
+VLM_2026 = ("qwen3_5_moe",)     # drawn as a wrapper of a qwen3_5_moe_text case (the other cases stay as they were)
 
 
 def random_case(rng: random.Random):
@@ -123,15 +124,28 @@ def random_2026_case(rng: random.Random):
     if arch == "qwen3_next":
         return tf.Qwen3NextConfig(intermediate_size=16 * tp * rng.randint(4, 40), decoder_sparse_step=1,
                                   mlp_only_layers=[], **kw), tp, pp, ep, etp
-    return tf.Qwen3_5MoeTextConfig(**kw), tp, pp, ep, etp
+    text = tf.Qwen3_5MoeTextConfig(**kw)
+    if rng.random() < 0.5:      # drawn last: the text model's draws are those of the text-only case
+        return _vlm(rng, text), tp, pp, ep, etp
+    return text, tp, pp, ep, etp
+
+
+def _vlm(rng: random.Random, text):
+    """Qwen3.5-MoE's vision-language checkpoint around ``text``: a vision tower of ragged width and depth."""
+    heads = rng.choice([1, 2, 3])
+    vision = dict(depth=rng.choice([1, 2]), hidden_size=heads * rng.choice([32, 48]), num_heads=heads,
+                  intermediate_size=16 * rng.randint(3, 20), out_hidden_size=text.hidden_size, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16, in_channels=3)
+    return tf.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision,
+                               tie_word_embeddings=text.tie_word_embeddings)
 
 
 def test_fuzz_space_covers_every_registered_architecture():
     from megatron_fp8pb.archs import supported
-    assert sorted(DENSE_ARCHS + MOE_ARCHS + ARCHS_2026) == sorted(supported())
+    assert sorted(DENSE_ARCHS + MOE_ARCHS + ARCHS_2026 + VLM_2026) == sorted(supported())
     rng = random.Random(SEED)
     new = [random_2026_case(rng) for _ in range(200)]
-    assert {c[0].model_type for c in new} == set(ARCHS_2026)
+    assert {c[0].model_type for c in new} == set(ARCHS_2026 + VLM_2026)
     assert {(tp, pp, ep, etp) for _, tp, pp, ep, etp in new} >= {(2, 1, 2, 1), (1, 2, 1, 1), (2, 2, 1, 1)}
     moe = [random_moe_case(rng) for _ in range(200)]
     assert {c[0].model_type for c in moe} == set(MOE_ARCHS)

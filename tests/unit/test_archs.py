@@ -16,8 +16,9 @@ from megatron_fp8pb.plan.validate import check_layout
 
 def _transformers_names(cfg) -> set[str]:
     """State dict names of the transformers model, with fused experts spelled per expert as checkpoints save them."""
+    auto = tf.AutoModelForImageTextToText if getattr(cfg, "vision_config", None) else tf.AutoModelForCausalLM
     with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(cfg)
+        model = auto.from_config(cfg)
     names = set()
     for n, t in model.state_dict().items():
         if n.endswith("experts.gate_up_proj"):

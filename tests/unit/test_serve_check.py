@@ -67,8 +67,10 @@ def test_output_not_divisible_by_tp():
 
 
 def test_other_modules_have_no_rule():
-    mods = {"lm_head": (1003, 384), L0 + "mlp.gate": (8, 4096), L0 + "self_attn.q_proj": (4096, 4096)}
+    mods = {"lm_head": (1003, 384), L0 + "self_attn.q_proj": (4096, 4096)}
     assert serve_problems(mods, 8) == []
+    [p] = serve_problems({**mods, L0 + "mlp.gate": (8, 4096)}, 8)      # a router is built unquantized
+    assert (p.module, p.rule) == (L0 + "mlp.gate", "never_fp8")
     with pytest.raises(ValueError):
         serve_problems(mods, 0)
 
