@@ -56,10 +56,12 @@ class ExportOptions:
 @dataclass(frozen=True)
 class RankView:
     """This rank's share of the model: ``params`` ``[(mcore_name, tensor or LazyParam)]`` (layers numbered as in
-    ``layer_of_local``), local layer index -> global layer number, and the experts each expert-parallel rank holds."""
+    ``layer_of_local``), local layer index -> global layer number, and the experts each expert-parallel rank holds.
+    ``unit_order``: a streamed source's order of units, the same on every rank (None: ``streamed_unit_order``)."""
     params: list
     layer_of_local: dict = field(default_factory=dict)
     num_local_experts: int = 0
+    unit_order: list[int] | None = None
 
     @classmethod
     def of_model(cls, model, d: Dims, layout: Layout) -> "RankView":
@@ -71,7 +73,8 @@ class RankView:
     def of_source(cls, src, layout: Layout) -> "RankView":
         """A ``sources.Source`` (a built model or a streamed checkpoint)."""
         from megatron_fp8pb.parallel import megatron as mcore
-        return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout))
+        return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout),
+                   getattr(src, "unit_order", None))
 
 
 def serve_exclusions(d: Dims, quant: QuantConfig, dtype_name: str = "bfloat16") -> tuple[str, ...]:
