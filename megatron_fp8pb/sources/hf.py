@@ -65,8 +65,9 @@ class HFReader:
         device (the host where none)."""
         f, e, base = self._entry(name)
         if self.trace is not None:
+            at = self.first_byte(name, dim, offset)
             with self._lock:
-                self.trace.append(self.first_byte(name, dim, offset))
+                self.trace.append(at)
         if self.readahead is not None:
             self.readahead.consumed(name)
         shape, dtype = tuple(e["shape"]), _ST_DTYPES.get(e["dtype"])
