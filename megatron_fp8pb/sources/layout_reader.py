@@ -75,7 +75,7 @@ class LayoutReader:
         self._busy: set = set()
         self.budget = budget if budget is not None else 2 * max(self._unit_bytes.values(), default=0)
         self._held = 0
-        self._next = 0                  # the caller's position in ``order``
+        self._waiting: int | None = None    # the unit the caller waits for, read past the budget
         self._yielded: int | None = None
         self._stop = False
         self.reads: list[tuple[object, int]] = []     # (file, first byte) of every read, in the order issued
@@ -93,15 +93,14 @@ class LayoutReader:
 
     def _pick(self) -> int | None:
         """The next read: the earliest pending one of a file no read is in flight on, within the budget; past the
-        budget, the earliest pending read of the unit the caller waits for."""
+        budget, only the earliest pending read of the unit the caller is waiting for (none while it works)."""
         heads = [(j, f) for f, q in self._by_file.items() if f not in self._busy and (j := self._head(q)) is not None]
         if not heads:
             return None
         j = min(heads, key=lambda h: self._rank[h[0]])[0]
         if self._held == 0 or self._held + self._jobs[j][4] <= self.budget:
             return j
-        need = next((u for u in self._order[self._next:] if self._left[u]), None)
-        q = self._by_unit.get(need)
+        q = self._by_unit.get(self._waiting) if self._waiting is not None else None
         for k in (q or ()):
             if not self._taken[k] and self._jobs[k][2] not in self._busy:
                 return k
@@ -147,12 +146,13 @@ class LayoutReader:
                 self._cv.notify_all()
 
     def __iter__(self):
-        for i, u in enumerate(self._order):
+        for u in self._order:
             with self._cv:
-                self._next = i
+                self._waiting = u
                 self._cv.notify_all()
                 while self._left[u] and self._fatal is None:
                     self._cv.wait()
+                self._waiting = None
                 if self._fatal is not None:
                     raise self._fatal
                 self._yielded = u
