@@ -75,6 +75,7 @@ class LayoutReader:
         self._busy: set = set()
         self.budget = budget if budget is not None else 2 * max(self._unit_bytes.values(), default=0)
         self._held = 0
+        self.peak_held = 0              # the most bytes read and not yet released at any time
         self._waiting: int | None = None    # the unit the caller waits for, read past the budget
         self._yielded: int | None = None
         self._stop = False
@@ -120,6 +121,7 @@ class LayoutReader:
                 self._taken[j] = True
                 self._busy.add(f)
                 self._held += n
+                self.peak_held = max(self.peak_held, self._held)
                 self.reads.append((f, at))
             piece, t = self._items[u][k]
             assert isinstance(t, Deferred)

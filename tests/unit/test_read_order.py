@@ -149,6 +149,23 @@ def test_reading_goes_on_past_a_small_budget(tmp_path):
     reader.close()
 
 
+def test_memory_stays_within_the_budget_while_the_caller_works(tmp_path):
+    """A slow caller: the reader holds at most its budget plus the unit the caller waits for."""
+    import time
+    src, _ = _source(tmp_path, "sorted")
+    reader = HFReader(src)
+    d, units = _pieces_by_unit(reader, src, Layout())
+    pre = LayoutReader(layout_unit_order(str(src), d), units)
+    largest = max(pre._unit_bytes.values())
+    assert pre.budget == 2 * largest
+    for _ in pre:
+        time.sleep(0.02)
+        pre.release()
+    pre.close()
+    assert largest < pre.peak_held <= pre.budget + largest < sum(pre._unit_bytes.values())
+    reader.close()
+
+
 def test_a_bad_piece_is_an_error_of_its_unit(tmp_path):
     src, _ = _source(tmp_path, "sorted")
     reader = HFReader(src)
