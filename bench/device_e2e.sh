@@ -21,4 +21,5 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 df -h /tmp | tail -1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 bench/e2e.py --gpu --workdir /tmp/fp8pb-e2e --json "$OUT/e2e.json" "$@" 2>&1 | tee "$OUT/e2e.log" | tail -40
+# E2E=bench/e2e_depths.py: the two-depth bench instead (RSS slope, --megatron, --trace)
+python3 ${E2E:-bench/e2e.py} --gpu --workdir /tmp/fp8pb-e2e --json "$OUT/e2e.json" "$@" 2>&1 | tee "$OUT/e2e.log" | tail -40
