@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One device call: end-to-end export from a cold-cache HF checkpoint, ours vs the read+write floor vs llm-compressor.
+# One device call: end-to-end export per source file layout (save_pretrained, hub-like many shards, export-ordered),
+# software warm and data cold, ours (torchrun --nproc_per_node=1) vs the sequential and concurrent read+write floors
+# vs llm-compressor with its sync. About 6-7 minutes at Llama-3-8B shapes (16 GB source, written three times).
 # Wheels: megatron-core in .whl/, llm-compressor and its missing dependencies in .whl/peer/ (each installed only
 # where python3 cannot already import it). Usage: bash bench/device_e2e.sh [e2e.py arguments]
 set -uo pipefail
@@ -19,4 +21,5 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 df -h /tmp | tail -1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 bench/e2e.py --gpu --workdir /tmp/fp8pb-e2e --json "$OUT/e2e.json" "$@" 2>&1 | tee "$OUT/e2e.log" | tail -30
+# E2E=bench/e2e_depths.py: the two-depth bench instead (RSS slope, --megatron, --trace)
+python3 ${E2E:-bench/e2e.py} --gpu --workdir /tmp/fp8pb-e2e --json "$OUT/e2e.json" "$@" 2>&1 | tee "$OUT/e2e.log" | tail -40

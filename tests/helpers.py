@@ -47,6 +47,65 @@ def write_hf_source(path: Path, cfg, seed: int = 0, files: int = 2) -> dict[str,
     return state
 
 
+def module_order(state: dict[str, torch.Tensor], cfg) -> list[str]:
+    """The tensor names in the order a model's modules hold them (embedding, layer by layer, final norm, lm_head):
+    the order save_pretrained shards a state dict in."""
+    from megatron_fp8pb.archs import dims_from_hf, rules_for
+    from megatron_fp8pb.plan.params import hf_units
+    d = dims_from_hf(cfg)
+    unit = hf_units(rules_for(d), d)
+    pos = {n: k for k, n in enumerate(state)}
+    return sorted(state, key=lambda n: (unit.get(n, 1 << 30), pos[n]))
+
+
+def rewrite_as_save_pretrained(src: Path, cfg, shard_bytes: int) -> None:
+    """Rewrite an HF source's weights the way save_pretrained lays them out: the state dict cut greedily in module
+    order into shards of at most ``shard_bytes``, each written by safetensors ``save_file`` (which orders a file's
+    tensors by name: ``layers.10`` before ``layers.2``), plus the index."""
+    from safetensors.torch import load_file
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+        f.unlink()
+    shards, size = [[]], 0
+    for n in module_order(state, cfg):
+        b = state[n].numel() * state[n].element_size()
+        if shards[-1] and size + b > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += b
+    weight_map = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in names}, str(src / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+
+
+def rewrite_in_export_order(src: Path, cfg, shard_bytes: int) -> None:
+    """Rewrite an HF source's weights with the project's writer, tensors in module order within and across its
+    shards (the order the export reads them)."""
+    from safetensors.torch import load_file
+    from megatron_fp8pb.output.writer import CheckpointWriter, TensorSpec
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    names = module_order(state, cfg)
+    tmp = src.parent / (src.name + ".export-ordered")
+    w = CheckpointWriter(tmp, [TensorSpec(n, state[n].dtype, tuple(state[n].shape)) for n in names], shard_bytes)
+    for n in names:
+        w.write(n, state[n])
+    w.finish({})
+    for f in list(src.glob("*.safetensors")) + [src / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
+    for f in tmp.iterdir():
+        f.rename(src / f.name)
+    tmp.rmdir()
+
+
 def ragged_deepseek_v3(q_lora_rank=96, mtp=1):
     """kv_a_proj_with_mqa 128 + 64 = 192 rows (96 per rank at tp 2), q_a_proj 96 rows (48 per rank), dense ffn 640
     (320 per rank), experts of 160 (80 per rank at etp 2), shared expert 160; layer 0 dense, layer 1 MoE, and (as

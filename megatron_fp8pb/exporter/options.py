@@ -57,11 +57,13 @@ class ExportOptions:
 class RankView:
     """This rank's share of the model: ``params`` ``[(mcore_name, tensor or LazyParam)]`` (layers numbered as in
     ``layer_of_local``), local layer index -> global layer number, the experts each expert-parallel rank holds, and
-    the dtypes its source stores the tensors of ``as_stored`` rules in (HF name -> torch dtype name, where known)."""
+    the dtypes its source stores the tensors of ``as_stored`` rules in (HF name -> torch dtype name, where known).
+    ``unit_order``: a streamed source's order of units, the same on every rank (None: ``streamed_unit_order``)."""
     params: list
     layer_of_local: dict = field(default_factory=dict)
     num_local_experts: int = 0
     source_dtypes: dict = field(default_factory=dict)
+    unit_order: list[int] | None = None
 
     @classmethod
     def of_model(cls, model, d: Dims, layout: Layout) -> "RankView":
@@ -74,7 +76,7 @@ class RankView:
         """A ``sources.Source`` (a built model or a streamed checkpoint)."""
         from megatron_fp8pb.parallel import megatron as mcore
         return cls(src.params, src.layer_of_local, mcore.num_local_experts(src.dims, layout),
-                   dict(getattr(src, "source_dtypes", None) or {}))
+                   dict(getattr(src, "source_dtypes", None) or {}), getattr(src, "unit_order", None))
 
 
 def serve_exclusions(d: Dims, quant: QuantConfig, dtype_name: str = "bfloat16") -> tuple[str, ...]:

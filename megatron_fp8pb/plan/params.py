@@ -348,6 +348,19 @@ def expected_tensors(rules: list[Rule], d: Dims, untie_lm_head: bool = False) ->
     return out
 
 
+def hf_units(rules: list[Rule], d: Dims) -> dict[str, int]:
+    """Every HF tensor the architecture reads -> the write unit it is exported in (``write_unit``)."""
+    out: dict[str, int] = {}
+    for k, r in enumerate(rules):
+        if r.shard == TIED_COPY:
+            continue
+        for i in (rule_layers(r, d) if r.scope != GLOBAL else [None]):
+            unit = write_unit(rules, k, i, d)
+            for e in (range(d.num_experts) if r.scope == EXPERT else [None]):
+                out.update({_fill(hf, i, e): unit for hf in r.hf})
+    return out
+
+
 def linear_weights(rules: list[Rule], d: Dims, untie_lm_head: bool = False) -> dict[str, tuple[int, ...]]:
     """The HF weights of linear layers (the FP8 candidates), with full shapes."""
     linear = {_fill(h, i, e) for r in rules if r.linear for h in r.hf

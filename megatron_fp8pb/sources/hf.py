@@ -29,6 +29,7 @@ class HFReader:
         self._pool = None
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.trace: list[tuple[Path, int]] | None = None    # a list: (file, first byte) of every read, appended
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -50,10 +51,24 @@ class HFReader:
         _, e, _ = self._entry(name)
         return tuple(e["shape"]), e["dtype"]
 
+    def first_byte(self, name: str, dim: int = 0, offset: int = 0) -> tuple[Path, int]:
+        """The file holding ``name`` and the byte ``read(name, dim, offset)`` reads first (columns: whole rows from
+        the tensor's first byte)."""
+        f, e, base = self._entry(name)
+        shape, dtype = tuple(e["shape"]), _ST_DTYPES.get(e["dtype"], torch.uint8)
+        start = base + e["data_offsets"][0]
+        if len(shape) <= 1 or dim == 0:
+            start += offset * (_numel(shape[1:]) if len(shape) > 1 else 1) * dtype.itemsize
+        return f, start
+
     def read(self, name: str, dim: int = 0, offset: int = 0, length: int | None = None) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) ``[offset, offset+length)`` of ``name`` as a new tensor on this reader's
         device (the host where none)."""
         f, e, base = self._entry(name)
+        if self.trace is not None:
+            at = self.first_byte(name, dim, offset)
+            with self._lock:
+                self.trace.append(at)
         if self.readahead is not None:
             self.readahead.consumed(name)
         shape, dtype = tuple(e["shape"]), torch_dtype(e["dtype"])

@@ -2,8 +2,8 @@
 
 The command line starts it before torch is imported (this module and what it imports are torch-free), so the disk
 reads the source while the interpreter imports; the reader then finds its bytes in memory. A few threads read the
-tensors this rank's pipeline stage exports, in the order the export consumes them, at most ``window`` bytes ahead of
-the reader. The bytes land in the page cache only (each thread reads into one small reusable buffer), so the
+tensors this rank's pipeline stage exports as they lie in the files (``read_plan.schedule``: ascending offsets within
+each file, a few files at a time), at most ``window`` bytes ahead of the reader, which follows the same plan. The bytes land in the page cache only (each thread reads into one small reusable buffer), so the
 process's resident memory does not grow with the source, and the kernel may drop them again under memory pressure:
 the readahead only makes the reader's own reads faster, it is never the source of truth."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megatron_fp8pb.plan.params import unit_sequence
 from megatron_fp8pb.plan.ranks import ep_rank_of, pp_rank_of, stage_layer_range
+from megatron_fp8pb.sources.read_plan import Timed, chunked, schedule
 from megatron_fp8pb.sources.safetensors_layout import byte_ranges
 
 CHUNK = 4 << 20        # bytes per read
@@ -27,18 +28,25 @@ _LOCK = threading.Lock()
 
 
 class Readahead:
-    """Reads ``ranges`` ``[(tensor name, file, first byte, length)]`` in order on ``threads`` threads, staying at most
-    ``window`` bytes ahead of the tensor the reader last asked for (``consumed``)."""
+    """Reads ``ranges`` on ``threads`` threads, staying at most ``window`` bytes ahead of the tensor the reader last
+    asked for (``consumed``).
 
-    def __init__(self, ranges: list[tuple[str, Path, int, int]], window: int, threads: int = THREADS,
-                 chunk: int = CHUNK):
+    ``ranges``: ``[(tensor name, file, first byte, length)]``, read in that order, or ``read_plan.Timed`` ranges, read
+    in the plan's order (the files' lanes interleaved chunk by chunk)."""
+
+    def __init__(self, ranges: list, window: int, threads: int = THREADS, chunk: int = CHUNK):
         self._pos: dict[str, int] = {}
         self._chunks: list[tuple[Path, int, int, int]] = []
+        if ranges and isinstance(ranges[0], Timed):
+            reads = [c[:4] for c in chunked(ranges, chunk)]
+        else:
+            reads = [(name, f, start + k, min(chunk, n - k)) for name, f, start, n in ranges for k in range(0, n, chunk)]
         pos = 0
-        for name, f, start, n in ranges:
+        for name, f, at, n in reads:
             self._pos.setdefault(name, pos)
-            self._chunks += [(f, start + k, min(chunk, n - k), pos + k) for k in range(0, n, chunk)]
+            self._chunks.append((f, at, n, pos))
             pos += n
+        self.order = [name for name in self._pos]     # tensors in the order their first bytes are read
         self.total, self.window, self.chunk = pos, window, chunk
         self.bytes_read = 0
         self._next = self._consumed = 0
@@ -126,27 +134,27 @@ def stage_order(names: list[str], num_layers: int, pp: int, pp_rank: int, ep: in
 
 def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 0, ep: int = 1,
           ep_rank: int = 0) -> Readahead:
-    """The readahead of ``path`` for this stage and expert-parallel rank (one per source and process: started once,
-    then shared)."""
+    """The readahead of ``path`` for this stage and expert-parallel rank, in the order the bytes lie in the files
+    (one per source and process: started once, then shared)."""
     key = os.path.realpath(path)
     with _LOCK:
         if key not in _ACTIVE:
             where = byte_ranges(path)
-            order = stage_order(list(where), num_layers, pp, pp_rank, ep, ep_rank)
-            ranges = [(n,) + where[n] for n in order]
-            _ACTIVE[key] = Readahead(ranges, _window(sum(r[3] for r in ranges)))
+            names = stage_order(list(where), num_layers, pp, pp_rank, ep, ep_rank)
+            ranges = schedule([(n,) + where[n] for n in names])
+            _ACTIVE[key] = Readahead(ranges, _window(sum(r.length for r in ranges)))
         return _ACTIVE[key]
 
 
 def start_files(path: str | os.PathLike, files: list[Path]) -> Readahead | None:
-    """The readahead of a Megatron distributed checkpoint: its data files whole, in name order (where each key's
-    bytes lie is in ``.metadata``, a torch pickle, unread here), within the same window (nothing marks them
-    consumed)."""
+    """The readahead of a Megatron distributed checkpoint: its data files whole, from first byte to last, a few files
+    at a time (``read_plan.schedule``; where each key's bytes lie is in ``.metadata``, a torch pickle, unread here),
+    within the same window (nothing marks them consumed)."""
     key = os.path.realpath(path)
     with _LOCK:
         if key not in _ACTIVE and files:
-            ranges = [(str(f), f, 0, f.stat().st_size) for f in files]
-            _ACTIVE[key] = Readahead(ranges, _window(sum(r[3] for r in ranges)))
+            ranges = schedule([(str(f), f, 0, f.stat().st_size) for f in files])
+            _ACTIVE[key] = Readahead(ranges, _window(sum(r.length for r in ranges)))
         return _ACTIVE.get(key)
 
 

@@ -29,6 +29,7 @@ class Source:
     params: list = field(default_factory=list)            # (Megatron name, tensor or LazyParam) of this rank
     layer_of_local: dict = field(default_factory=dict)    # local layer index -> global layer number
     source_dtypes: dict = field(default_factory=dict)     # HF name -> stored dtype, for the rules as_stored
+    unit_order: list[int] | None = None   # a streamed source: the order its units are read and exported in
 
 
 def source_config(cfg: ExportConfig):
@@ -106,6 +107,16 @@ def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
     return replace(d, mtp_layers=0)
 
 
+def layout_unit_order(path: str, d: Dims) -> list[int]:
+    """The units of the HF checkpoint at ``path`` in the order their bytes arrive when its files are read as they
+    lie (``read_plan.unit_order``), the same on every rank."""
+    from megatron_fp8pb.plan.params import hf_units, streamed_unit_order
+    from megatron_fp8pb.sources.read_plan import unit_order
+    from megatron_fp8pb.sources.safetensors_layout import byte_ranges
+    where = byte_ranges(path)
+    return unit_order([(n,) + r for n, r in where.items()], hf_units(rules_for(d), d), streamed_unit_order(d))
+
+
 STREAMED_KINDS = ("tiny", "hf", "megatron")   # sources read unit by unit: no Megatron model is loaded
 
 
@@ -147,8 +158,9 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     if stream and s.kind in STREAMED_KINDS:
         # verify compares on the host: a reader into GPU memory is not the truth's reader
         truth = HFReader(s.path) if getattr(reader, "device", None) is not None else reader
+        order = layout_unit_order(s.path, d) if s.kind == "hf" else None
         return Source(None, hfc, d, dtype, truth, extra, hf_params(reader, d, layout, dtype), stage_layers(d, layout),
-                      stored_dtypes(reader, as_stored_tensors(rules_for(d), d)) if reader is not None else {})
+                      stored_dtypes(reader, as_stored_tensors(rules_for(d), d)) if reader is not None else {}, order)
     model = mcore.build_gpt(d, dtype, layout, on_gpu=on_gpu, vocab_rows=rows)
     if reader is not None:
         load_hf_weights(model, reader, d, layout)

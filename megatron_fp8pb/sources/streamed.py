@@ -24,10 +24,34 @@ from megatron_fp8pb.plan.tp_slices import check_piece_finite, piece_dtype
 
 @dataclass(frozen=True)
 class LazyParam:
-    """A parameter known by its local shape; ``load(plan)`` returns one tensor per entry of ``plan.pieces``."""
+    """A parameter known by its local shape; ``load(plan)`` returns one tensor per entry of ``plan.pieces``.
+    ``reads``: where each piece can be read alone (``HFPieces``), so that the export reads them in the files' order;
+    None where a parameter is read whole."""
     shape: tuple[int, ...]
     load: Callable[[ParamPlan], list[torch.Tensor]]
     dtype: torch.dtype = torch.bfloat16
+    reads: object | None = None
+
+
+@dataclass(frozen=True)
+class HFPieces:
+    """Each piece of a parameter over an HF checkpoint is one read of one source tensor: ``where`` its bytes start,
+    ``load`` it (in ``dtype``, or the rule's own)."""
+    reader: object
+    dtype: torch.dtype
+
+    @staticmethod
+    def _slice(plan: ParamPlan, index: int):
+        p = plan.pieces[index]
+        return replace(p, hf_name=plan.slices[0].hf_name) if plan.fusion == DUPLICATE else p
+
+    def where(self, plan: ParamPlan, index: int):
+        s = self._slice(plan, index)
+        return self.reader.first_byte(s.hf_name, s.dim if len(s.full_shape) > 1 else 0, s.offset)
+
+    def load(self, plan: ParamPlan, index: int) -> torch.Tensor:
+        s = self._slice(plan, index)
+        return read_slice(self.reader, s).to(piece_dtype(s, self.dtype))
 
 
 def stage_layers(d: Dims, layout: Layout) -> dict[int, int]:
@@ -78,12 +102,14 @@ def _local_shape(rule, d: Dims, layout: Layout, vocab_rows: int | None) -> tuple
 def hf_params(reader, d: Dims, layout: Layout, dtype: torch.dtype) -> list[tuple[str, LazyParam]]:
     """This rank's parameters over an HF checkpoint reader: each loads the HF slices it exports, in ``dtype`` (or the
     rule's own, e.g. the float32 expert bias)."""
+    pieces = HFPieces(reader, dtype) if hasattr(reader, "first_byte") else None
+
     def load(plan: ParamPlan) -> list[torch.Tensor]:
         if plan.fusion == DUPLICATE:   # one source tensor written under several names (an untied lm_head)
             return [read_slice(reader, replace(p, hf_name=plan.slices[0].hf_name)).to(piece_dtype(p, dtype))
                     for p in plan.pieces]
         return [read_slice(reader, p).to(piece_dtype(p, dtype)) for p in plan.pieces]
-    return [(name, LazyParam(shape, load, dtype)) for name, shape in local_param_shapes(d, layout)]
+    return [(name, LazyParam(shape, load, dtype, pieces)) for name, shape in local_param_shapes(d, layout)]
 
 
 @dataclass(frozen=True)

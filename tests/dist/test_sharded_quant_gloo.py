@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from helpers import free_port
 from megatron_fp8pb.parallel import collectives as coll
 from megatron_fp8pb.quant.reference import quantize_blockfp8_reference
-from megatron_fp8pb.exporter.pipeline import _Assembler, quantize_unit
+from megatron_fp8pb.exporter.assemble import Assembler as _Assembler
+from megatron_fp8pb.exporter.quantize import quantize_unit
 from megatron_fp8pb.plan.params import Piece, WriteOrder
 from megatron_fp8pb.output.staging import SlabPool
 
