@@ -9,7 +9,7 @@ import torch
 
 from megatron_fp8pb.sources.device_reads import PinnedRing, read_fully, read_to_device
 from megatron_fp8pb.plan.params import Piece
-from megatron_fp8pb.safetensors_dtypes import torch_dtype
+from megatron_fp8pb.safetensors_dtypes import itemsize, torch_dtype
 from megatron_fp8pb.sources.safetensors_layout import header, tensor_files
 
 
@@ -55,10 +55,10 @@ class HFReader:
         """The file holding ``name`` and the byte ``read(name, dim, offset)`` reads first (columns: whole rows from
         the tensor's first byte)."""
         f, e, base = self._entry(name)
-        shape, dtype = tuple(e["shape"]), _ST_DTYPES.get(e["dtype"], torch.uint8)
+        shape, size = tuple(e["shape"]), itemsize(e["dtype"]) or 1
         start = base + e["data_offsets"][0]
         if len(shape) <= 1 or dim == 0:
-            start += offset * (_numel(shape[1:]) if len(shape) > 1 else 1) * dtype.itemsize
+            start += offset * (_numel(shape[1:]) if len(shape) > 1 else 1) * size
         return f, start
 
     def read(self, name: str, dim: int = 0, offset: int = 0, length: int | None = None) -> torch.Tensor:
@@ -231,7 +231,7 @@ def stored_dtypes(reader, names) -> dict[str, str]:
     for n in names:
         if n in have:
             dtype = reader.meta(n)[1]
-            dtype = _ST_DTYPES.get(dtype) or _DTYPE_NAMES.get(dtype)
+            dtype = torch_dtype(dtype)
             if dtype is not None:
                 out[n] = str(dtype).replace("torch.", "")
     return out
