@@ -4,6 +4,8 @@ the order the export reads it, and saved in many small shards, exported through 
 give byte-identical files, each tensor the single-process reference's."""
 import transformers as tf
 
+from megatron_fp8pb.cli import RESOLVED_CONFIG
+
 from helpers import RAGGED, mismatches, rewrite_as_save_pretrained, rewrite_in_export_order
 from jobs import Job
 
