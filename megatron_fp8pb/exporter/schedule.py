@@ -22,7 +22,8 @@ from megatron_fp8pb.exporter.progress import Phases, Progress
 from megatron_fp8pb.exporter.quantize import quantize_unit
 from megatron_fp8pb.output.node_writers import Routes
 from megatron_fp8pb.output.staging import SlabPool
-from megatron_fp8pb.plan.params import Piece, streamed_unit_order
+from megatron_fp8pb.plan.params import Piece
+from megatron_fp8pb.plan.write_order import streamed_unit_order
 from megatron_fp8pb.sources.layout_reader import LayoutReader, reads_by_layout
 from megatron_fp8pb.sources.streamed import Prefetch, materialize
 

@@ -14,7 +14,7 @@ import re
 import threading
 from pathlib import Path
 
-from megatron_fp8pb.plan.params import unit_sequence
+from megatron_fp8pb.plan.write_order import unit_sequence
 from megatron_fp8pb.plan.ranks import ep_rank_of, pp_rank_of, stage_layer_range
 from megatron_fp8pb.sources.read_plan import Timed, chunked, schedule
 from megatron_fp8pb.sources.safetensors_layout import byte_ranges

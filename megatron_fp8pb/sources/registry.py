@@ -110,7 +110,8 @@ def without_absent_mtp(d: Dims, held: list[str], where: str) -> Dims:
 def layout_unit_order(path: str, d: Dims) -> list[int]:
     """The units of the HF checkpoint at ``path`` in the order their bytes arrive when its files are read as they
     lie (``read_plan.unit_order``), the same on every rank."""
-    from megatron_fp8pb.plan.params import hf_units, streamed_unit_order
+    from megatron_fp8pb.plan.params import hf_units
+    from megatron_fp8pb.plan.write_order import streamed_unit_order
     from megatron_fp8pb.sources.read_plan import unit_order
     from megatron_fp8pb.sources.safetensors_layout import byte_ranges
     where = byte_ranges(path)

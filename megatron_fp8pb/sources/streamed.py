@@ -17,7 +17,8 @@ from megatron_fp8pb.archs import Dims, rules_for
 from megatron_fp8pb.archs.base import DUPLICATE, EXPERT, GLOBAL, TIED_COPY, VOCAB, rule_layers
 from megatron_fp8pb.sources.hf import read_slice
 from megatron_fp8pb.parallel.megatron import padded_vocab
-from megatron_fp8pb.plan.params import EMBEDDING_UNIT, Layout, ParamPlan, local_shape, write_unit
+from megatron_fp8pb.plan.params import Layout, ParamPlan, local_shape
+from megatron_fp8pb.plan.write_order import EMBEDDING_UNIT, write_unit
 from megatron_fp8pb.plan.ranks import stage_layer_range
 from megatron_fp8pb.plan.tp_slices import check_piece_finite, piece_dtype
 

@@ -97,7 +97,7 @@ def test_help_lists_every_key_once_under_torchrun():
     from megatron_fp8pb.config import describe_keys
     r = torchrun(2, ["--help"])
     assert r.returncode == 0
-    assert r.stdout.count("usage: launch/export.py") == 1
+    assert r.stdout.count("usage: megatron-fp8pb-export") == 1
     for key, default, meaning in describe_keys():
         assert f"{key}={default}" in r.stdout and meaning
     assert "quant.serve_tp=none" in r.stdout and "output.overwrite=false" in r.stdout

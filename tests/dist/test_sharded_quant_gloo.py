@@ -11,7 +11,8 @@ from megatron_fp8pb.parallel import collectives as coll
 from megatron_fp8pb.quant.reference import quantize_blockfp8_reference
 from megatron_fp8pb.exporter.assemble import Assembler as _Assembler
 from megatron_fp8pb.exporter.quantize import quantize_unit
-from megatron_fp8pb.plan.params import Piece, WriteOrder
+from megatron_fp8pb.plan.params import Piece
+from megatron_fp8pb.plan.write_order import WriteOrder
 from megatron_fp8pb.output.staging import SlabPool
 
 

@@ -78,7 +78,7 @@ def test_expert_names_sequential_and_grouped_become_global():
 
 
 def test_a_streamed_source_visits_every_unit_once_with_lm_head_after_the_first_layer():
-    from megatron_fp8pb.plan.params import EMBEDDING_UNIT, final_unit, streamed_unit_order, unit_sequence, write_unit
+    from megatron_fp8pb.plan.write_order import EMBEDDING_UNIT, final_unit, streamed_unit_order, unit_sequence, write_unit
     order = streamed_unit_order(D)
     last = final_unit(D)
     assert sorted(order) == list(range(last + 1))

@@ -16,7 +16,8 @@ from megatron_fp8pb.archs import dims_from_hf
 from megatron_fp8pb.config import QuantConfig
 from megatron_fp8pb.exporter.options import RankView
 from megatron_fp8pb.exporter.pipeline import local_pieces, make_plans
-from megatron_fp8pb.plan.params import Layout, PlanContext, streamed_unit_order
+from megatron_fp8pb.plan.params import Layout, PlanContext
+from megatron_fp8pb.plan.write_order import streamed_unit_order
 from megatron_fp8pb.sources.hf import HFReader
 from megatron_fp8pb.sources.layout_reader import LayoutReader, reads_by_layout
 from megatron_fp8pb.sources.read_plan import schedule, unit_order
