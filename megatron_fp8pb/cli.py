@@ -9,14 +9,15 @@ from pathlib import Path
 from megatron_fp8pb.parallel import collectives as coll
 from megatron_fp8pb.parallel import session
 from megatron_fp8pb.archs import dims_from_hf
-from megatron_fp8pb.config import MCORE_FREE_KINDS, ExportConfig, load_config
+from megatron_fp8pb.config import ExportConfig, load_config
+from megatron_fp8pb.sources.kinds import kind
 from megatron_fp8pb.errors import is_expected, message, refuse_everywhere
 from megatron_fp8pb.parallel.collectives import agree
 from megatron_fp8pb.process import exit_on_sigterm, set_phase
 from megatron_fp8pb.log import log0
 from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.pipeline import run_export
-from megatron_fp8pb.sources.registry import STREAMED_KINDS, build_source, source_config
+from megatron_fp8pb.sources.registry import build_source, source_config
 from megatron_fp8pb.sources.streamed import fixed_mmap_threshold
 from megatron_fp8pb.plan.validate import check_layout
 from megatron_fp8pb.output.writer import partial_dir
@@ -34,7 +35,7 @@ def preflight(cfg: ExportConfig, world: int):
     try:
         check_layout(d, world, p.tp, p.pp, p.ep, p.etp)
     except ValueError as e:
-        if cfg.source.kind in STREAMED_KINDS:
+        if kind(cfg.source.kind).streamed:
             raise ValueError(f"{e}. The export's layout need not be the one the model was trained or saved at: "
                              f"choose parallel.tp/pp/ep/etp that divide these sizes (1 always does)") from None
         raise
@@ -48,9 +49,9 @@ def preflight(cfg: ExportConfig, world: int):
 def check_source_paths(cfg: ExportConfig) -> None:
     """A source path that is not there is named as such (before anything looks inside it)."""
     s = cfg.source
-    what = {"hf": "an HF checkpoint directory", "megatron": "a Megatron distributed checkpoint directory"}
-    if s.kind in what and s.path and not os.path.exists(s.path):
-        raise FileNotFoundError(f"source.path {s.path} does not exist; point it at {what[s.kind]}")
+    what = kind(s.kind).path_is
+    if what and s.path and not os.path.exists(s.path):
+        raise FileNotFoundError(f"source.path {s.path} does not exist; point it at {what}")
     if s.kind == "megatron" and s.hf_config and not os.path.exists(s.hf_config):
         raise FileNotFoundError(f"source.hf_config {s.hf_config} does not exist; point it at the HF config.json "
                                 f"(or its directory) describing the architecture")
@@ -108,12 +109,12 @@ def run(config_path: str | None, overrides: list[str]) -> int:
             raise refuse_everywhere(e) from e
         raise
     start = session.process_age()
-    mcore_free = cfg.source.kind in MCORE_FREE_KINDS     # the layout and its groups without megatron-core
+    mcore_free = not kind(cfg.source.kind).needs_megatron     # the layout and its groups without megatron-core
     if not mcore_free:
         from megatron_fp8pb.parallel.megatron_import import import_without_compiling
         import_without_compiling()      # this job never runs the model
     with session.started(cfg.parallel, megatron=not mcore_free) as sess:
-        if cfg.source.kind in STREAMED_KINDS:
+        if kind(cfg.source.kind).streamed:
             fixed_mmap_threshold()      # a streamed source's tensors come and go: each gets its own pages
         ok = export_job(cfg, sess, [("imports", imported), ("checks", start)] + sess.marks)
     return 0 if ok else 1

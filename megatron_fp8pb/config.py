@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 
-SourceKind = Literal["tiny", "hf", "megatron", "random"]
 Backend = Literal["auto", "gloo", "nccl"]
 Device = Literal["auto", "cpu", "cuda"]
 ScaleFmt = Literal["amax", "ue8m0"]
@@ -51,17 +50,14 @@ def _arch_values() -> str:
 
 
 def _kind_values() -> str:
-    return ("tiny (the embedded model), hf (an HF safetensors checkpoint), megatron (a Megatron dist checkpoint), "
-            "random (a preset's shapes, random weights)")
-
-
-MCORE_FREE_KINDS = ("tiny", "hf")    # sources exported without importing megatron-core
+    from megatron_fp8pb.sources.kinds import KINDS
+    return ", ".join(f"{k.name}: {k.help}" for k in KINDS.values())
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     SECTION: ClassVar[str] = "source"
-    kind: SourceKind = knob("tiny", "where the weights come from", _kind_values)
+    kind: str = knob("tiny", "where the weights come from", _kind_values)
     path: str | None = knob(None, "HF checkpoint dir (hf) or Megatron dist checkpoint dir (megatron)")
     arch: str = knob("qwen3", "the model of kind tiny or random", _arch_values)
     num_layers: int = knob(0, "tiny / random: keep this many layers (0: the model's own count)")
@@ -71,6 +67,8 @@ class SourceConfig:
     readahead: bool = knob(True, "hf, megatron: read the source into the page cache from process start")
     def __post_init__(self):
         _check_choices(self)
+        from megatron_fp8pb.sources.kinds import kind
+        kind(self.kind)
         if self.num_layers < 0:
             raise ValueError(f"config key source.num_layers={self.num_layers} must be >= 0 (0: the model's own count)")
 

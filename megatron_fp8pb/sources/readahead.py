@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megatron_fp8pb.plan.write_order import unit_sequence
 from megatron_fp8pb.plan.ranks import ep_rank_of, pp_rank_of, stage_layer_range
+from megatron_fp8pb.sources.kinds import kind
 from megatron_fp8pb.sources.read_plan import Timed, chunked, schedule
 from megatron_fp8pb.sources.safetensors_layout import byte_ranges
 
@@ -200,9 +201,10 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
     try:
         from megatron_fp8pb.config import load_config
         cfg = load_config(config_path, overrides)
-        if cfg.source.kind not in ("hf", "megatron") or not cfg.source.path or not cfg.source.readahead:
+        how = kind(cfg.source.kind).readahead
+        if how is None or not cfg.source.path or not cfg.source.readahead:
             return None
-        if cfg.source.kind == "megatron":
+        if how == "files":
             ra = start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
         else:
             hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())

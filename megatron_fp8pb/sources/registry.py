@@ -15,6 +15,7 @@ from megatron_fp8pb.sources.hf import (DictReader, HFReader, check_source, confi
 from megatron_fp8pb.output.hf_files import source_side_files
 from megatron_fp8pb.plan.params import Layout, PlanContext, as_stored_tensors, expected_tensors, plan_param
 from megatron_fp8pb.plan.tp_slices import from_slices
+from megatron_fp8pb.sources.kinds import kind
 from megatron_fp8pb.sources.streamed import hf_params, stage_layers
 
 
@@ -118,7 +119,6 @@ def layout_unit_order(path: str, d: Dims) -> list[int]:
     return unit_order([(n,) + r for n, r in where.items()], hf_units(rules_for(d), d), streamed_unit_order(d))
 
 
-STREAMED_KINDS = ("tiny", "hf", "megatron")   # sources read unit by unit: no Megatron model is loaded
 
 
 def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False) -> Source:
@@ -156,7 +156,7 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
             params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows, device)
             return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
-    if stream and s.kind in STREAMED_KINDS:
+    if stream and kind(s.kind).streamed:
         # verify compares on the host: a reader into GPU memory is not the truth's reader
         truth = HFReader(s.path) if getattr(reader, "device", None) is not None else reader
         order = layout_unit_order(s.path, d) if s.kind == "hf" else None

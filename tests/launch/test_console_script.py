@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megatron_fp8pb.archs import presets, registry, tiny_names
-from megatron_fp8pb.config import SourceKind
+from megatron_fp8pb.sources.kinds import KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "megatron_fp8pb.launcher"]
@@ -43,8 +43,7 @@ def _ranks_of(out: Path) -> list[int]:
 def test_help_lists_every_kind_architecture_and_preset():
     r = subprocess.run(CMD + ["--help"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    import typing
-    names = list(typing.get_args(SourceKind)) + list(tiny_names()) + list(presets()) + list(registry())
+    names = list(KINDS) + list(tiny_names()) + list(presets()) + list(registry())
     missing = [n for n in names if n not in r.stdout]
     assert not missing and "--nproc-per-node" in r.stdout
 
