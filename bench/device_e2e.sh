@@ -8,12 +8,12 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WHL=${WHL:-.whl}
 SITE=/tmp/site; mkdir -p $SITE
-python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE $WHL/megatron_core*.whl
+python3 -m pip install -q --no-index --no-deps --target $SITE $WHL/megatron_core*.whl
 for pair in loguru:loguru pynvml:nvidia_ml_py requests:requests urllib3:urllib3 certifi:certifi idna:idna \
             charset_normalizer:charset_normalizer pydantic_core:pydantic_core pydantic:pydantic \
             annotated_types:annotated_types typing_inspection:typing_inspection psutil:psutil compressed_tensors:compressed_tensors llmcompressor:llmcompressor; do
   mod=${pair%%:*}; whl=${pair##*:}
-  python3 -c "import $mod" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE \
+  python3 -c "import $mod" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target $SITE \
     $WHL/peer/${whl}-*.whl
 done
 export PYTHONPATH=$SITE

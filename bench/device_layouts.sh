@@ -9,7 +9,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONWARNINGS=ignore
 PY=${PY:-python3}
 if ls .whl/megatron_core*.whl >/dev/null 2>&1 && ! $PY -c "import megatron.core" 2>/dev/null; then
-  mkdir -p /tmp/site && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/megatron_core*.whl
+  mkdir -p /tmp/site && $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/megatron_core*.whl
   export PYTHONPATH=/tmp/site
 fi
 T=${WORKDIR:-/tmp/fp8pb-layouts}; rm -rf "$T"; mkdir -p "$T"
