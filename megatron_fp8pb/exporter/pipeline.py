@@ -238,7 +238,7 @@ def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_d
                options: ExportOptions, *, sink=None) -> ExportResult:
     """Export this rank's share of the model (``view``); call on every rank. Returns the result (complete on rank 0).
     ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
-    interface of BackgroundWriter; see stream_api.TensorSink)."""
+    interface of BackgroundWriter; a sink with an ``assembler`` places the tensors itself, see stream/sink.py)."""
     t0 = time.perf_counter()
     quant, out_dtype = options.quant, options.out_dtype or torch.bfloat16
     me = coll.rank()
@@ -366,7 +366,9 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
                 routes.wait(routes.send(items, payloads, traffic, groups.device))
         return
     asm = None
-    if writer is not None:
+    if writer is not None and hasattr(writer, "assembler"):     # a sink that places tensors itself (stream/)
+        asm = writer.assembler(traffic, groups.device, out_dtype, me)
+    elif writer is not None:
         cuda = groups.device.type == "cuda" or any(torch.is_tensor(t) and t.is_cuda for _, t in mine)
         asm = _Assembler(writer, traffic, groups.device, out_dtype, SlabPool(_slab_bytes(by_name, out_dtype), 3, cuda),
                          me)
