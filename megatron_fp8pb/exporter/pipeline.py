@@ -378,7 +378,8 @@ def _transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, stream
     phases = phases or Phases()
     if writer is not None:
         writer.writer.phases = phases
-    progress = Progress(phases, routes.write_total(writer), len(by_unit), routes.scope)
+    progress = Progress(phases, routes.write_total(writer), len(by_unit), routes.scope,
+                        quiet=getattr(writer, "quiet", False))
     mine_by_unit = dict(_units(mine, d, False, groups.device)) if not streamed else None
     stream = _units(mine, d, True, groups.device, phases) if streamed else \
         ((u, mine_by_unit.get(u, [])) for u in sorted(set(by_unit) | set(mine_by_unit)))

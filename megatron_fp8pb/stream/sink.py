@@ -63,7 +63,7 @@ class StreamSink:
         self.specs = {s.name: s for s in specs}
         self.q, self.device, self.in_flight = q, device, in_flight
         self.writer, self.phases, self.files, self.bytes_written = self, None, [], 0
-        self.discard = False
+        self.discard, self.quiet = False, True     # no progress lines: a push runs once per training step
         self._copies = None     # the copy stream of device-to-host copies, made on first use
 
     def assembler(self, traffic, comm_device: torch.device, out_dtype, me: int) -> "StreamAssembler":
