@@ -28,7 +28,7 @@ from megatron_fp8pb.output.node_writers import Routes
 from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.progress import Phases, Progress
 from megatron_fp8pb.plan.params import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, streamed_unit_order, plan_param)
-from megatron_fp8pb.plan.tp_slices import check_piece_finite, piece_dtype, pieces_of
+from megatron_fp8pb.plan.tp_slices import check_piece_finite, finite_flags, piece_dtype, pieces_of
 from megatron_fp8pb.output.staging import SlabPool
 from megatron_fp8pb.sources.streamed import Deferred, LazyParam, Prefetch, materialize
 from megatron_fp8pb.output.writer import TensorSpec
@@ -56,10 +56,12 @@ def make_plans(view: RankView, ctx: PlanContext) -> list[tuple[ParamPlan, torch.
     sharding is checked against the module that holds the parameter."""
     styles = getattr(view.params, "styles", None) or {}
     out = []
+    loaded = [p for _, p in view.params if not isinstance(p, LazyParam)]   # a streamed source: checked when read
+    finite = iter(finite_flags(loaded))
     for name, p in view.params:
-        lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
+        lazy = isinstance(p, LazyParam)
         plan = plan_param(name, tuple(p.shape), ctx, style=styles.get(name))
-        if not lazy and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+        if not lazy and not next(finite):
             for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), ctx.d)):
                 check_piece_finite(piece, t, name)
         out.append((plan, p if lazy else p.detach()))

@@ -20,7 +20,7 @@ from megatron_fp8pb.quant.reference import BLOCK
 from megatron_fp8pb.plan.tp_slices import piece_dtype
 
 SCALE = ".weight_scale_inv"
-IN_FLIGHT_BYTES = 1 << 30   # tensors made but not yet taken by the caller (at least one, whatever its size)
+IN_FLIGHT_BYTES = 2 << 30   # tensors made but not yet taken by the caller (at least one, whatever its size)
 
 
 def _nbytes(t: torch.Tensor) -> int:
