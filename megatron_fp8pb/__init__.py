@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 
-_PUBLIC = {"export": "api", "iter_fp8": "stream_api", "quantize_blockfp8": "quant.reference",
+_PUBLIC = {"export": "api", "iter_fp8": "stream_api", "iter_fp8_buckets": "stream_api",
+           "quantize_blockfp8": "quant.reference",
            "dequantize_blockfp8": "quant.reference"}
 
 __all__ = list(_PUBLIC)

@@ -1,9 +1,10 @@
 """The export as a stream of HF tensors in memory: ``iter_fp8(model, hf_config)`` yields ``(hf_name, tensor)`` on
 rank 0 (fp8 weights, their ``weight_scale_inv``, unquantized tensors in the output dtype), in the order and with the
 bytes the checkpoint files would hold, for pushing weights to a rollout engine without a disk.
+``iter_fp8_buckets`` groups the same pairs into lists of at most ``bucket_bytes``.
 
-The export runs on a thread of rank 0 (other ranks run it inline); tensors come through a short queue, so host
-memory stays the staging slabs plus the largest tensor, whatever the model's size.
+The export runs on a thread of rank 0 (other ranks run it inline); tensors come through a queue bounded in bytes
+(stream/sink.py), so memory stays about ``IN_FLIGHT_BYTES`` plus the largest tensor, whatever the model's size.
 """
 from __future__ import annotations
 
@@ -20,83 +21,78 @@ from megatron_fp8pb.sources.hf import config_dtype
 from megatron_fp8pb.exporter.pipeline import run_export
 from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.progress import Phases
+from megatron_fp8pb.stream.buckets import bucketed
+from megatron_fp8pb.stream.sink import IN_FLIGHT_BYTES, InFlight, StreamSink
 
 _DONE = object()
+DEVICES = ("cpu", "cuda")
 
 
-class TensorSink:
-    """Receives the assembled tensors the way BackgroundWriter does (``submit`` with an optional CUDA event and a
-    callback that recycles the staging slab) and hands them to a queue as whole tensors; row chunks of tensors
-    larger than a slab are gathered into one tensor first."""
-
-    def __init__(self, specs, q: queue.Queue):
-        self.specs = {s.name: s for s in specs}
-        self.q, self.writer, self.phases, self.files = q, self, None, []
-        self.bytes_written = 0
-        self.discard = False
-        self._rows: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def check(self) -> None:
-        pass
-
-    def submit(self, name: str, tensor: torch.Tensor, event=None, done=None, row0: int | None = None) -> None:
-        if event is not None:
-            event.synchronize()
-        if row0 is not None and tuple(tensor.shape) != tuple(self.specs[name].shape):
-            spec = self.specs[name]
-            full, got = self._rows.get(name, (None, 0))
-            if full is None:
-                full = torch.empty(spec.shape, dtype=spec.dtype)
-            full[row0:row0 + tensor.shape[0]].copy_(tensor)
-            if done is not None:
-                done()
-            got += tensor.shape[0]
-            if got < spec.shape[0]:
-                self._rows[name] = (full, got)
-                return
-            self._rows.pop(name, None)
-            tensor, done = full, None
-        self.bytes_written += tensor.numel() * tensor.element_size()
-        if self.discard:
-            if done is not None:
-                done()
-            return
-        self.q.put((name, tensor, done))
-
-    def finish(self, extra_files: dict) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+def stream_device(device: str | torch.device) -> torch.device:
+    """``"cpu"`` or ``"cuda"`` (``"cuda:N"``) as a torch device; ``cuda`` without an index is the current GPU."""
+    dev = torch.device(device)
+    if dev.type not in DEVICES:
+        raise ValueError(f"iter_fp8(device={device!r}): the stream yields host tensors (\"cpu\") or GPU tensors "
+                         f"(\"cuda\"), not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"iter_fp8(device={device!r}) needs CUDA, which torch does not see here; use "
+                             f"device=\"cpu\"")
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    return dev
 
 
-def iter_fp8(model, hf_config, *, quantize: bool = True, exclude: tuple[str, ...] = (),
-             quantize_lm_head: bool = False, out_dtype: torch.dtype | None = None, scale_fmt: str = "amax",
-             serve_tp: str | int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Call on every rank of the model's job (parallel_state initialized) and exhaust it on every rank. Rank 0 gets
-    ``(hf_name, host tensor)`` pairs; a tensor is valid until the next pair is asked for (clone it to keep it).
-    Other ranks get nothing (their pieces go to rank 0). ``scale_fmt``, ``serve_tp``: as ``api.export``."""
+def iter_fp8(model, hf_config, *, device: str | torch.device = "cpu", quantize: bool = True,
+             exclude: tuple[str, ...] = (), quantize_lm_head: bool = False, out_dtype: torch.dtype | None = None,
+             scale_fmt: str = "amax", serve_tp: str | int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's ``(hf_name, tensor)`` pairs on rank 0, in file order; call on every rank and exhaust it
+    (or close it) on every rank.
+
+    ``device="cpu"``: host tensors (pinned when the model is on the GPU). ``device="cuda"``: tensors in this rank's
+    GPU memory, ready on the caller's current stream (for vLLM ``load_weights``, SGLang
+    ``update_weights_from_tensor``, CUDA IPC handles); under TP/EP the fp8 pieces and their scale rows are gathered
+    into rank 0's GPU memory, never bf16. A yielded tensor stays valid while the caller holds it; unquantized ones
+    may share memory with the model's parameters (read them, don't write them). Other ranks get nothing (their
+    pieces go to rank 0). Stopping early on rank 0 is safe: the export runs to its end without yielding.
+    ``scale_fmt``, ``serve_tp``: as ``api.export``."""
+    target = stream_device(device)
     d = model_dims(model, hf_config)
     job = session.joined()
-    layout, groups = job.layout, job.groups
     options = ExportOptions.from_keywords(d, quantize=quantize, exclude=exclude, quantize_lm_head=quantize_lm_head,
                                           scale_fmt=scale_fmt, serve_tp=serve_tp,
                                           out_dtype=out_dtype or config_dtype(hf_config))
-    view = RankView.of_model(model, d, layout)
+    view = RankView.of_model(model, d, job.layout)
+    yield from stream_view(view, d, job, hf_config, options, target)
+
+
+def iter_fp8_buckets(model, hf_config, bucket_bytes: int = 512 << 20, **kwargs) -> Iterator[list[tuple]]:
+    """``iter_fp8``'s pairs in lists whose tensors hold at most ``bucket_bytes`` together (a tensor larger than
+    that comes alone), in file order: one list per call of the rollout engine. Keywords as ``iter_fp8``; a bucket
+    stays valid while the caller holds it. Rank 0 gets the buckets, other ranks nothing."""
+    yield from bucketed(iter_fp8(model, hf_config, **kwargs), bucket_bytes)
+
+
+def stream_view(view: RankView, d, job, hf_config, options: ExportOptions, target: torch.device,
+                in_flight_bytes: int = IN_FLIGHT_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_fp8`` for this rank's share given as a RankView (a Megatron model, or plain tensors under Megatron
+    names as the benchmark builds them)."""
     if coll.rank() != 0:
-        run_export(view, d, layout, groups, hf_config, None, options)
+        run_export(view, d, job.layout, job.groups, hf_config, None, options)
         return
-    q: queue.Queue = queue.Queue(maxsize=2)
+    q: queue.Queue = queue.Queue()
+    budget = InFlight(in_flight_bytes)
     holder: dict = {}
 
     def make_sink(specs):
-        holder["sink"] = TensorSink(specs, q)
+        holder["sink"] = StreamSink(specs, q, target, budget)
         holder["sink"].phases = Phases()
         return holder["sink"]
 
     def work():
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
         try:
-            run_export(view, d, layout, groups, hf_config, None, options, sink=make_sink)
+            run_export(view, d, job.layout, job.groups, hf_config, None, options, sink=make_sink)
             q.put(_DONE)
         except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
             q.put(e)
@@ -110,21 +106,26 @@ def iter_fp8(model, hf_config, *, quantize: bool = True, exclude: tuple[str, ...
                 break
             if isinstance(item, BaseException):
                 raise item
-            name, tensor, done = item
+            name, tensor, ready, nbytes, keep = item
+            if ready is not None:
+                if tensor.is_cuda:
+                    torch.cuda.current_stream(tensor.device).wait_event(ready)
+                else:
+                    ready.synchronize()
+            del keep
             try:
                 yield name, tensor
             finally:
-                if done is not None:
-                    done()
+                budget.give(nbytes)
+                del tensor, item
     finally:
         if thread.is_alive():   # the caller stopped early: let the export finish (other ranks wait on it)
             if "sink" in holder:
                 holder["sink"].discard = True
+            budget.close()
             while thread.is_alive():
                 try:
-                    item = q.get(timeout=0.1)
-                    if isinstance(item, tuple) and item[2] is not None:
-                        item[2]()
+                    q.get(timeout=0.1)
                 except queue.Empty:
                     pass
         thread.join()

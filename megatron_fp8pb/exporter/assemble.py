@@ -12,7 +12,7 @@ from megatron_fp8pb.exporter.naming import grid_shape, nbytes, out_dtype_of, sca
 from megatron_fp8pb.output.staging import SlabPool
 from megatron_fp8pb.plan.params import Piece
 from megatron_fp8pb.quant import blockmath
-from megatron_fp8pb.quant.reference import BLOCK
+from megatron_fp8pb.quant.format import FORMAT
 
 
 def cuda_event():
@@ -42,13 +42,14 @@ class Assembler:
             full, slab = self.pool.take(p0.full_shape, dtype, check=self.writer.check)
         try:
             for p in tiles:
-                got = local.get((p.hf_name, p.offset)) if p.src == self.me else self._recv(p, dtype)
+                got = local.get((p.hf_name, p.offset)) if p.src == self.me else \
+                    recv_piece(p, dtype, self.traffic, self.device)
                 if whole:
                     full.narrow(p.dim, p.offset, p.length).copy_(got[0], non_blocking=got[0].is_cuda)
                 else:   # larger than a slab (dim-0 pieces only): streamed in row chunks
                     self._stream_rows(name, got[0], p.offset, dtype)
                 if p.quantize:
-                    self._place_scale(scale, p, got[1])
+                    place_scale(scale, p, got[1])
         except BaseException:
             if whole:
                 self.pool.give_back(slab)
@@ -67,27 +68,31 @@ class Assembler:
             buf.copy_(rows, non_blocking=rows.is_cuda)
             self.writer.submit(name, buf, cuda_event(), lambda s=slab: self.pool.give_back(s), row0=row0 + r)
 
-    def _recv(self, p: Piece, dtype) -> tuple:
-        shape = list(p.full_shape)
-        shape[p.dim] = p.length
-        q = coll.recv_tensor(tuple(shape), dtype, p.src, self.traffic, self.device)
-        if not p.quantize:
-            return (q,)
-        first, last = blockmath.block_span(p.offset, p.length, BLOCK)
-        gshape = list(grid_shape(p))
-        gshape[p.dim] = last - first
-        return q, coll.recv_tensor(tuple(gshape), torch.float32, p.src, self.traffic, self.device)
 
-    @staticmethod
-    def _place_scale(scale: torch.Tensor, p: Piece, rows: torch.Tensor) -> None:
-        first, last = blockmath.block_span(p.offset, p.length, BLOCK)
-        dst = scale[first:last] if p.dim == 0 else scale[:, first:last]
-        rows = rows.cpu()
-        seen = ~torch.isnan(dst)
-        if bool(seen.any()) and not torch.equal(dst[seen], rows[seen]):
-            raise RuntimeError(f"{p.hf_name}: ranks disagree on the scale of a block that straddles a shard boundary "
-                               f"(piece at offset {p.offset} from rank {p.src})")
-        dst.copy_(rows)
+def recv_piece(p: Piece, dtype, traffic: coll.Traffic, device: torch.device) -> tuple:
+    """Receive piece ``p`` from its rank: its bytes, and for a quantized piece its scale rows (or columns)."""
+    shape = list(p.full_shape)
+    shape[p.dim] = p.length
+    q = coll.recv_tensor(tuple(shape), dtype, p.src, traffic, device)
+    if not p.quantize:
+        return (q,)
+    first, last = blockmath.block_span(p.offset, p.length, FORMAT.block)
+    gshape = list(grid_shape(p))
+    gshape[p.dim] = last - first
+    return q, coll.recv_tensor(tuple(gshape), FORMAT.scale_dtype, p.src, traffic, device)
+
+
+def place_scale(scale: torch.Tensor, p: Piece, rows: torch.Tensor) -> None:
+    """Scale rows (dim 0) or columns (dim 1) of piece ``p`` into the tensor's grid; a block two pieces share must
+    have the same scale from both."""
+    first, last = blockmath.block_span(p.offset, p.length, FORMAT.block)
+    dst = scale[first:last] if p.dim == 0 else scale[:, first:last]
+    rows = rows.to(dst.device)
+    seen = ~torch.isnan(dst)
+    if bool(seen.any()) and not torch.equal(dst[seen], rows[seen]):
+        raise RuntimeError(f"{p.hf_name}: ranks disagree on the scale of a block that straddles a shard boundary "
+                           f"(piece at offset {p.offset} from rank {p.src})")
+    dst.copy_(rows)
 
 
 SLAB_MIN = 64 << 20

@@ -28,7 +28,7 @@ from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.progress import Phases
 from megatron_fp8pb.exporter.schedule import transfer
 from megatron_fp8pb.plan.params import Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, plan_param
-from megatron_fp8pb.plan.tp_slices import check_piece_finite, pieces_of
+from megatron_fp8pb.plan.tp_slices import check_piece_finite, finite_flags, pieces_of
 from megatron_fp8pb.sources.streamed import Deferred, LazyParam
 
 
@@ -52,10 +52,12 @@ def make_plans(view: RankView, ctx: PlanContext) -> list[tuple[ParamPlan, torch.
     sharding is checked against the module that holds the parameter."""
     styles = getattr(view.params, "styles", None) or {}
     out = []
+    loaded = [p for _, p in view.params if not isinstance(p, LazyParam)]   # a streamed source: checked when read
+    finite = iter(finite_flags(loaded))
     for name, p in view.params:
-        lazy = isinstance(p, LazyParam)     # a streamed source: checked when its unit is read
+        lazy = isinstance(p, LazyParam)
         plan = plan_param(name, tuple(p.shape), ctx, style=styles.get(name))
-        if not lazy and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+        if not lazy and not next(finite):
             for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), ctx.d)):
                 check_piece_finite(piece, t, name)
         out.append((plan, p if lazy else p.detach()))
@@ -80,7 +82,7 @@ def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_d
                options: ExportOptions, *, sink=None) -> ExportResult:
     """Export this rank's share of the model (``view``); call on every rank. Returns the result (complete on rank 0).
     ``sink``: on rank 0, ``sink(specs)`` returns what receives the tensors instead of a checkpoint writer (the
-    interface of BackgroundWriter; see stream_api.TensorSink)."""
+    interface of BackgroundWriter; a sink with an ``assembler`` places the tensors itself, see stream/sink.py)."""
     t0 = time.perf_counter()
     quant, out_dtype = options.quant, options.out_dtype or torch.bfloat16
     me = coll.rank()

@@ -43,7 +43,9 @@ class Progress:
     """One line on rank 0, at most every ``every`` seconds: units quantized, GB read and written with GB/s, ETA from
     the bytes still to write. On a terminal the line is redrawn in place."""
 
-    def __init__(self, phases: Phases, total_write_bytes: int, num_units: int, scope: str = "", every: float = 2.0):
+    def __init__(self, phases: Phases, total_write_bytes: int, num_units: int, scope: str = "", every: float = 2.0,
+                 quiet: bool = False):
+        self.quiet = quiet      # a sink that prints nothing (the in-memory stream, run once per weight push)
         self.phases, self.total, self.units, self.every = phases, max(total_write_bytes, 1), num_units, every
         self.scope = f" ({scope})" if scope else ""     # whose writes are counted, when not all
         self.t0 = time.perf_counter()
@@ -57,7 +59,7 @@ class Progress:
 
     def update(self, units_done: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if (not force and now - self.last < self.every) or collectives.rank() != 0:
+        if (not force and now - self.last < self.every) or collectives.rank() != 0 or self.quiet:
             return
         self.last = now
         dt = max(now - self.t0, 1e-9)

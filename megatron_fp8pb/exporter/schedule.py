@@ -78,7 +78,9 @@ def transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streame
                 routes.wait(routes.send(items, payloads, traffic, groups.device))
         return
     asm = None
-    if writer is not None:
+    if writer is not None and hasattr(writer, "assembler"):     # a sink that places tensors itself (stream/)
+        asm = writer.assembler(traffic, groups.device, out_dtype, me)
+    elif writer is not None:
         cuda = groups.device.type == "cuda" or any(torch.is_tensor(t) and t.is_cuda for _, t in mine)
         asm = Assembler(writer, traffic, groups.device, out_dtype, SlabPool(slab_bytes(by_name, out_dtype), 3, cuda),
                         me)
@@ -88,7 +90,8 @@ def transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streame
     phases = phases or Phases()
     if writer is not None:
         writer.writer.phases = phases
-    progress = Progress(phases, routes.write_total(writer), len(by_unit), routes.scope)
+    progress = Progress(phases, routes.write_total(writer), len(by_unit), routes.scope,
+                        quiet=getattr(writer, "quiet", False))
     mine_by_unit = dict(units(mine, d, False, groups.device)) if not streamed else None
     stream = units(mine, d, True, groups.device, phases, order) if streamed else \
         ((u, mine_by_unit.get(u, [])) for u in sorted(set(by_unit) | set(mine_by_unit)))

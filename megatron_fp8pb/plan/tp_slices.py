@@ -97,6 +97,20 @@ def from_slices(plan: ParamPlan, tensors: list[torch.Tensor], d: Dims) -> torch.
     return t
 
 
+def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor holds no NaN/Inf (non-float tensors: True), with one read of each and one device sync.
+
+    Each tensor's min and max are taken together (``aminmax``, which propagates NaN; no boolean copy of the tensor
+    is made) and all are checked at once."""
+    picked = [k for k, t in enumerate(tensors) if t.is_floating_point() and t.numel()]
+    flags = [True] * len(tensors)
+    if picked:
+        ends = torch.stack([torch.stack(torch.aminmax(tensors[k].detach())).float() for k in picked])
+        for k, ok in zip(picked, torch.isfinite(ends).all(dim=1).tolist()):
+            flags[k] = bool(ok)
+    return flags
+
+
 def check_piece_finite(piece: Piece, t: torch.Tensor, mcore_name: str) -> None:
     """Raise ValueError naming the HF tensor and the index in it of the first NaN/Inf of ``t`` (this rank's rows or
     columns ``piece`` of it), then the Megatron parameter that holds it."""
