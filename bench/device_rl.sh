@@ -6,7 +6,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WHL=${WHL:-.whl}
 if ls $WHL/megatron_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHL/megatron_core*.whl \
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site $WHL/megatron_core*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
