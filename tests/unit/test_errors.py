@@ -58,3 +58,14 @@ def test_debug_reraises_and_bugs_always_do(monkeypatch):
     monkeypatch.delenv("FP8PB_DEBUG")
     with pytest.raises(ZeroDivisionError):
         cli(lambda: 1 / 0)
+
+
+def test_interrupted_line_says_what_state_the_output_is_in(tmp_path):
+    process.set_phase("exporting", partial=tmp_path / "out.partial")
+    assert process.interrupted_line() == "interrupted while exporting; nothing was written"
+    process.set_phase("verifying", complete=tmp_path / "out")
+    line = process.interrupted_line()
+    assert line.startswith(f"interrupted while verifying: the checkpoint {tmp_path / 'out'} is complete")
+    assert f"python -m megatron_fp8pb.verify {tmp_path / 'out'}" in line
+    assert process.STATE.partial is None        # a complete checkpoint is never removed
+    process.STATE.complete = None
