@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from megatron_fp8pb.quant.format import FORMAT
 from megatron_fp8pb.safetensors_dtypes import code_of
-from megatron_fp8pb.verify import serve_check
+from megatron_fp8pb.verify.serve_check import Problem
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -49,10 +49,10 @@ class VerifyReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tensors: dict[str, TensorResult] = field(default_factory=dict)
-    serve: dict[int, list[serve_check.Problem]] = field(default_factory=dict)
+    serve: dict[int, list[Problem]] = field(default_factory=dict)
     serve_required: list[int] = field(default_factory=list)
-    fused_partial: list[serve_check.Problem] = field(default_factory=list)
-    transformers: list[serve_check.Problem] = field(default_factory=list)
+    fused_partial: list[Problem] = field(default_factory=list)
+    transformers: list[Problem] = field(default_factory=list)
     logits: dict | None = None
     compared: bool = False
     scale_fmt: str = "amax"     # quantization_config.scale_fmt ("ue8m0": every block scale a power of two)

@@ -5,7 +5,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from megatron_fp8pb.verify import serve_check
+import megatron_fp8pb.verify.serve_check as serve_check
 from .names import is_linear_weight, module_of
 from .report import FP8, TensorInfo, VerifyReport
 
