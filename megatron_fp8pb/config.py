@@ -128,7 +128,8 @@ class QuantConfig:
     enabled: bool = knob(True, "false: write the source dtype, byte-identical to the source")
     exclude: tuple[str, ...] = knob((), "fnmatch patterns of HF module names, added to the defaults")
     lm_head: bool = knob(False, "quantize lm_head (unties tied embeddings)")
-    serve_tp: str | None = knob(None, "targets whose refusals stay unquantized: TP size (4), transformers or 4,transformers")
+    serve_tp: str | None = knob(None, "targets whose refusals stay unquantized: a TP size (4), transformers, or "
+                                      "4,transformers")
     scale_fmt: ScaleFmt = knob("amax", "block scales: amax is amax/448, ue8m0 that rounded up to a power of two")
     def __post_init__(self):
         _check_choices(self)

@@ -102,6 +102,7 @@ def presets() -> dict[str, tuple[str, object]]:
     return {n: (a.model_types[0], f) for a in _units() for n, f in a.presets.items()}
 
 
-__all__ = ["Arch", "COLUMN", "Dims", "ROW", "Rule", "arch", "default_exclude", "dims_from_hf", "expert_only_leaves", "fusion_groups",
+__all__ = ["Arch", "COLUMN", "Dims", "ROW", "Rule", "arch", "default_exclude", "dims_from_hf", "expert_only_leaves",
+           "fusion_groups",
            "kv_leaves", "leaves_with_style", "linear_leaves", "never_quantized_leaves", "presets", "registry",
            "rules_for", "serving_styles", "supported", "tiny_config", "tiny_names"]

@@ -34,7 +34,8 @@ def _indexer_layers(cfg, d: Dims) -> tuple[int, ...]:
     if unknown:
         raise ValueError(f"{cfg.model_type}: indexer_types holds {unknown}; only 'full' and 'shared' are mapped")
     # multi-token-prediction layers compute their own top-k
-    return tuple(i for i, t in enumerate(types) if t == "full") + tuple(range(d.num_layers, d.num_layers + d.mtp_layers))
+    return tuple(i for i, t in enumerate(types) if t == "full") + \
+        tuple(range(d.num_layers, d.num_layers + d.mtp_layers))
 
 
 def _dense_layers(cfg, d: Dims) -> tuple[int, ...]:
@@ -84,8 +85,9 @@ def mcore(d: Dims) -> dict:
 
 
 def _tiny_kw(**kw) -> dict:
-    """2 layers (layer 0 dense, layer 1 MoE; GLM-5's: 4, two dense, every second one's indexer shared), hidden 320, q latent 96, kv latent 128 (+ 64 rope rows: 192), indexer
-    4 heads of 80 (wq_b 320 rows), dense ffn 640, experts and shared expert of 160."""
+    """A small DSA config: 2 layers (layer 0 dense, layer 1 MoE; GLM-5's: 4, two dense, every second one's indexer
+    shared), hidden 320, q latent 96, kv latent 128 (+ 64 rope rows: 192), indexer 4 heads of 80 (wq_b 320 rows),
+    dense ffn 640, experts and shared expert of 160."""
     return {**dict(vocab_size=1003, hidden_size=320, intermediate_size=640, moe_intermediate_size=160,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
                 n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
@@ -102,7 +104,8 @@ def _glm5(tie: bool = False, **kw):
     import transformers as tf
     kw.setdefault("num_hidden_layers", 4)
     kw.setdefault("first_k_dense_replace", 2)
-    kw.setdefault("indexer_types", ["full", "shared"] * (kw["num_hidden_layers"] // 2) + ["full"] * (kw["num_hidden_layers"] % 2))
+    n = kw["num_hidden_layers"]
+    kw.setdefault("indexer_types", ["full", "shared"] * (n // 2) + ["full"] * (n % 2))
     return tf.GlmMoeDsaConfig(**_tiny_kw(tie_word_embeddings=tie, num_nextn_predict_layers=0, **kw))
 
 

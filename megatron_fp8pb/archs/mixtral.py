@@ -33,6 +33,7 @@ def _tiny(tie: bool):
 MIXTRAL = Arch(model_types=("mixtral",), dims=dims, rules=rules,
                serving={**c.GQA_SERVING, "w1": COLUMN, "w3": COLUMN, "w2": ROW},
                fusion=(("q_proj", "k_proj", "v_proj"), ("w1", "w3")), kv_leaves=("k_proj", "v_proj"),
-               never_quantized=("gate",), expert_leaves=("w1", "w3", "w2"), exclude=("model.embed_tokens", "lm_head", "*norm*", "*.block_sparse_moe.gate"),
+               never_quantized=("gate",), expert_leaves=("w1", "w3", "w2"),
+               exclude=("model.embed_tokens", "lm_head", "*norm*", "*.block_sparse_moe.gate"),
                absent_same=("head_dim",), tiny={"mixtral": _tiny})
 UNITS = (MIXTRAL,)

@@ -161,7 +161,8 @@ def gated_attention_rules(d: Dims, layers=_attention) -> list[Rule]:
 
 def rules(d: Dims) -> list[Rule]:
     return c.embedding_rules() + \
-        [c.input_norm_rule("self_attention.linear_qkv.layer_norm_weight", "self_attention.in_proj.layer_norm_weight")] + \
+        [c.input_norm_rule("self_attention.linear_qkv.layer_norm_weight",
+                           "self_attention.in_proj.layer_norm_weight")] + \
         linear_attention_rules(d) + gated_attention_rules(d) + [c.post_attention_norm_rule()] + \
         c.dense_mlp_rules() + c.moe_rules(shared="shared_expert.", shared_gate="shared_expert_gate") + \
         c.final_rules(d)
@@ -223,6 +224,7 @@ _common = dict(dims=dims, rules=rules, serving=SERVING,
 QWEN3_NEXT = Arch(model_types=("qwen3_next",), tiny={"qwen3_next": _qwen3_next},
                   presets={"qwen3-next-80b-a3b": _preset("Qwen3NextConfig", **_NEXT_80B)}, **_common)
 QWEN3_5_MOE = Arch(model_types=("qwen3_5_moe_text",),
-                   absent_same=("decoder_sparse_step", "intermediate_size", "mlp_only_layers"), tiny={"qwen3_5_moe_text": _qwen3_5_moe},
+                   absent_same=("decoder_sparse_step", "intermediate_size", "mlp_only_layers"),
+                   tiny={"qwen3_5_moe_text": _qwen3_5_moe},
                    presets={"qwen3.5-397b-a17b": _preset("Qwen3_5MoeTextConfig", **_QWEN35_397B)}, **_common)
 UNITS = (QWEN3_NEXT, QWEN3_5_MOE)

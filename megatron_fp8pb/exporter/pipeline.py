@@ -27,7 +27,8 @@ from megatron_fp8pb.exporter.naming import write_specs
 from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.progress import Phases
 from megatron_fp8pb.exporter.schedule import transfer
-from megatron_fp8pb.plan.params import Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors, plan_param
+from megatron_fp8pb.plan.params import (Layout, ParamPlan, Piece, PlanContext, check_coverage, expected_tensors,
+                                        plan_param)
 from megatron_fp8pb.plan.tp_slices import check_piece_finite, finite_flags, pieces_of
 from megatron_fp8pb.sources.streamed import Deferred, LazyParam
 
@@ -104,10 +105,12 @@ def run_export(view: RankView, d: Dims, layout: Layout, groups, hf_config, out_d
     all_pieces = coll.gather_objects([p for p, _ in mine])
     routes = Routes.start(options.writers if out_dir is not None else "rank0")
     writer, by_name, error = None, {}, None
-    result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic, tie_word_embeddings=d.tie_embeddings and not untie)
+    result = ExportResult(out_dir=str(out_dir) if out_dir else None, traffic=traffic,
+                          tie_word_embeddings=d.tie_embeddings and not untie)
     if me == 0:
         try:
-            by_name = check_coverage([p for tiles in all_pieces for p in tiles], expected_tensors(rules_for(d), d, untie))
+            by_name = check_coverage([p for tiles in all_pieces for p in tiles],
+                                     expected_tensors(rules_for(d), d, untie))
             specs = write_specs(by_name, out_dtype)
             if sink is not None:
                 writer = sink(specs)

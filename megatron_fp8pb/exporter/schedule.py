@@ -67,7 +67,8 @@ def units(mine, d: Dims, streamed: bool, device, phases: Phases | None = None, o
 
 
 def transfer(mine, by_name, groups, traffic, writer, out_dtype, d: Dims, streamed: bool = False,
-             phases: Phases | None = None, routes: Routes | None = None, order: list[int] | None = None) -> Progress | None:
+             phases: Phases | None = None, routes: Routes | None = None,
+             order: list[int] | None = None) -> Progress | None:
     """Quantize this rank's pieces unit by unit and send each to its writer; where this rank writes (``writer``),
     assemble the tensors of every unit (``by_name``: the HF tensors this rank writes, with all their pieces)."""
     me, routes = coll.rank(), routes or Routes(coll.rank())

@@ -19,9 +19,11 @@ def quantization_config(not_converted: list[str], quantized_any: bool, scale_fmt
 
 def config_json(hf_config, vocab: int, tie: bool, dtype: torch.dtype, qconfig: dict | None,
                 mtp_layers: int | None = None) -> bytes:
-    """The source config (its transformers class, or ``config.json`` as read: ``hf_config_json``), with the real vocab, the truth about tying and about
-    multi-token-prediction layers (``num_nextn_predict_layers`` = the ``mtp_layers`` written), and
-    ``quantization_config``."""
+    """The output's config.json: the source config with the real vocab, the truth about tying and about
+    multi-token-prediction layers, and ``quantization_config``.
+
+    The source config is its transformers class, or ``config.json`` as read (``hf_config_json``);
+    ``num_nextn_predict_layers`` is the ``mtp_layers`` written."""
     cfg = copy.deepcopy(hf_config)
     nested = getattr(cfg, "text_config", None) is not None     # a vision-language config: vocab in text_config
     if not nested:

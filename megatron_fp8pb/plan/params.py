@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from megatron_fp8pb.archs import arch, default_exclude, rules_for
-from megatron_fp8pb.archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, PARTS, QKV, REPLICATED, ROWWISE, TIED_COPY, VOCAB, Dims, Rule, hf_module, rule_layers)
+from megatron_fp8pb.archs.base import (COLWISE, DUPLICATE, EXPERT, GATED, GLOBAL, LAYER, PARTS, QKV, REPLICATED,
+                                       ROWWISE, TIED_COPY, VOCAB, Dims, Rule, hf_module, rule_layers)
 from megatron_fp8pb.config import QuantConfig
 from megatron_fp8pb.plan.write_order import WriteOrder, write_unit
 from megatron_fp8pb.plan.fused_parts import local_groups, member_rows, member_segments
@@ -283,7 +284,8 @@ def _check_local_shape(plan: ParamPlan, shapes, size: int, d: Dims, layout: Layo
     want = local_shape(rule, d, shapes, size, plan.mcore_name, layout)
     if tuple(local) != want:
         raise ValueError(f"{plan.mcore_name}: local shape {tuple(local)} != {tuple(want)} expected from the HF config "
-                         f"({', '.join(_fill(h, plan.layer, plan.expert) for h in rule.hf)} full shapes {shapes}) under "
+                         f"({', '.join(_fill(h, plan.layer, plan.expert) for h in rule.hf)} full shapes {shapes}) "
+                         f"under "
                          f"{layout.describe()}; the model and source.hf_config disagree")
 
 

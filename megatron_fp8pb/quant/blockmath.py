@@ -119,7 +119,8 @@ def quantize_piece(piece: torch.Tensor, scale_inv: torch.Tensor, dim: int, offse
                    block: int = FORMAT.block) -> torch.Tensor:
     """Quantize a piece with the full tensor's scale grid.
 
-    piece [n, K] (dim 0) / [N, k] (dim 1), scale_inv [ceil(N/block), ceil(K/block)] -> qdata float8_e4m3fn, piece's shape.
+    piece [n, K] (dim 0) / [N, k] (dim 1), scale_inv [ceil(N/block), ceil(K/block)] -> qdata float8_e4m3fn of the
+    piece's shape.
     The result is byte-identical to the matching slice of quantizing the full tensor.
     """
     x = _to_dim0(piece, dim)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_fp8pb.quant.blockmath import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax, quantize_piece, scale_inv_from_amax)
+from megatron_fp8pb.quant.blockmath import (FP8_MAX, SCALE_FMTS, check_scale_fmt, num_blocks, partial_block_amax,
+                                            quantize_piece, scale_inv_from_amax)
 
 from megatron_fp8pb.quant.format import FORMAT
 

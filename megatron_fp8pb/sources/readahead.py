@@ -3,9 +3,10 @@
 The command line starts it before torch is imported (this module and what it imports are torch-free), so the disk
 reads the source while the interpreter imports; the reader then finds its bytes in memory. A few threads read the
 tensors this rank's pipeline stage exports as they lie in the files (``read_plan.schedule``: ascending offsets within
-each file, a few files at a time), at most ``window`` bytes ahead of the reader, which follows the same plan. The bytes land in the page cache only (each thread reads into one small reusable buffer), so the
-process's resident memory does not grow with the source, and the kernel may drop them again under memory pressure:
-the readahead only makes the reader's own reads faster, it is never the source of truth."""
+each file, a few files at a time), at most ``window`` bytes ahead of the reader, which follows the same plan. The
+bytes land in the page cache only (each thread reads into one small reusable buffer), so the process's resident
+memory does not grow with the source, and the kernel may drop them again under memory pressure: the readahead only
+makes the reader's own reads faster, it is never the source of truth."""
 from __future__ import annotations
 
 import json
@@ -41,7 +42,8 @@ class Readahead:
         if ranges and isinstance(ranges[0], Timed):
             reads = [c[:4] for c in chunked(ranges, chunk)]
         else:
-            reads = [(name, f, start + k, min(chunk, n - k)) for name, f, start, n in ranges for k in range(0, n, chunk)]
+            reads = [(name, f, start + k, min(chunk, n - k)) for name, f, start, n in ranges
+                     for k in range(0, n, chunk)]
         pos = 0
         for name, f, at, n in reads:
             self._pos.setdefault(name, pos)

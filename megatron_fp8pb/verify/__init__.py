@@ -7,10 +7,11 @@ first, then one tensor (or a block of 128-row chunks of one) at a time, never th
 - ``model.safetensors.index.json`` complete and true (every tensor listed, every listed tensor present, total_size),
   or a single ``model.safetensors`` without an index;
 - every F8_E4M3 ``<m>.weight`` [N, K] has a float32 ``<m>.weight_scale_inv`` [ceil(N/128), ceil(K/128)] in the
-  same file, finite and > 0 (a power of two under ``scale_fmt: ue8m0``); no ``input_scale`` / ``weight_scale``; every linear not matched by
-  ``modules_to_not_convert`` (transformers' matching rule) is FP8 and every matched one is not;
+  same file, finite and > 0 (a power of two under ``scale_fmt: ue8m0``); no ``input_scale`` / ``weight_scale``;
+  every linear not matched by ``modules_to_not_convert`` (transformers' matching rule) is FP8 and every matched
+  one is not;
 - ``vocab_size`` and ``tie_word_embeddings`` agree with the tensors;
-- against a source: FP8 tensors byte-identical to ``blockfp8.quantize_blockfp8_reference`` of the source tensor
+- against a source: FP8 tensors byte-identical to ``quant.reference.quantize_blockfp8_reference`` of the source tensor
   (``tolerance="bound"``: or within the e4m3 dequantization bound); the rest equal to the source cast to the output
   dtype;
 - transformers loads it on the meta device: every tensor name and shape fits the architecture of config.json;
