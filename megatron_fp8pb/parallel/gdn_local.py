@@ -31,6 +31,17 @@ def fla_missing() -> str | None:
     return "flash-linear-attention imported after megatron-core looked for it"
 
 
+def require_fla(model_type: str, why: str) -> None:
+    """Refuse, naming the reason and the fix, when megatron-core cannot build GatedDeltaNet here.
+
+    ``why``: what needs the Megatron model (e.g. "source.kind=megatron")."""
+    missing = fla_missing()
+    if missing is not None:
+        raise ValueError(f"{why} with a {model_type} config needs megatron-core's GatedDeltaNet (its linear-attention "
+                         f"layers), which megatron-core builds only with flash-linear-attention: {missing}; "
+                         f"{FLA_FIX}")
+
+
 def gated_delta_net_attention():
     """The ModuleSpec of megatron-core's GatedDeltaNet with local modules (what replaces a layer's self attention)."""
     from megatron.core.models.backends import LocalSpecProvider

@@ -126,7 +126,8 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     if d.linear_layers:     # gated DeltaNet (Qwen3-Next, Qwen3.5) in place of self attention
         import copy
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-        from megatron_fp8pb.parallel.gdn_local import gated_delta_net_attention
+        from megatron_fp8pb.parallel.gdn_local import gated_delta_net_attention, require_fla
+        require_fla(d.model_type, "a Megatron model")
         first = get_transformer_layer_offset(cfg, vp_stage)
         for k, spec in enumerate(block.layer_specs):
             if first + k in d.linear_layers:

@@ -1,4 +1,4 @@
-"""A Megatron distributed checkpoint of Qwen3-Next (megatron-core's GatedDeltaNet linear attention beside gated full
+"""A Megatron distributed checkpoint of Qwen3-Next and Qwen3.5-MoE (megatron-core's GatedDeltaNet linear attention beside gated full
 attention, MoE with a gated shared expert) saved at one layout and exported at another through the real CLI: every
 tensor byte for byte the single-process reference of the HF weights it was saved from, and the same files as
 megatron-core's own load of the whole model at the export layout. megatron-core builds GatedDeltaNet only where
@@ -15,15 +15,17 @@ needs_fla = pytest.mark.skipif(MISSING is not None, reason=f"megatron-core canno
 
 
 @needs_fla
-@pytest.mark.parametrize("save,export", [((2, 1, 1), (1, 2, 1)), ((1, 1, 2), (2, 1, 1))],
-                         ids=["tp2_to_pp2", "ep2_to_tp2"])
-def test_qwen3_next_resharded(tmp_path, save, export):
-    """Saved at tp=2 (each rank one key head of in_proj's six parts) exported at pp=2; saved at ep=2 exported at
-    tp=2. ``A_log`` is float32 in HF and params_dtype (bf16) in the Megatron model: the checkpoint holds its bf16
+@pytest.mark.parametrize("family,save,export", [("qwen3_next", (2, 1, 1), (1, 2, 1)),
+                                                ("qwen3_next", (1, 1, 2), (2, 1, 1)),
+                                                ("qwen3_5_moe_text", (2, 1, 1), (1, 1, 2))],
+                         ids=["qwen3_next_tp2_to_pp2", "qwen3_next_ep2_to_tp2", "qwen3_5_moe_tp2_to_ep2"])
+def test_gated_deltanet_resharded(tmp_path, family, save, export):
+    """Qwen3-Next saved at tp=2 (each rank one key head of in_proj's six parts) exported at pp=2, and saved at ep=2
+    exported at tp=2; Qwen3.5-MoE (in_proj split four ways in HF) saved at tp=2 exported at ep=2. ``A_log`` is float32 in HF and params_dtype (bf16) in the Megatron model: the checkpoint holds its bf16
     rounding, which the export writes back as float32."""
     import torch
     from megatron_fp8pb.sources.tiny import tiny_hf_config
-    src, ckpt, state = _save(tmp_path, tiny_hf_config("qwen3_next"), 2, *save)
+    src, ckpt, state = _save(tmp_path, tiny_hf_config(family), 2, *save)
     assert any(n.endswith(".A_log") and t.dtype == torch.float32 for n, t in state.items())
     state = {n: t.to(torch.bfloat16).float() if n.endswith(".A_log") else t for n, t in state.items()}
     tp, pp, ep = export
