@@ -11,8 +11,8 @@ unless flash-linear-attention (``fla``, which imports triton) is importable; the
 """
 from __future__ import annotations
 
-FLA_FIX = ("install flash-linear-attention with its dependencies (pip install flash-linear-attention fla-core "
-           "einops triton; triton imports without a GPU) or export from the HF checkpoint (source.kind=hf), which "
+FLA_FIX = ("install flash-linear-attention and triton (pip install flash-linear-attention triton: no GPU needed, no "
+           "torch pulled) or export from the HF checkpoint (source.kind=hf), which "
            "needs neither")
 
 
