@@ -133,6 +133,10 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
             if first + k in d.linear_layers:
                 spec = block.layer_specs[k] = copy.deepcopy(spec)
                 spec.submodules.self_attention = gated_delta_net_attention()
+                # saved under TransformerEngine's name (megatron-core's hybrid spec fuses it into in_proj)
+                keys = dict(spec.submodules.sharded_state_dict_keys_map or {})
+                keys["input_layernorm."] = "self_attention.in_proj.layer_norm_"
+                spec.submodules.sharded_state_dict_keys_map = keys
     if d.mla:
         from megatron.core.transformer.identity_op import IdentityOp
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
