@@ -12,8 +12,9 @@ Full-attention layers: ``q_proj`` rows per head ``[query; gate]``; Megatron's ``
 ``attention_output_gate`` holds per query group ``[query heads; gate heads; k; v]``.
 
 Servers refuse blockwise FP8 on the b/a projections (their rows are value heads, a few per rank): those stay in the
-source dtype. megatron-core builds GatedDeltaNet only with TransformerEngine and flash-linear-attention; this unit
-maps the HF and Megatron names, and the export runs from HF checkpoints (``source.kind=hf``) without either.
+source dtype. A Megatron model of these families is megatron-core's GatedDeltaNet built with local modules
+(``parallel/gdn_local.py``), which megatron-core builds only where flash-linear-attention imports; the export from
+HF checkpoints (``source.kind=hf``) needs neither.
 """
 from __future__ import annotations
 
@@ -104,6 +105,15 @@ _CONV = FusedParts(lambda d: d.lin_k_heads, "linear_num_key_heads",
 
 def _value_dim(d: Dims) -> int:
     return d.lin_v_heads * d.lin_v_dim
+
+
+def mcore(d: Dims) -> dict:
+    """megatron-core arguments: GatedDeltaNet in the linear-attention layers, gated full attention in the others."""
+    linear = set(d.linear_layers)
+    return dict(experimental_attention_variant="gated_delta_net",
+                linear_attention_freq=[1 if i in linear else 0 for i in range(d.num_layers)],
+                linear_conv_kernel_dim=d.lin_conv, linear_key_head_dim=d.lin_k_dim, linear_value_head_dim=d.lin_v_dim,
+                linear_num_key_heads=d.lin_k_heads, linear_num_value_heads=d.lin_v_heads, attention_output_gate=True)
 
 
 def _rows_by(fp: FusedParts, *rest):
@@ -220,7 +230,8 @@ _QWEN35_397B = dict(vocab_size=248320, hidden_size=4096, num_hidden_layers=60, n
 
 _common = dict(dims=dims, rules=rules, serving=SERVING,
                fusion=(*c.GQA_FUSION, ("in_proj_qkv", "in_proj_z"), ("in_proj_b", "in_proj_a")),
-               kv_leaves=("k_proj", "v_proj"), never_quantized=KEPT_LEAVES, exclude=EXCLUDE, block_spec=True)
+               kv_leaves=("k_proj", "v_proj"), never_quantized=KEPT_LEAVES, exclude=EXCLUDE, block_spec=True,
+               mcore=mcore)
 QWEN3_NEXT = Arch(model_types=("qwen3_next",), tiny={"qwen3_next": _qwen3_next},
                   presets={"qwen3-next-80b-a3b": _preset("Qwen3NextConfig", **_NEXT_80B)}, **_common)
 QWEN3_5_MOE = Arch(model_types=("qwen3_5_moe_text",),

@@ -123,6 +123,20 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
                                         **{"qk_layernorm": d.qk_norm, **unit.spec(d)})
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
                                        vp_stage=vp_stage)
+    if d.linear_layers:     # gated DeltaNet (Qwen3-Next, Qwen3.5) in place of self attention
+        import copy
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+        from megatron_fp8pb.parallel.gdn_local import gated_delta_net_attention, require_fla
+        require_fla(d.model_type, "a Megatron model")
+        first = get_transformer_layer_offset(cfg, vp_stage)
+        for k, spec in enumerate(block.layer_specs):
+            if first + k in d.linear_layers:
+                spec = block.layer_specs[k] = copy.deepcopy(spec)
+                spec.submodules.self_attention = gated_delta_net_attention()
+                # saved under TransformerEngine's name (megatron-core's hybrid spec fuses it into in_proj)
+                keys = dict(spec.submodules.sharded_state_dict_keys_map or {})
+                keys["input_layernorm."] = "self_attention.in_proj.layer_norm_"
+                spec.submodules.sharded_state_dict_keys_map = keys
     if d.mla:
         from megatron.core.transformer.identity_op import IdentityOp
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset

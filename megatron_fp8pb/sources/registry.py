@@ -148,6 +148,9 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     rows = None
     if s.kind == "megatron":
         from megatron_fp8pb.sources import megatron_dist as dcs
+        if d.linear_layers:
+            from megatron_fp8pb.parallel.gdn_local import require_fla
+            require_fla(d.model_type, "source.kind=megatron")
         metadata = dcs.read_checkpoint_metadata(s.path)
         d = without_absent_mtp(d, [k for k in metadata.state_dict_metadata if k.startswith("mtp.")],
                                f"Megatron checkpoint {s.path}")
