@@ -5,8 +5,9 @@ backend, so that a Megatron model of those families holds ``self_attention.in_pr
 megatron-core's own hybrid spec (``get_transformer_block_with_experimental_attention_variant_spec``) takes its modules
 from TransformerEngine only; this is the same GatedDeltaNet with the local column / row parallel linears and a separate
 input norm (``input_layernorm.weight``), saved under the key TransformerEngine's fused module has
-(``self_attention.in_proj.layer_norm_weight``, ``parallel.megatron.layer_spec``). Its dist-checkpoint layout is GatedDeltaNet's own: ``in_proj`` saved as its six parts [q; k; v; z; b; a], each split by
-tensor parallelism, so a checkpoint saved at one tp loads at another. megatron-core refuses to build GatedDeltaNet
+(``self_attention.in_proj.layer_norm_weight``, ``parallel.megatron.layer_spec``). Its dist-checkpoint layout is
+GatedDeltaNet's own: ``in_proj`` saved as its six parts [q; k; v; z; b; a], each split by tensor parallelism, so a
+checkpoint saved at one tp loads at another. megatron-core refuses to build GatedDeltaNet
 unless flash-linear-attention (``fla``, which imports triton) is importable; the export never runs it.
 """
 from __future__ import annotations
