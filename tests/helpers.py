@@ -2,6 +2,7 @@
 torchrun launches, byte-exact comparison."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -258,3 +259,9 @@ def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = Tru
         expected.add("lm_head.weight")
     bad += [f"missing {n}" for n in sorted(expected - written)]
     return bad
+
+
+def output_digests(out: Path) -> dict[str, str]:
+    """Every file of an export's output and its sha256, but the resolved config's (it records the layout and paths)."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(out).iterdir())
+            if f.name != "fp8pb_export_config.json"}

@@ -1,12 +1,11 @@
 """Faults during an export never leave a complete-looking checkpoint, every rank exits non-zero, the failing rank and
 stage are named, and a re-run needs no cleanup. Also: determinism across runs and layouts."""
-import hashlib
 import time
 
 import pytest
 import transformers as tf
 
-from helpers import RAGGED, edit_source_tensors, torchrun, write_hf_source
+from helpers import RAGGED, edit_source_tensors, output_digests, torchrun, write_hf_source
 from jobs import Job, run_jobs
 
 @pytest.fixture(scope="module")
@@ -86,10 +85,6 @@ def test_truncated_source_file(src, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _digests(out):
-    """Every file's digest but the resolved config's, which records the layout."""
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
-            if f.name != "fp8pb_export_config.json"}
 
 
 def test_identical_files_across_runs_and_layouts(src, tmp_path):
@@ -103,5 +98,5 @@ def test_identical_files_across_runs_and_layouts(src, tmp_path):
     results |= run_jobs(tmp_path / "launch2", {"b": job(b)})
     for r in results.values():
         assert r.returncode == 0, r.stderr[-3000:]
-    assert _digests(a) == _digests(b) == _digests(c)
-    assert len([n for n in _digests(a) if n.endswith(".safetensors")]) > 1
+    assert output_digests(a) == output_digests(b) == output_digests(c)
+    assert len([n for n in output_digests(a) if n.endswith(".safetensors")]) > 1

@@ -1,6 +1,5 @@
 """Multi-node rendezvous without Slurm, two torchrun agents on 127.0.0.1 (--nnodes 2, one process each):
 the same checkpoint, byte for byte, as one agent with two processes; the second node never touches the output."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, launch_nodes, private_mounts_reason
+from helpers import free_port, launch_nodes, output_digests, private_mounts_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -20,8 +19,6 @@ def _cmd(launch: list[str], out: Path) -> list[str]:
             "output.max_shard_size=1MB"]
 
 
-def _digests(out: Path) -> dict:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())}
 
 
 def _run_nodes(cmds: list[list[str]]) -> None:
@@ -39,8 +36,8 @@ def test_two_nodes_equal_one_node(tmp_path):
     rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
             "--rdzv_id=fp8pb-test"]
     _run_nodes([_cmd(rdzv + [f"--node_rank={k}"], two) for k in (0, 1)])
-    assert len(_digests(one)) > 3
-    assert _digests(one) == _digests(two)
+    assert len(output_digests(one)) > 3
+    assert output_digests(one) == output_digests(two)
 
 
 def test_second_node_needs_no_output_filesystem(tmp_path):

@@ -3,14 +3,13 @@ output filesystem. Each node's first rank writes the tensors its node's ranks ho
 every file is byte-identical to the one-writer export, node 1's writer wrote a share of the bytes, and a writer that
 fails on node 1 leaves no output directory and one error line. The one-node exports run from one torchrun launch
 (tests/jobs.py), each in processes of its own."""
-import hashlib
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port, launch_nodes, private_mounts_reason
+from helpers import free_port, launch_nodes, output_digests, private_mounts_reason
 from jobs import Job, run_jobs, selected_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +46,6 @@ def _errors(results) -> list[str]:
     return [line for _, o, e in results for line in (o + e).splitlines() if line.startswith("error:")]
 
 
-def _digests(out: Path) -> dict:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())}
 
 
 def _written_by_rank(stdout: str) -> dict[int, float]:
@@ -66,8 +63,8 @@ def test_node_writers_equal_one_writer(one_node, request, tmp_path, name):
     results = _two_nodes(two, nproc, layout)
     assert all(rc == 0 for rc, _, _ in results), "".join(f"\n--- node {k} (rc {rc})\n{err[-2000:]}"
                                                          for k, (rc, _, err) in enumerate(results))
-    assert len(_digests(one)) > 3
-    assert _digests(one) == _digests(two)
+    assert len(output_digests(one)) > 3
+    assert output_digests(one) == output_digests(two)
     by_rank = _written_by_rank(results[0][1])
     assert sorted(by_rank) == [0, nproc]       # the first rank of each node
     assert by_rank[nproc] > 0
