@@ -128,7 +128,7 @@ def quantize_piece(piece: torch.Tensor, scale_inv: torch.Tensor, dim: int, offse
     n, k = x.shape
     first, last = block_span(offset, n, block)
     scale = expand_scale(s[first:last], n, k, offset - first * block, block)
-    q = torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(FORMAT.fp8_dtype)
     return _to_dim0(q, dim).contiguous()
 
 

@@ -161,7 +161,7 @@ def quantize_rows(x: torch.Tensor, scale_rows: torch.Tensor, lead: int, block: i
         raise ValueError(f"scale_rows shape {tuple(scale_rows.shape)} does not match x {tuple(x.shape)} "
                          f"at lead {lead}: expected {want}")
     scale_rows = scale_rows.to(device=x.device, dtype=torch.float32).contiguous()
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    q = torch.empty(x.shape, dtype=FORMAT.fp8_dtype, device=x.device)
     _launch(_QUANT, x, q, scale_rows, lead, block)
     return q
 
@@ -175,7 +175,7 @@ def quantize(w: torch.Tensor, block: int = FORMAT.block, scale_fmt: str = "amax"
     check_scale_fmt(scale_fmt)
     w = _prep(w, 0, block)
     scale_inv = torch.empty(_grid_shape(w, 0, block), dtype=torch.float32, device=w.device)
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    q = torch.empty(w.shape, dtype=FORMAT.fp8_dtype, device=w.device)
     _launch(_FUSED, w, q, scale_inv, 0, block, scale_fmt == "ue8m0")
     return q, scale_inv
 

@@ -171,8 +171,6 @@ def _pread_all(fd: int, view: memoryview, pos: int, name: str, f: Path) -> None:
                                          f"the file is truncated or corrupt")
 
 
-
-
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -199,8 +197,6 @@ class DictReader:
         t = self.state[name]
         length = t.shape[dim] - offset if length is None else length
         return t.narrow(dim, offset, length)
-
-
 
 
 def check_source(reader, expected: dict[str, tuple[int, ...]], where: str) -> None:
@@ -230,8 +226,7 @@ def stored_dtypes(reader, names) -> dict[str, str]:
     out = {}
     for n in names:
         if n in have:
-            dtype = reader.meta(n)[1]
-            dtype = torch_dtype(dtype)
+            dtype = torch_dtype(reader.meta(n)[1])
             if dtype is not None:
                 out[n] = str(dtype).replace("torch.", "")
     return out

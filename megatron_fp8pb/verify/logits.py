@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_fp8pb.quant.format import FORMAT
 from megatron_fp8pb.quant.reference import BLOCK, FP8_MAX, dequantize_blockfp8, quantize_blockfp8_reference
 from .names import module_of
 from .reading import Checkpoint, check_index
@@ -90,7 +91,7 @@ def quantize_activation(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     g = xf.reshape(*xf.shape[:-1], -1, block)
     amax = g.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(FORMAT.fp8_dtype).float() * scale
     return q.reshape(xf.shape)[..., :k].to(x.dtype)
 
 
