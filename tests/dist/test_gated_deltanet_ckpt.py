@@ -5,8 +5,8 @@ megatron-core's own load of the whole model at the export layout. megatron-core 
 flash-linear-attention imports: without it the module is skipped, and the refusal names that and the fix."""
 import pytest
 
-from helpers import mismatches, torchrun, write_hf_source
-from test_dist_ckpt_stream import _different, _export, _save
+from helpers import torchrun, write_hf_source
+from test_dist_ckpt_stream import _check_resharded, _save
 
 from megatron_fp8pb.parallel.gdn_local import fla_missing
 
@@ -28,13 +28,7 @@ def test_gated_deltanet_resharded(tmp_path, family, save, export):
     src, ckpt, state = _save(tmp_path, tiny_hf_config(family), 2, *save)
     assert any(n.endswith(".A_log") and t.dtype == torch.float32 for n, t in state.items())
     state = {n: t.to(torch.bfloat16).float() if n.endswith(".A_log") else t for n, t in state.items()}
-    tp, pp, ep = export
-    _export(src, ckpt, tmp_path / "out", 2, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"])
-    assert mismatches(tmp_path / "out", state) == []
-    r = torchrun(2, ["built", str(src), str(tmp_path / "built"), str(tp), str(pp), str(ep), str(ckpt)],
-                 script="tests/dist/dcp_worker.py")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert _different(tmp_path / "out", tmp_path / "built") == []
+    _check_resharded(tmp_path, src, ckpt, state, export)
 
 
 @pytest.mark.skipif(MISSING is None, reason="flash-linear-attention imports here: the refusal is not reached")
