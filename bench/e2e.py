@@ -37,9 +37,10 @@ SHARDS = {"gpu": {"save_pretrained": 5 << 30, "hub": 1 << 30, "export": 5 << 30}
 
 def digest(out: Path) -> str:
     """One hash over the output's files (names and bytes), but the resolved config's, which names the source."""
+    from megatron_fp8pb.cli import RESOLVED_CONFIG
     h = hashlib.sha256()
     for f in sorted(out.iterdir()):
-        if f.name == "fp8pb_export_config.json":
+        if f.name == RESOLVED_CONFIG:
             continue
         h.update(f.name.encode())
         with open(f, "rb") as fh:

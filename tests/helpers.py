@@ -263,5 +263,6 @@ def mismatches(out: Path, source: dict[str, torch.Tensor], quantized: bool = Tru
 
 def output_digests(out: Path) -> dict[str, str]:
     """Every file of an export's output and its sha256, but the resolved config's (it records the layout and paths)."""
+    from megatron_fp8pb.cli import RESOLVED_CONFIG
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(out).iterdir())
-            if f.name != "fp8pb_export_config.json"}
+            if f.name != RESOLVED_CONFIG}
