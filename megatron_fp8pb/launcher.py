@@ -20,16 +20,21 @@ import time
 PROG = "megatron-fp8pb-export"
 
 
-def parser() -> argparse.ArgumentParser:
-    from megatron_fp8pb.archs import registry
-    from megatron_fp8pb.config import keys_help
+def parser(full_help: bool = True) -> argparse.ArgumentParser:
+    """The command's arguments; ``full_help`` adds the epilog of config keys and architectures, which imports the
+    architecture registry (and torch), so it is built only when the help is asked for: the ranks start sooner."""
+    epilog = None
+    if full_help:
+        from megatron_fp8pb.archs import registry
+        from megatron_fp8pb.config import keys_help
+        epilog = ("config keys (key=default, meaning); set them in the YAML file or as key=value:\n" + keys_help() +
+                  "\n\narchitectures of an hf or megatron source (config.json's model_type): " + ", ".join(registry())
+                  + "\n\nexit codes: 0 done, 2 refused (one error: line says why; FP8PB_DEBUG=1 adds the traceback), "
+                  "130 interrupted, 1 anything else")
     ap = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export a Megatron-core or HF model to a Hugging Face block-FP8 (W8A8) checkpoint.",
-        epilog="config keys (key=default, meaning); set them in the YAML file or as key=value:\n" + keys_help() +
-               "\n\narchitectures of an hf or megatron source (config.json's model_type): " + ", ".join(registry()) +
-               "\n\nexit codes: 0 done, 2 refused (one error: line says why; FP8PB_DEBUG=1 adds the traceback), "
-               "130 interrupted, 1 anything else")
+        epilog=epilog)
     ap.add_argument("--config", help="YAML file: a diff over the defaults")
     ap.add_argument("--nproc-per-node", type=int, default=None,
                     help="ranks to start on this node (default: the fewest the layout needs); ignored under torchrun")
@@ -123,9 +128,10 @@ def run_rank(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     env = os.environ
-    if under_launcher(env) and int(env.get("RANK", "0")) != 0 and any(a in ("-h", "--help") for a in argv):
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    if under_launcher(env) and int(env.get("RANK", "0")) != 0 and wants_help:
         return 0      # the help is printed once, by rank 0
-    args = parser().parse_args(argv)
+    args = parser(full_help=wants_help).parse_args(argv)
     if under_launcher(env):
         return run_rank(args)
     slurm = slurm_rank_env(env)

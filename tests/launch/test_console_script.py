@@ -90,3 +90,28 @@ def test_interrupted_or_killed_writes_nothing_and_leaves_no_rank(tmp_path, how):
         time.sleep(0.5)
     assert _ranks_of(out) == []
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_rank_starts_reading_the_source_before_it_imports_torch(tmp_path):
+    """The launcher and each rank parse the command line and start the source's readahead torch-free, so the disk
+    reads the source while torch imports (the full --help, which lists the architectures, is built only on -h)."""
+    import json
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_hidden_layers": 2}))
+    import torch
+    from safetensors.torch import save_file
+    save_file({"model.norm.weight": torch.ones(8)}, str(src / "model.safetensors"))
+    # a rank's own path through main(), with the job itself replaced by a line that tells what was imported
+    code = ("import sys, types\n"
+            "job = types.ModuleType('megatron_fp8pb.cli')\n"
+            "job.run = None\n"
+            "sys.modules['megatron_fp8pb.cli'] = job\n"
+            "from megatron_fp8pb import launcher, process\n"
+            "from megatron_fp8pb.sources import readahead\n"
+            "process.cli = lambda run, config, overrides: print('READAHEAD', bool(readahead._ACTIVE), 'TORCH', "
+            "'torch' in sys.modules) or 0\n"
+            f"sys.exit(launcher.main(['source.kind=hf', 'source.path={src}']))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=_env(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"))
+    assert "READAHEAD True TORCH False" in r.stdout, r.stdout + r.stderr
