@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: end-to-end export per source file layout (save_pretrained, hub-like many shards, export-ordered),
-# software warm and data cold, ours (torchrun --nproc_per_node=1) vs the sequential and concurrent read+write floors
+# software warm and data cold, ours (the megatron-fp8pb-export command, and once under torchrun) vs the sequential and concurrent read+write floors
 # vs llm-compressor with its sync. About 6-7 minutes at Llama-3-8B shapes (16 GB source, written three times).
 # Wheels: megatron-core in .whl/, llm-compressor and its missing dependencies in .whl/peer/ (each installed only
 # where python3 cannot already import it). Usage: bash bench/device_e2e.sh [e2e.py arguments]

@@ -1,5 +1,6 @@
-"""End to end from an HF bf16 checkpoint on disk to the FP8 checkpoint on disk, per source file layout: ours (under
-``torchrun --nproc_per_node=1``, as the README launches it) against the sequential floor (read the source, then write
+"""End to end from an HF bf16 checkpoint on disk to the FP8 checkpoint on disk, per source file layout: ours (as
+``megatron-fp8pb-export`` runs, the README's command, which starts its rank itself; ``--launcher torchrun`` for
+``torchrun --nproc_per_node=1``, also timed once on the headline layout) against the sequential floor (read the source, then write
 the output's bytes) and the concurrent floor (both at once, same disks), and llm-compressor FP8_BLOCK with its
 ``sync`` counted, all in one run. Software warm, data cold: one untimed export warms the modules, then before each
 timed step only the source's pages are evicted (``posix_fadvise(DONTNEED)``) and the previous output deleted.
@@ -59,23 +60,29 @@ def measure_layout(layout: str, args, work: Path, extra: list[str], log: Path, w
           flush=True)
     if warm:
         shutil.rmtree(out, ignore_errors=True)
-        w = run_ours(src, out, 1, extra, log, torchrun=True)
+        w = run_ours(src, out, 1, extra, log, launcher=args.launcher)
         print(f"warm-up export {w['seconds']:.1f} s (untimed)", flush=True)
     runs = []
     for _ in range(args.repeats):
         shutil.rmtree(out, ignore_errors=True)
         evict(src)
-        runs.append(run_ours(src, out, 1, extra, log, torchrun=True))
+        runs.append(run_ours(src, out, 1, extra, log, launcher=args.launcher))
         print(f"{layout}: ours {runs[-1]['seconds']:.2f} s; {runs[-1]['phases']}; rank 0 {runs[-1]['marks']}",
               flush=True)
     ours = _median_run(runs)
     same = digest(out) if args.check else None
+    other = None
+    if layout == LAYOUTS[0] and args.launcher != "torchrun" and not args.tiny:
+        shutil.rmtree(out, ignore_errors=True)
+        evict(src)
+        other = run_ours(src, out, 1, extra, log, launcher="torchrun")
+        print(f"{layout}: ours under torchrun {other['seconds']:.2f} s; rank 0 {other['marks']}", flush=True)
     fl = floors(src, work / "floor", ours["out_bytes"])
     print(f"{layout}: floors read {fl['read_s']:.2f} s, write {fl['write_s']:.2f} s, both at once "
           f"{fl['concurrent_s']:.2f} s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     return dict(src=src, src_bytes=nbytes, files=files, ours=ours, each=[r["seconds"] for r in runs], digest=same,
-                **fl)
+                torchrun=other, **fl)
 
 
 def measure_peer(src: Path, work: Path, log: Path, repeats: int) -> dict | None:
@@ -99,7 +106,7 @@ def measure_peer(src: Path, work: Path, log: Path, repeats: int) -> dict | None:
 def table(res: dict, peer: dict | None, dev: str, args) -> str:
     head = res[LAYOUTS[0]]
     lines = [f"e2e on {dev}: {args.arch} shapes, {args.layers} layers, source {head['src_bytes'] / 1e9:.2f} GB bf16, "
-             f"output {head['ours']['out_bytes'] / 1e9:.2f} GB, torchrun --nproc_per_node=1, software warm, data "
+             f"output {head['ours']['out_bytes'] / 1e9:.2f} GB, launcher {args.launcher}, software warm, data "
              f"cold (source pages evicted)", "",
              "| layout | files | ours s | read s | write s | sequential floor s | concurrent floor s | ours / "
              "sequential | ours / concurrent | peer + sync s | peer / ours |",
@@ -110,6 +117,10 @@ def table(res: dict, peer: dict | None, dev: str, args) -> str:
         lines.append(f"| {layout} | {r['files']} | {s:.2f}{_runs_label(r['each'])} | {r['read_s']:.2f} | "
                      f"{r['write_s']:.2f} | {r['sequential_s']:.2f} | {r['concurrent_s']:.2f} | "
                      f"{s / r['sequential_s']:.2f} | {s / r['concurrent_s']:.2f} | {p} |")
+    if head.get("torchrun"):
+        t = head["torchrun"]["seconds"]
+        lines += ["", f"{LAYOUTS[0]} under torchrun --nproc_per_node=1: {t:.2f} s, {t / head['concurrent_s']:.2f}x "
+                  f"the concurrent floor"]
     if peer:
         lines += ["", f"peer (on the save_pretrained layout): {peer['seconds']:.2f} s to the page cache + sync "
                   f"{peer['sync_s']:.2f} s{_runs_label(peer['durable_each'])}; imports {peer['imports_s']:.1f} s, "
@@ -131,6 +142,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of ours per layout (median shown)")
     ap.add_argument("--peer-repeats", type=int, default=1)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--launcher", default="command", choices=["command", "torchrun"],
+                    help="how ours starts (default: the megatron-fp8pb-export command, as the README runs it)")
     ap.add_argument("--check", action="store_true", help="hash the outputs: byte-identical across layouts (default "
                                                           "with --tiny)")
     ap.add_argument("--workdir", default=None)

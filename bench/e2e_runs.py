@@ -133,17 +133,27 @@ def timed(cmd: list[str], env: dict, trace: bool) -> tuple[subprocess.CompletedP
     return r, seconds, dt.table() if trace else ""
 
 
+LAUNCHERS = ("command", "torchrun", "python")
+
+
 def run_ours(src: Path, out: Path, nproc: int, extra: list[str], log: Path, source: list[str] | None = None,
-             trace: bool = False, torchrun: bool = False) -> dict:
+             trace: bool = False, launcher: str | None = None) -> dict:
     """``source``: the source keys (default: the HF checkpoint ``src``). ``trace``: record the disks' activity.
-    ``torchrun``: launched by torchrun also with one process, as the README does."""
-    # one process needs no launcher (launch/export.py starts a single-rank group itself)
-    launcher = [] if nproc == 1 and not torchrun else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                      f"--master_port={_port()}"]
+    ``launcher``: ``command`` (``megatron-fp8pb-export``, as the README's first command runs it: it starts the ranks
+    itself), ``torchrun`` (``torchrun --nproc_per_node=N launch/export.py``), or ``python`` (``launch/export.py``
+    without a launcher, one process only; the default for one rank, torchrun for more)."""
+    launcher = launcher or ("python" if nproc == 1 else "torchrun")
+    if launcher not in LAUNCHERS or (launcher == "python" and nproc != 1):
+        raise ValueError(f"launcher={launcher!r} with {nproc} ranks: choose one of {LAUNCHERS} (python: one rank)")
+    entry = {"command": ["-m", "megatron_fp8pb.launcher", f"--nproc-per-node={nproc}"],
+             "torchrun": ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+                          str(ROOT / "launch" / "export.py")],
+             "python": [str(ROOT / "launch" / "export.py")]}[launcher]
     source = source or ["source.kind=hf", f"source.path={src}"]
-    cmd = [sys.executable, *launcher, str(ROOT / "launch" / "export.py"), *source, f"output.dir={out}",
-           "output.verify=false", "output.overwrite=true", *extra]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, *entry, *source, f"output.dir={out}", "output.verify=false", "output.overwrite=true",
+           *extra]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     r, seconds, disk = timed(cmd, env, trace)
     with open(log, "a") as f:
         f.write(r.stdout + r.stderr)
