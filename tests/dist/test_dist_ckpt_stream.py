@@ -64,20 +64,27 @@ def _check_resharded(tmp_path, src, ckpt, state, export: tuple[int, int, int]) -
     assert _different(tmp_path / "out", tmp_path / "built") == []
 
 
+def _with_mtp(cfg):
+    cfg.num_nextn_predict_layers = 1
+    return cfg
+
+
 @pytest.mark.parametrize("case", ["deepseek_v3", "qwen3_moe", "qwen3_moe_singleton_experts", "deepseek_v32",
-                                  "glm_moe_dsa"])
+                                  "glm_moe_dsa", "deepseek_v32_mtp"])
 def test_moe_resharded_as_the_loaded_model(tmp_path, case):
     """DeepSeek-V3 (multi-latent attention, shared expert, expert bias, a multi-token-prediction layer) saved at ep=2
     exported at tp=2; Qwen3-MoE saved at tp=2 (experts split by etp=2) exported at ep=2, and saved at ep=2 with every
     expert its own tensor (content metadata ``singleton_local_shards``) exported at tp=2; DeepSeek-V3.2 and GLM-5
-    (megatron-core's DSA indexer; GLM-5's shared indexers) saved at ep=2 exported at tp=2. All byte for byte the
+    (megatron-core's DSA indexer; GLM-5's shared indexers; DeepSeek-V3.2 with a multi-token-prediction layer, which
+    holds an indexer of its own) saved at ep=2 exported at tp=2. All byte for byte the
     reference, and the same files as megatron-core's own load of the whole model at the export layout."""
     from megatron_fp8pb.sources.tiny import tiny_hf_config
     cfg, save, export = {"deepseek_v3": (ragged_deepseek_v3(), (1, 1, 2), (2, 1, 1)),
                          "qwen3_moe": (ragged_qwen3_moe(), (2, 1, 1), (1, 1, 2)),
                          "qwen3_moe_singleton_experts": (ragged_qwen3_moe(), (1, 1, 2, "singleton"), (2, 1, 1)),
                          "deepseek_v32": (tiny_hf_config("deepseek_v32"), (1, 1, 2), (2, 1, 1)),
-                         "glm_moe_dsa": (tiny_hf_config("glm_moe_dsa"), (1, 1, 2), (2, 1, 1))}[case]
+                         "glm_moe_dsa": (tiny_hf_config("glm_moe_dsa"), (1, 1, 2), (2, 1, 1)),
+                         "deepseek_v32_mtp": (_with_mtp(tiny_hf_config("deepseek_v32")), (1, 1, 2), (2, 1, 1))}[case]
     src, ckpt, state = _save(tmp_path, cfg, 2, *save)
     _check_resharded(tmp_path, src, ckpt, state, export)
 
