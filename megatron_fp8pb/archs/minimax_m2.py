@@ -31,7 +31,7 @@ def dims(cfg) -> Dims:
     return replace(c.gqa_dims(cfg), ffn_hidden=0, num_experts=int(cfg.num_local_experts),
                    moe_ffn_hidden=int(cfg.intermediate_size), moe_top_k=int(cfg.num_experts_per_tok),
                    router_score="sigmoid", expert_bias=True, qk_norm_full=bool(norm),
-                   partial_rotary=c.partial_rotary(cfg))
+                   partial_rotary=c.partial_rotary(cfg, legacy_rotary_dim=True))
 
 
 def _norm_layers(d: Dims) -> tuple[int, ...]:
@@ -68,7 +68,7 @@ def _tiny(tie: bool = False, **kw):
 def _m2(num_layers: int = 0):
     return _config(vocab_size=200064, hidden_size=3072, num_hidden_layers=num_layers or 62, num_attention_heads=48,
                    num_key_value_heads=8, head_dim=128, num_local_experts=256, num_experts_per_tok=8,
-                   intermediate_size=1536, max_position_embeddings=8192, tie_word_embeddings=False)
+                   intermediate_size=1536, rotary_dim=64, max_position_embeddings=8192, tie_word_embeddings=False)
 
 
 MINIMAX_M2 = Arch(
@@ -77,5 +77,7 @@ MINIMAX_M2 = Arch(
     fusion=(("q_proj", "k_proj", "v_proj"), ("w1", "w3")), kv_leaves=("k_proj", "v_proj"),
     never_quantized=("gate",), expert_leaves=("w1", "w3", "w2"),
     exclude=("model.embed_tokens", "lm_head", "*norm*", "*.block_sparse_moe.gate"),
-    gpt=lambda d: {"rotary_percent": d.partial_rotary}, absent_same=("qk_norm_type", "use_qk_norm"), tiny={"minimax_m2": _tiny}, presets={"minimax-m2": _m2})
+    gpt=lambda d: {"rotary_percent": d.partial_rotary},
+    absent_same=("qk_norm_type", "use_qk_norm", "partial_rotary_factor", "rotary_dim"), tiny={"minimax_m2": _tiny},
+    presets={"minimax-m2": _m2})
 UNITS = (MINIMAX_M2,)
