@@ -33,3 +33,18 @@ def test_rotary_dim_of_the_released_config():
     assert view is not None and dims_from_hf(view).partial_rotary == 0.5
     cls = tf.MiniMaxM2Config(**{k: v for k, v in raw.items() if k != "model_type"})
     assert dims_from_hf(cls) == dims_from_hf(view)
+
+
+@pytest.mark.parametrize("style", ["replicated", "head-replicated"])
+def test_a_norm_not_split_along_tp_is_refused_by_name(style):
+    """A full-width norm module that says its weight is whole on every rank (another project's module without
+    ``tensor_model_parallel``), or whose kv heads several ranks hold, is refused at plan time, naming the parameter."""
+    from megatron_fp8pb.archs import dims_from_hf
+    from megatron_fp8pb.plan.params import Layout, PlanContext, plan_param
+    from megatron_fp8pb.sources.tiny import tiny_hf_config
+    d = dims_from_hf(tiny_hf_config("minimax_m2"))
+    ctx = PlanContext.make(d, Layout(tp_size=2, tp_rank=1), layer_of_local={0: 0})
+    name = "decoder.layers.0.self_attention.k_layernorm.weight"
+    assert plan_param(name, (80,), ctx, style="colwise").slices[0].offset == 80
+    with pytest.raises(ValueError, match=f"'{name}' is {style}.*k_norm.weight as colwise"):
+        plan_param(name, (80,), ctx, style=style)
