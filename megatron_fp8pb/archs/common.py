@@ -21,6 +21,19 @@ def rope_theta(cfg) -> float:
     return float(rope)
 
 
+def partial_rotary(cfg, legacy_rotary_dim: bool = False) -> float:
+    """The fraction of each head's dims that rotary embedding turns: ``partial_rotary_factor`` from
+    ``rope_parameters`` (where transformers keeps it) or the config itself; ``legacy_rotary_dim``: else
+    ``rotary_dim / head_dim`` (MiniMax-M2's released config.json says ``rotary_dim``, which transformers converts)."""
+    partial = (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    if partial is None:
+        partial = getattr(cfg, "partial_rotary_factor", None)
+    if partial is None and legacy_rotary_dim and getattr(cfg, "rotary_dim", None):
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        partial = cfg.rotary_dim / head_dim
+    return float(partial or 1.0)
+
+
 def refuse(cfg, flag: str, why: str) -> None:
     if getattr(cfg, flag, False):
         raise ValueError(f"{cfg.model_type}: config sets {flag}={getattr(cfg, flag)!r}, {why}")

@@ -16,11 +16,6 @@ def dims(cfg) -> Dims:
     experts = int(cfg.n_routed_experts or 0)
     if experts < 1:
         raise ValueError(f"glm4_moe: n_routed_experts={cfg.n_routed_experts} must be >= 1")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    partial = rope.get("partial_rotary_factor")
-    if partial is None:
-        partial = getattr(cfg, "partial_rotary_factor", 1.0)
-    partial = float(partial or 1.0)
     d = c.gqa_dims(cfg, qkv_bias=bool(getattr(cfg, "attention_bias", False)),
                    qk_norm=bool(getattr(cfg, "use_qk_norm", False)))
     return replace(d, num_experts=experts, moe_ffn_hidden=int(cfg.moe_intermediate_size),
@@ -30,7 +25,7 @@ def dims(cfg) -> Dims:
                    router_groups=int(getattr(cfg, "n_group", 1) or 1),
                    router_group_topk=int(getattr(cfg, "topk_group", 1) or 1),
                    router_scale=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0),
-                   norm_topk=bool(getattr(cfg, "norm_topk_prob", True)), partial_rotary=partial,
+                   norm_topk=bool(getattr(cfg, "norm_topk_prob", True)), partial_rotary=c.partial_rotary(cfg),
                    mtp_layers=int(getattr(cfg, "num_nextn_predict_layers", 0) or 0))
 
 

@@ -3,9 +3,11 @@
 ``block_sparse_moe.gate`` with its float32 score correction ``block_sparse_moe.e_score_correction_bias`` beside it,
 and experts ``block_sparse_moe.experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down).
 
-Megatron holds the full-width norms split along heads with the attention (each rank normalizes its own heads' slice
-of the weight; the statistic is reduced over the tensor-parallel group), so they are column-parallel here: the
-rows of rank r are its query groups' heads.
+Megatron holds the full-width norms split along heads with the attention (``parallel/qk_norm_local.py``: each rank
+normalizes its own heads' slice of the weight, the statistic all-reduced over the tensor-parallel group), so they are
+column-parallel here: the rows of rank r are its heads. Where ``num_key_value_heads < tp`` megatron-core gives each
+rank one kv head (several ranks the same one) and splits ``linear_qkv`` inside query groups; the export refuses that
+layout (``plan.validate``) and the k norm's module says it is head-replicated, which no rule here maps.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def dims(cfg) -> Dims:
                          f"heads) is supported")
     return replace(c.gqa_dims(cfg), ffn_hidden=0, num_experts=int(cfg.num_local_experts),
                    moe_ffn_hidden=int(cfg.intermediate_size), moe_top_k=int(cfg.num_experts_per_tok),
-                   router_score="sigmoid", expert_bias=True, qk_norm_full=bool(norm))
+                   router_score="sigmoid", expert_bias=True, qk_norm_full=bool(norm),
+                   partial_rotary=c.partial_rotary(cfg, legacy_rotary_dim=True))
 
 
 def _norm_layers(d: Dims) -> tuple[int, ...]:
@@ -65,7 +68,7 @@ def _tiny(tie: bool = False, **kw):
 def _m2(num_layers: int = 0):
     return _config(vocab_size=200064, hidden_size=3072, num_hidden_layers=num_layers or 62, num_attention_heads=48,
                    num_key_value_heads=8, head_dim=128, num_local_experts=256, num_experts_per_tok=8,
-                   intermediate_size=1536, max_position_embeddings=8192, tie_word_embeddings=False)
+                   intermediate_size=1536, rotary_dim=64, max_position_embeddings=8192, tie_word_embeddings=False)
 
 
 MINIMAX_M2 = Arch(
@@ -74,5 +77,7 @@ MINIMAX_M2 = Arch(
     fusion=(("q_proj", "k_proj", "v_proj"), ("w1", "w3")), kv_leaves=("k_proj", "v_proj"),
     never_quantized=("gate",), expert_leaves=("w1", "w3", "w2"),
     exclude=("model.embed_tokens", "lm_head", "*norm*", "*.block_sparse_moe.gate"),
-    absent_same=("qk_norm_type", "use_qk_norm"), tiny={"minimax_m2": _tiny}, presets={"minimax-m2": _m2})
+    gpt=lambda d: {"rotary_percent": d.partial_rotary},
+    absent_same=("qk_norm_type", "use_qk_norm", "partial_rotary_factor", "rotary_dim"), tiny={"minimax_m2": _tiny},
+    presets={"minimax-m2": _m2})
 UNITS = (MINIMAX_M2,)

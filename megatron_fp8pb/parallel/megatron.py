@@ -119,8 +119,13 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     from megatron_fp8pb.archs import arch
     unit = arch(d.model_type)
     if not unit.block_spec:
-        return get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=False,
+        spec = get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=False,
                                         **{"qk_layernorm": d.qk_norm, **unit.spec(d)})
+        if d.qk_norm_full:      # MiniMax-M2: q/k norms over all heads, split along heads
+            from megatron_fp8pb.parallel.qk_norm_local import full_width_qk_norms
+            attn = spec.submodules.self_attention.submodules
+            attn.q_layernorm, attn.k_layernorm = full_width_qk_norms()
+        return spec
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     if d.linear_layers:     # gated DeltaNet (Qwen3-Next, Qwen3.5) in place of self attention
@@ -265,7 +270,10 @@ def local_params(model) -> LocalParams:
 
 
 def _style(mod, pname: str, p) -> str | None:
-    """How megatron-core partitions a parameter, from its attributes or its module's class."""
+    """How megatron-core partitions a parameter, from its attributes or its module's class. "head-replicated": a
+    full-width k norm whose kv heads several ranks hold (``qk_norm_local``), which no rule maps."""
+    if getattr(p, "head_replicas", 1) > 1:
+        return "head-replicated"
     if getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", -1) in (0, 1):
         return "colwise" if p.partition_dim == 0 else "rowwise"
     cls = type(mod).__name__

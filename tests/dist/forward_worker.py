@@ -20,8 +20,8 @@ from megatron_fp8pb.sources.hf import HFReader, hf_config  # noqa: E402
 from megatron_fp8pb.sources.registry import load_hf_weights  # noqa: E402
 
 
-def main(src: str) -> None:
-    with session.started(ParallelConfig(backend="gloo", device="cpu", timeout_s=60)) as job:
+def main(src: str, tp: str = "1") -> None:
+    with session.started(ParallelConfig(tp=int(tp), backend="gloo", device="cpu", timeout_s=60)) as job:
         compare_logits(src, job.layout)
 
 
@@ -40,12 +40,19 @@ def compare_logits(src: str, layout) -> None:
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).unsqueeze(0).expand(2, -1)
     with torch.no_grad():
-        ours = model(input_ids=ids, position_ids=pos, attention_mask=None)[..., :vocab].float()
+        ours = model(input_ids=ids, position_ids=pos, attention_mask=None)
+        if layout.tp_size > 1:    # the output layer's vocabulary shards, gathered
+            from megatron.core import parallel_state
+            parts = [torch.empty_like(ours) for _ in range(layout.tp_size)]
+            torch.distributed.all_gather(parts, ours.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            ours = torch.cat(parts, dim=-1)
+        ours = ours[..., :vocab].float()
         ref = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits.float()
     rel = float((ours - ref).norm() / ref.norm())
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(f"FORWARD rel_err={rel:.3e} top1={top1:.4f}")
+    if torch.distributed.get_rank() == 0:
+        print(f"FORWARD rel_err={rel:.3e} top1={top1:.4f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
