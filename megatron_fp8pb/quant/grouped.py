@@ -100,7 +100,8 @@ class Table:
         check_scale_fmt(scale_fmt)
         dtypes = {v.dtype for v in views}
         if len(dtypes) != 1 or next(iter(dtypes)) not in _TORCH_TO_TL:
-            raise TypeError(f"a grouped launch takes weights of one bf16/fp16/fp32 dtype, got {sorted(map(str, dtypes))}")
+            raise TypeError(f"a grouped launch takes weights of one bf16/fp16/fp32 dtype, got "
+                            f"{sorted(map(str, dtypes))}")
         self.dtype, self.block, self.pow2 = next(iter(dtypes)), block, scale_fmt == "ue8m0"
         self.views = [as_rows(v) for v in views]
         rows, start = [], 0
