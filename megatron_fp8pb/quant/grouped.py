@@ -5,8 +5,9 @@ linear_qkv are ``[groups, heads_per_group * head_dim, K]`` inside the fused tens
 parameter needs no split copy. Row ``r`` of the weight is row ``r % R`` of group ``r // R``. Its qdata
 ``[G*R, K]`` and scale_inv ``[ceil(G*R/128), ceil(K/128)]`` are written at their offsets in one packed byte
 buffer. A table on the GPU (one row of int64 per weight, built once per group: ``Table``) gives each weight's
-address, shape, strides and output offsets; program ``pid`` finds its weight by a binary search of the first
-block index of each weight.
+offset from the first weight in elements, shape, strides and output offsets; program ``pid`` finds its weight by a
+binary search of the first block index of each weight. A table whose offsets and row lengths are all multiples of
+16 elements tells the compiler so (``ALIGNED``), which gives vector loads and stores; others run unhinted.
 
 The block math is ``triton_kernel``'s fused mode (amax, scale = amax/448 or its power of two, div_rn, clamp,
 round-to-nearest-even cast), with one addition: a NaN counts as an infinite magnitude in the block amax, so a block
@@ -33,8 +34,8 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def grouped_kernel(tab_ptr, q_ptr, s_ptr, T, XD: tl.constexpr, LOG_T: tl.constexpr, W: tl.constexpr,
-                       BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
+    def grouped_kernel(tab_ptr, x_base, q_ptr, s_ptr, T, LOG_T: tl.constexpr, W: tl.constexpr,
+                       BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, POW2: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         lo = pid * 0
         for s in tl.static_range(LOG_T):
@@ -42,7 +43,7 @@ def _kernel():
             start = tl.load(tab_ptr + cand * W + 9, mask=cand < T, other=pid + 1)
             lo = tl.where(start <= pid, cand, lo)
         row = tab_ptr + lo * W
-        x_ptr = tl.load(row + 0).to(tl.pointer_type(XD))
+        x_off = tl.load(row + 0)
         q_off = tl.load(row + 1)
         s_off = tl.load(row + 2)
         n = tl.load(row + 3)
@@ -56,9 +57,14 @@ def _kernel():
         bj = b % n_bcols
         rows = bi * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         cols = bj * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        src = x_off + (rows // rows_per_group) * stride_outer + (rows % rows_per_group) * stride_inner
+        dst = q_off + rows * k
+        if ALIGNED:     # offsets and row lengths in multiples of 16 elements: vector loads and stores
+            src = tl.multiple_of(src, 16)
+            dst = tl.multiple_of(dst, 16)
+            k = tl.multiple_of(k, 16)
         mask = (rows < n)[:, None] & (cols < k)[None, :]
-        src = (rows // rows_per_group) * stride_outer + (rows % rows_per_group) * stride_inner
-        x = tl.load(x_ptr + src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_base + src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mag = tl.where(x == x, tl.abs(x), float("inf"))      # NaN -> an infinite amax, so a non-finite scale
         amax = tl.max(tl.max(mag, axis=1), axis=0)
         scale = tl.math.div_rn(amax, FP8_MAX)
@@ -74,7 +80,7 @@ def _kernel():
         tl.store(s_ptr + s_off + bi * n_bcols + bj, scale)
         q = tl.math.div_rn(x, tl.broadcast_to(scale, (BLOCK, BLOCK)))
         q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-        tl.store(q_ptr + q_off + rows[:, None] * k + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(q_ptr + dst[:, None] + cols[None, :], q.to(tl.float8e4nv), mask=mask)
 
     return grouped_kernel
 
@@ -105,6 +111,9 @@ class Table:
         self.dtype, self.block, self.pow2 = next(iter(dtypes)), block, scale_fmt == "ue8m0"
         self.views = [as_rows(v) for v in views]
         rows, start = [], 0
+        self.base = self.views[0] if self.views else None
+        size = self.views[0].element_size() if self.views else 1
+        base_ptr = self.base.data_ptr() if self.views else 0
         for v, qo, so in zip(self.views, q_offsets, s_offsets):
             g, r, k = v.shape
             n = g * r
@@ -112,10 +121,13 @@ class Table:
             blocks = -(-n // block) * bcols
             if blocks == 0:
                 continue
-            rows.append([v.data_ptr(), qo, so, n, k, max(r, 1), v.stride(0), v.stride(1), bcols, start])
+            rel = v.data_ptr() - base_ptr
+            assert rel % size == 0, "weights of one dtype lie at multiples of its size"
+            rows.append([rel // size, qo, so, n, k, max(r, 1), v.stride(0), v.stride(1), bcols, start])
             start += blocks
         self.blocks, self.count = start, len(rows)
         self.log_t = max(self.count - 1, 1).bit_length()
+        self.aligned = all(x % 16 == 0 for row in rows for x in (row[0], row[1], row[4], row[6], row[7]))
         device = self.views[0].device if self.views else torch.device("cpu")
         self.table = torch.tensor(rows or [[0] * _W], dtype=torch.int64).to(device)
 
@@ -124,11 +136,11 @@ class Table:
         device), on the current stream."""
         if self.blocks == 0:
             return
-        import triton.language as tl
         with torch.cuda.device(packed.device) if packed.is_cuda else _nothing():
-            _kernel()[(self.blocks,)](self.table, packed.view(FORMAT.fp8_dtype), packed.view(torch.float32),
-                                      self.count, XD=getattr(tl, _TORCH_TO_TL[self.dtype]), LOG_T=self.log_t,
-                                      W=_W, BLOCK=self.block, FP8_MAX=FP8_MAX, POW2=self.pow2, num_warps=8)
+            _kernel()[(self.blocks,)](self.table, self.base, packed.view(FORMAT.fp8_dtype),
+                                      packed.view(torch.float32), self.count, LOG_T=self.log_t, W=_W,
+                                      BLOCK=self.block, FP8_MAX=FP8_MAX, POW2=self.pow2, ALIGNED=self.aligned,
+                                      num_warps=8)
 
 
 class _nothing:

@@ -166,7 +166,9 @@ def _lay_out(u: Unit, scale_fmt: str) -> bool:
     u.entries = [(n, w, s, dt, next(offs) if w == "packed" else o) for n, w, s, dt, o in u.entries]
     by_dtype: dict = {}
     for (p, v, _), qo, so in zip(u.quantized, q_offs, s_offs):
-        by_dtype.setdefault(v.dtype, []).append((v, qo, so // 4))
+        rows = v if v.dim() == 3 else v.unsqueeze(0)     # a table of its own for rows of 16-element multiples
+        even = all(x % 16 == 0 for x in (rows.shape[2], rows.stride(0), rows.stride(1), rows.storage_offset()))
+        by_dtype.setdefault((v.dtype, even), []).append((v, qo, so // 4))
     try:
         u.tables = [Table([v for v, _, _ in g], [q for _, q, _ in g], [s for _, _, s in g], scale_fmt)
                     for g in by_dtype.values()]

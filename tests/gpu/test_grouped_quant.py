@@ -75,7 +75,11 @@ def check_group(scale_fmt: str) -> None:
     views += [fd[:, :hpg].flatten(1, 2), fd[:, hpg], fd[:, hpg + 1]]
     wants = plain + [t.reshape(-1, k).contiguous() for t in qkv]
     bad = []
-    for i, ((q, s), w) in enumerate(zip(_packed(views, scale_fmt), wants)):
+    even = [0, 3]       # 16-element rows and offsets: the hinted (vector) kernel; all of them: the plain one
+    assert Table([views[i] for i in even], [0, 0], [0, 0]).aligned and not Table(views, [0] * 8, [0] * 8).aligned
+    got = _packed(views, scale_fmt) + _packed([views[i] for i in even], scale_fmt)
+    wants = wants + [wants[i] for i in even]
+    for i, ((q, s), w) in enumerate(zip(got, wants)):
         rq, rs = quantize_blockfp8_reference(w, scale_fmt=scale_fmt)
         if INTERPRETED:
             from megatron_fp8pb.quant import triton_kernel
