@@ -1,8 +1,9 @@
 """RL weight sync: the in-memory fp8 stream against plain copies of the same bytes, on one GPU, in one run.
 
-The model is plain bf16 tensors under Megatron names at a preset's shapes (``stream_api.stream_view``: the pipeline
-``iter_fp8`` runs, without building a megatron-core model). Rows, each the median of ``--repeats`` passes after a
-warm-up pass:
+The model is plain bf16 tensors under Megatron names at a preset's shapes (``stream_api.FP8Stream.of_view``: the
+stream ``iter_fp8`` runs, without building a megatron-core model), made once and iterated once per pass, as a trainer
+pushes its weights every step (on one GPU the plan is kept between passes; ``first pass`` rows plan again). Rows,
+each the median of ``--repeats`` passes after a warm-up pass:
   bf16 params D2H       every parameter copied into pinned host memory (what a bf16 push to the host moves)
   bf16 params HBM copy  every parameter copied into GPU memory (device-to-device; GB/s count read + written)
   fp8 output D2H floor  the stream's output sizes copied from GPU memory into pinned host memory
@@ -87,8 +88,7 @@ def main() -> None:
     from megatron_fp8pb.config import ParallelConfig
     from megatron_fp8pb.exporter.options import ExportOptions
     from megatron_fp8pb.parallel import session
-    from megatron_fp8pb.stream.buckets import bucketed
-    from megatron_fp8pb.stream_api import stream_view
+    from megatron_fp8pb.stream_api import FP8Stream
 
     parallel = ParallelConfig(tp=1, backend="nccl" if gpu else "gloo", device="cuda" if gpu else "cpu")
     with session.started(parallel, megatron=False) as job:
@@ -99,16 +99,14 @@ def main() -> None:
         bf16_bytes = sum(nbytes(p) for p in params)
         host, cuda = torch.device("cpu"), dev
 
-        def stream(target, buckets=False):
-            pairs = stream_view(view, d, job, hfc, options, target)
-            if buckets:
-                for _ in bucketed(pairs, args.bucket_mb << 20):
-                    pass
-            else:
-                for _ in pairs:
-                    pass
+        streams = {t: FP8Stream.of_view(view, d, job, hfc, options, t) for t in (host, cuda)}
 
-        sizes = [nbytes(t) for _, t in stream_view(view, d, job, hfc, options, host)]
+        def stream(target, buckets=False, fresh=False):
+            s = FP8Stream.of_view(view, d, job, hfc, options, target) if fresh else streams[target]
+            for _ in (s.buckets(args.bucket_mb << 20) if buckets else s):
+                pass
+
+        sizes = [nbytes(t) for _, t in streams[host]]
         out_bytes = sum(sizes)
 
 
@@ -139,10 +137,12 @@ def main() -> None:
         flat = None     # free the GPU copy before the streams run
         s_host = timed(lambda: stream(host), dev, args.repeats)
         b_host = timed(lambda: stream(host, True), dev, args.repeats)
-        s_cuda = b_cuda = None
+        f_host = timed(lambda: stream(host, fresh=True), dev, args.repeats)
+        s_cuda = b_cuda = f_cuda = None
         if gpu:
             s_cuda = timed(lambda: stream(cuda), dev, args.repeats)
             b_cuda = timed(lambda: stream(cuda, True), dev, args.repeats)
+            f_cuda = timed(lambda: stream(cuda, fresh=True), dev, args.repeats)
 
     name = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{arch} ({d.num_layers} layers) on {name}, torch {torch.__version__}: bf16 params {bf16_bytes / 1e9:.2f} "
@@ -159,9 +159,9 @@ def main() -> None:
     row("bf16 params D2H (pinned)" if gpu else "bf16 params to host (memcpy)", d2h_bf16, bf16_bytes, "")
     row("bf16 params HBM copy (read + write)" if gpu else "bf16 params copy (read + write)", hbm, 2 * bf16_bytes, "")
     row("fp8 output D2H floor" if gpu else "fp8 output copy floor", floor, out_bytes, "")
-    for what, t in (("iter_fp8 host", s_host), ("buckets host", b_host)):
+    for what, t in (("iter_fp8 host", s_host), ("buckets host", b_host), ("first pass host (planned)", f_host)):
         row(what, t, out_bytes, f"{t[0] / floor[0]:.2f}x the D2H floor; {t[0] / d2h_bf16[0]:.2f}x bf16 D2H")
-    for what, t in (("iter_fp8 cuda", s_cuda), ("buckets cuda", b_cuda)):
+    for what, t in (("iter_fp8 cuda", s_cuda), ("buckets cuda", b_cuda), ("first pass cuda (planned)", f_cuda)):
         if t is None:
             print(f"| {what} | no GPU | | |")
             continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-_PUBLIC = {"export": "api", "iter_fp8": "stream_api", "iter_fp8_buckets": "stream_api",
+_PUBLIC = {"export": "api", "iter_fp8": "stream_api", "iter_fp8_buckets": "stream_api", "FP8Stream": "stream_api",
            "quantize_blockfp8": "quant.reference",
            "dequantize_blockfp8": "quant.reference"}
 

@@ -48,17 +48,18 @@ class ExportResult:
     bytes_by_writer: dict[int, int] = field(default_factory=dict)
 
 
-def make_plans(view: RankView, ctx: PlanContext) -> list[tuple[ParamPlan, torch.Tensor]]:
+def make_plans(view: RankView, ctx: PlanContext, check_finite: bool = True) -> list[tuple[ParamPlan, torch.Tensor]]:
     """``view.params``: ``[(mcore_name, tensor)]``; when it carries ``styles`` (``mcore.local_params``), each rule's
-    sharding is checked against the module that holds the parameter."""
+    sharding is checked against the module that holds the parameter. ``check_finite`` false: the caller checks the
+    values itself on every pass (``stream/packed.py``), so a plan can be kept while the weights change."""
     styles = getattr(view.params, "styles", None) or {}
     out = []
-    loaded = [p for _, p in view.params if not isinstance(p, LazyParam)]   # a streamed source: checked when read
+    loaded = [p for _, p in view.params if not isinstance(p, LazyParam) and check_finite]   # streamed: when read
     finite = iter(finite_flags(loaded))
     for name, p in view.params:
         lazy = isinstance(p, LazyParam)
         plan = plan_param(name, tuple(p.shape), ctx, style=styles.get(name))
-        if not lazy and not next(finite):
+        if not lazy and check_finite and not next(finite):
             for piece, t in zip(plan.pieces, pieces_of(plan, p.detach(), ctx.d)):
                 check_piece_finite(piece, t, name)
         out.append((plan, p if lazy else p.detach()))
