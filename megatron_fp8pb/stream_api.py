@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Iterator
 
 import torch
@@ -65,10 +66,31 @@ def iter_fp8(model, hf_config, *, device: str | torch.device = "cpu", quantize: 
     may share memory with the model's parameters (read them, don't write them). Other ranks get nothing (their
     pieces go to rank 0). Stopping early on rank 0 is safe: the export runs to its end without yielding. A NaN or
     Inf weight raises ValueError naming the HF tensor before that tensor is yielded. ``scale_fmt``, ``serve_tp``: as
-    ``api.export``. One pass; for a push every training step make an ``FP8Stream`` once and iterate it."""
-    yield from FP8Stream(model, hf_config, device=device, quantize=quantize, exclude=exclude,
-                         quantize_lm_head=quantize_lm_head, out_dtype=out_dtype, scale_fmt=scale_fmt,
-                         serve_tp=serve_tp)
+    ``api.export``. One pass; a model held whole by one process keeps its plan from one call to the next (the
+    ``FP8Stream`` of the same model, config and keywords, kept while the model lives)."""
+    keywords = dict(quantize=quantize, exclude=tuple(exclude), quantize_lm_head=quantize_lm_head,
+                    out_dtype=out_dtype, scale_fmt=scale_fmt, serve_tp=serve_tp)
+    yield from _stream_of(model, hf_config, stream_device(device), keywords)
+
+
+_STREAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # model -> {(config, device, keywords): stream}
+
+
+def _stream_of(model, hf_config, device: torch.device, keywords: dict) -> "FP8Stream":
+    """The FP8Stream ``iter_fp8`` iterates: in one process, the one made for the same model, config object, device
+    and keywords by an earlier call (its plan is checked against the parameters on every pass); a new one under
+    TP/PP/EP (which plans every pass anyway) or for a model that cannot be weakly referenced."""
+    if coll.world_size() != 1:
+        return FP8Stream(model, hf_config, device=device, **keywords)
+    key = (id(hf_config), str(device), tuple(sorted((k, repr(v)) for k, v in keywords.items())))
+    try:
+        per_model = _STREAMS.setdefault(model, {})
+    except TypeError:
+        return FP8Stream(model, hf_config, device=device, **keywords)
+    stream = per_model.get(key)
+    if stream is None or stream.hf_config is not hf_config:
+        stream = per_model[key] = FP8Stream(model, hf_config, device=device, weak_model=True, **keywords)
+    return stream
 
 
 def iter_fp8_buckets(model, hf_config, bucket_bytes: int = 512 << 20, **kwargs) -> Iterator[list[tuple]]:
@@ -88,11 +110,16 @@ class FP8Stream:
     a model on the CPU, each pass runs the general export (planned per pass)."""
 
     def __init__(self, model, hf_config, *, device: str | torch.device = "cpu",
-                 in_flight_bytes: int = IN_FLIGHT_BYTES, **keywords):
+                 in_flight_bytes: int = IN_FLIGHT_BYTES, weak_model: bool = False, **keywords):
         d = model_dims(model, hf_config)
         job = session.joined()
-        self._init(lambda: RankView.of_model(model, d, job.layout), d, job, hf_config,
-                   _options(d, hf_config, **keywords), stream_device(device), in_flight_bytes)
+        if weak_model:      # held by iter_fp8's cache, which must not keep the model alive
+            ref = weakref.ref(model)
+            views = lambda: RankView.of_model(ref(), d, job.layout)  # noqa: E731
+        else:
+            views = lambda: RankView.of_model(model, d, job.layout)  # noqa: E731
+        self._init(views, d, job, hf_config, _options(d, hf_config, **keywords), stream_device(device),
+                   in_flight_bytes)
 
     @classmethod
     def of_view(cls, view: RankView, d, job, hf_config, options: ExportOptions, target: torch.device,

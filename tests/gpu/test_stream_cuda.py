@@ -109,6 +109,26 @@ def test_iter_fp8_of_megatron_model_on_gpu():
             pairs = [(n, t.clone()) for n, t in iter_fp8(src.model, src.hf_config, device="cuda")]
             assert pairs and all(t.is_cuda for _, t in pairs)
             assert _reference_bad(pairs, state) == []
+            _plan_kept_between_calls(src, state)
+
+
+def _plan_kept_between_calls(src, state) -> None:
+    """A second ``iter_fp8`` of the same model reuses the first one's plan; a weight changed in place in between
+    shows in its bytes; the cache does not keep the model alive."""
+    import weakref
+    from megatron_fp8pb import iter_fp8
+    from megatron_fp8pb.stream_api import _STREAMS
+    (stream,) = _STREAMS[src.model].values()
+    plan = stream._plan
+    fc2 = dict(src.model.named_parameters())["decoder.layers.1.mlp.linear_fc2.weight"]
+    with torch.no_grad():
+        fc2.mul_(2)         # exact in bf16
+    state = dict(state, **{"model.layers.1.mlp.down_proj.weight": state["model.layers.1.mlp.down_proj.weight"] * 2})
+    pairs = [(n, t.clone()) for n, t in iter_fp8(src.model, src.hf_config, device="cuda")]
+    assert _reference_bad(pairs, state) == []
+    assert list(_STREAMS[src.model].values()) == [stream] and stream._plan is plan
+    held = [c.cell_contents for c in stream._views.__closure__]
+    assert not any(x is src.model for x in held) and any(isinstance(x, weakref.ref) for x in held)
 
 
 if __name__ == "__main__":
