@@ -21,6 +21,14 @@ def rope_theta(cfg) -> float:
     return float(rope)
 
 
+def partial_rotary(cfg) -> float:
+    """The fraction of each head's dims that rotary embedding turns (``partial_rotary_factor``, 1.0 if unset)."""
+    partial = (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    if partial is None:
+        partial = getattr(cfg, "partial_rotary_factor", 1.0)
+    return float(partial or 1.0)
+
+
 def refuse(cfg, flag: str, why: str) -> None:
     if getattr(cfg, flag, False):
         raise ValueError(f"{cfg.model_type}: config sets {flag}={getattr(cfg, flag)!r}, {why}")

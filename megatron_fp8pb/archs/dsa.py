@@ -54,7 +54,8 @@ def dims(cfg) -> Dims:
         raise ValueError(f"{cfg.model_type}: q_lora_rank={cfg.q_lora_rank}: the indexer's wq_b reads the query "
                          f"latent, so q_lora_rank must be set")
     d = replace(d, model_type=cfg.model_type, dense_layers=_dense_layers(cfg, d),
-                index_heads=int(cfg.index_n_heads), index_head_dim=int(cfg.index_head_dim))
+                index_heads=int(cfg.index_n_heads), index_head_dim=int(cfg.index_head_dim),
+                index_topk=int(cfg.index_topk))
     return replace(d, indexer_layers=_indexer_layers(cfg, d))
 
 
@@ -81,7 +82,7 @@ def rules(d: Dims) -> list[Rule]:
 
 def mcore(d: Dims) -> dict:
     return dict(deepseek_mcore(d), experimental_attention_variant="dsa", dsa_indexer_n_heads=d.index_heads,
-                dsa_indexer_head_dim=d.index_head_dim)
+                dsa_indexer_head_dim=d.index_head_dim, dsa_indexer_topk=d.index_topk)
 
 
 def _tiny_kw(**kw) -> dict:

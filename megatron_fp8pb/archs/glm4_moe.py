@@ -16,11 +16,7 @@ def dims(cfg) -> Dims:
     experts = int(cfg.n_routed_experts or 0)
     if experts < 1:
         raise ValueError(f"glm4_moe: n_routed_experts={cfg.n_routed_experts} must be >= 1")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    partial = rope.get("partial_rotary_factor")
-    if partial is None:
-        partial = getattr(cfg, "partial_rotary_factor", 1.0)
-    partial = float(partial or 1.0)
+    partial = c.partial_rotary(cfg)
     d = c.gqa_dims(cfg, qkv_bias=bool(getattr(cfg, "attention_bias", False)),
                    qk_norm=bool(getattr(cfg, "use_qk_norm", False)))
     return replace(d, num_experts=experts, moe_ffn_hidden=int(cfg.moe_intermediate_size),

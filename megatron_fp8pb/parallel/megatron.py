@@ -121,8 +121,14 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
     if not unit.block_spec:
         return get_gpt_layer_local_spec(num_experts=d.num_experts or None, moe_grouped_gemm=False,
                                         **{"qk_layernorm": d.qk_norm, **unit.spec(d)})
-    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
-                                       vp_stage=vp_stage)
+    # megatron-core >= 0.19 builds the experimental variants (DSA, gated DeltaNet) only through its
+    # TransformerEngine spec and refuses them here: the plain block is built, and their modules put in below
+    variant, cfg.experimental_attention_variant = getattr(cfg, "experimental_attention_variant", None), None
+    try:
+        block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
+                                           vp_stage=vp_stage)
+    finally:
+        cfg.experimental_attention_variant = variant
     if d.linear_layers:     # gated DeltaNet (Qwen3-Next, Qwen3.5) in place of self attention
         import copy
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
