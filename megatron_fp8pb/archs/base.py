@@ -67,9 +67,10 @@ class Dims:
     lin_conv: int = 0
     lin_split: bool = False
     attn_gate: bool = False   # full attention with an output gate: q_proj rows per head [query; gate]
-    # DeepSeek sparse attention's indexer: heads, head dim, and the layers that hold one
+    # DeepSeek sparse attention's indexer: heads, head dim, keys each query keeps, and the layers that hold one
     index_heads: int = 0
     index_head_dim: int = 0
+    index_topk: int = 0
     indexer_layers: tuple[int, ...] = ()
     qk_norm_full: bool = False   # q/k RMSNorm over all heads at once ([heads * head_dim]; MiniMax-M2)
     # tensors of a vision-language checkpoint written unquantized as the source stores them (the vision tower and

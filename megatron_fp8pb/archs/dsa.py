@@ -54,7 +54,8 @@ def dims(cfg) -> Dims:
         raise ValueError(f"{cfg.model_type}: q_lora_rank={cfg.q_lora_rank}: the indexer's wq_b reads the query "
                          f"latent, so q_lora_rank must be set")
     d = replace(d, model_type=cfg.model_type, dense_layers=_dense_layers(cfg, d),
-                index_heads=int(cfg.index_n_heads), index_head_dim=int(cfg.index_head_dim))
+                index_heads=int(cfg.index_n_heads), index_head_dim=int(cfg.index_head_dim),
+                index_topk=int(cfg.index_topk))
     return replace(d, indexer_layers=_indexer_layers(cfg, d))
 
 
@@ -80,8 +81,15 @@ def rules(d: Dims) -> list[Rule]:
 
 
 def mcore(d: Dims) -> dict:
-    return dict(deepseek_mcore(d), experimental_attention_variant="dsa", dsa_indexer_n_heads=d.index_heads,
-                dsa_indexer_head_dim=d.index_head_dim)
+    """megatron-core arguments: the indexer's heads and top-k; from megatron-core 0.19 on (which rotates the first
+    rope dims of each indexer head, as DeepSeek's reference does) also the indexer rope's pairing: GLM-5's is
+    interleaved, DeepSeek-V3.2's half-split. megatron-core 0.16 rotates the last dims, interleaved, with no switch."""
+    from megatron.core.transformer import TransformerConfig
+    kw = dict(deepseek_mcore(d), experimental_attention_variant="dsa", dsa_indexer_n_heads=d.index_heads,
+              dsa_indexer_head_dim=d.index_head_dim, dsa_indexer_topk=d.index_topk)
+    if "dsa_indexer_rope_interleaved" in TransformerConfig.__dataclass_fields__:
+        kw["dsa_indexer_rope_interleaved"] = d.model_type == "glm_moe_dsa"
+    return kw
 
 
 def _tiny_kw(**kw) -> dict:

@@ -68,7 +68,8 @@ def dims(cfg) -> Dims:
                    shared_expert_gate=bool(getattr(cfg, "shared_expert_intermediate_size", 0)),
                    dense_layers=dense, linear_layers=_linear_layers(cfg), lin_k_heads=nk, lin_v_heads=nv,
                    lin_k_dim=int(cfg.linear_key_head_dim), lin_v_dim=int(cfg.linear_value_head_dim),
-                   lin_conv=int(cfg.linear_conv_kernel_dim), lin_split=mt != "qwen3_next", attn_gate=True)
+                   lin_conv=int(cfg.linear_conv_kernel_dim), lin_split=mt != "qwen3_next", attn_gate=True,
+                   partial_rotary=c.partial_rotary(cfg))
 
 
 def _r(d: Dims) -> int:
@@ -231,7 +232,7 @@ _QWEN35_397B = dict(vocab_size=248320, hidden_size=4096, num_hidden_layers=60, n
 _common = dict(dims=dims, rules=rules, serving=SERVING,
                fusion=(*c.GQA_FUSION, ("in_proj_qkv", "in_proj_z"), ("in_proj_b", "in_proj_a")),
                kv_leaves=("k_proj", "v_proj"), never_quantized=KEPT_LEAVES, exclude=EXCLUDE, block_spec=True,
-               mcore=mcore)
+               mcore=mcore, gpt=lambda d: {"rotary_percent": d.partial_rotary})
 QWEN3_NEXT = Arch(model_types=("qwen3_next",), tiny={"qwen3_next": _qwen3_next},
                   presets={"qwen3-next-80b-a3b": _preset("Qwen3NextConfig", **_NEXT_80B)}, **_common)
 QWEN3_5_MOE = Arch(model_types=("qwen3_5_moe_text",),

@@ -126,8 +126,14 @@ def layer_spec(d: Dims, cfg, vp_stage: int | None = None):
             attn = spec.submodules.self_attention.submodules
             attn.q_layernorm, attn.k_layernorm = full_width_qk_norms()
         return spec
-    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
-                                       vp_stage=vp_stage)
+    # megatron-core >= 0.19 builds the experimental variants (DSA, gated DeltaNet) only through its
+    # TransformerEngine spec and refuses them here: the plain block is built, and their modules put in below
+    variant, cfg.experimental_attention_variant = getattr(cfg, "experimental_attention_variant", None), None
+    try:
+        block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm",
+                                           vp_stage=vp_stage)
+    finally:
+        cfg.experimental_attention_variant = variant
     if d.linear_layers:     # gated DeltaNet (Qwen3-Next, Qwen3.5) in place of self attention
         import copy
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset

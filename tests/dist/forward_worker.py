@@ -2,17 +2,20 @@
 its logits are from transformers'. CPU-only stand-ins for the forward pass (not needed on a GPU): megatron-core places
 the rotary frequencies on ``torch.cuda.current_device()`` and its default causal mask on "cuda", forks a CUDA RNG
 stream around attention dropout, and 0.16's router GEMM reads a TransformerEngine name that is undefined without
-TransformerEngine."""
+TransformerEngine. The 2026 families' stand-ins (DSA indexer, gated DeltaNet kernels, zero-centered norms) are
+``tests/forward_standins.py``'s."""
 import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from megatron_fp8pb.parallel import megatron as mcore
+import forward_standins  # noqa: E402
+from megatron_fp8pb.parallel import megatron as mcore  # noqa: E402
 from megatron_fp8pb.parallel import session  # noqa: E402
 from megatron_fp8pb.archs import dims_from_hf  # noqa: E402
 from megatron_fp8pb.config import ParallelConfig  # noqa: E402
@@ -27,8 +30,10 @@ def main(src: str, tp: str = "1") -> None:
 
 def compare_logits(src: str, layout) -> None:
     d = dims_from_hf(hf_config(src))
+    forward_standins.before_build(d.model_type)
     model = mcore.build_gpt(d, torch.float32, layout).eval()
     load_hf_weights(model, HFReader(src), d, layout)
+    forward_standins.after_build(d.model_type, model)
     torch.cuda.current_device = lambda: "cpu"
     import megatron.core.transformer.moe.moe_utils as moe_utils
     moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)

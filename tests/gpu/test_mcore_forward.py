@@ -1,5 +1,11 @@
 """The Megatron model built from an HF checkpoint computes the HF model's logits (proves the name/fusion mapping,
-not only a round trip). Megatron's forward needs CUDA: skipped without a GPU."""
+not only a round trip). Megatron's forward needs CUDA: skipped without a GPU.
+
+The 2026 families run with ``tests/forward_standins.py``'s stand-ins for the GPU: the DSA indexer without its
+Hadamard rotation (fast_hadamard_transform is not installed; transformers leaves it out too) and the zero-centered
+norms of Qwen3-Next / Qwen3.5; gated DeltaNet runs flash-linear-attention's own kernels. DSA at ``index_topk`` >= the
+32 tokens is dense attention; ``index_topk`` 8 makes the logits depend on the indexer's weights (see
+tests/dist/test_mcore_forward_cpu.py)."""
 import os
 import sys
 from pathlib import Path
@@ -26,10 +32,14 @@ def megatron_world():
 
 @pytest.mark.parametrize("arch,tie,override", [
     ("qwen3", False, {}), ("llama", True, {}), ("qwen2", False, {}), ("mistral", False, {}), ("qwen3_moe", False, {}),
-    ("deepseek_v3", False, {"q_lora_rank": 192}), ("deepseek_v3", False, {}), ("glm4_moe", False, {})],
+    ("deepseek_v3", False, {"q_lora_rank": 192}), ("deepseek_v3", False, {}), ("glm4_moe", False, {}),
+    ("deepseek_v32", False, {"index_topk": 32}), ("deepseek_v32", False, {"index_topk": 8}),
+    ("glm_moe_dsa", False, {"index_topk": 32}), ("glm_moe_dsa", False, {"index_topk": 8, "indexer_types": ["full"] * 4}),
+    ("qwen3_next", False, {}), ("qwen3_5_moe_text", False, {})],
     ids=["qwen3", "llama-tied", "qwen2", "mistral", "qwen3_moe", "deepseek_v3-q_lora", "deepseek_v3-q_proj",
-         "glm4_moe"])
-def test_megatron_logits_equal_hf(tmp_path, arch, tie, override):
+         "glm4_moe", "deepseek_v32-dense_topk", "deepseek_v32-sparse_topk", "glm_moe_dsa-dense_topk",
+         "glm_moe_dsa-sparse_topk", "qwen3_next", "qwen3_5_moe_text"])
+def test_megatron_logits_equal_hf(tmp_path, monkeypatch, arch, tie, override):
     from transformers import AutoModelForCausalLM
 
     from helpers import write_hf_source
@@ -41,6 +51,12 @@ def test_megatron_logits_equal_hf(tmp_path, arch, tie, override):
     if arch == "deepseek_v3" and not override and tuple(map(int, megatron.core.__version__.split(".")[:2])) >= (0, 19):
         pytest.skip("megatron-core >= 0.19 builds MLA without a q latent only with TransformerEngine's fused "
                     "norm+linear (its local spec refuses); tests/dist/test_mcore_forward_cpu.py covers it on 0.16")
+    import forward_standins
+    if arch in forward_standins.GDN:
+        from megatron_fp8pb.parallel.gdn_local import fla_missing
+        if fla_missing():
+            pytest.skip(f"megatron-core builds GatedDeltaNet only with flash-linear-attention: {fla_missing()}")
+    forward_standins.before_build(arch, monkeypatch.setattr, on_gpu=True)
     src = tmp_path / "src"
     cfg = tiny_hf_config(arch, tie_embeddings=tie)
     for key, value in override.items():
@@ -49,6 +65,7 @@ def test_megatron_logits_equal_hf(tmp_path, arch, tie, override):
     layout, _ = mcore.layout_and_groups()
     source = build_source(load_config(None, ["source.kind=hf", f"source.path={src}"]), layout, on_gpu=True)
     model = source.model.eval()
+    forward_standins.after_build(arch, model)
     ids = torch.randint(0, 1003, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
     pos = torch.arange(32, device="cuda").unsqueeze(0).expand(2, -1)
     with torch.no_grad():
@@ -57,5 +74,5 @@ def test_megatron_logits_equal_hf(tmp_path, arch, tie, override):
         ref = hf(input_ids=ids).logits.float()
     rel = float((ours - ref).norm() / ref.norm())
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(f"{arch}: megatron vs HF logits rel err {rel:.4f}, top-1 agreement {top1:.3f}")
+    print(f"{arch} {override}: megatron vs HF logits rel err {rel:.4f}, top-1 agreement {top1:.3f}")
     assert rel < 0.03 and top1 >= 0.95
