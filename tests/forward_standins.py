@@ -90,6 +90,14 @@ def before_build(model_type: str, setattr_=setattr, on_gpu: bool = False) -> Non
 
 def after_build(model_type: str, model) -> int:
     """Give the built model its per-module stand-ins; returns how many norms were made zero-centered."""
+    if model_type in DSA:
+        # a bf16 job's Float16Module casts every parameter to bf16; the local spec builds the indexer's k_norm
+        # (torch LayerNorm) in float32, which CUDA's layer_norm refuses beside bf16 activations
+        dtype = model.embedding.word_embeddings.weight.dtype if hasattr(model, "embedding") else None
+        for name, mod in model.named_modules():
+            if dtype is not None and isinstance(mod, torch.nn.LayerNorm) and mod.weight.dtype != dtype:
+                mod.to(dtype)
+        return 0
     if model_type not in GDN:
         return 0
     n = 0
