@@ -15,6 +15,7 @@ holding NaN or Inf gets a non-finite scale; ``torch.isfinite`` over the packed s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -136,16 +137,8 @@ class Table:
         device), on the current stream."""
         if self.blocks == 0:
             return
-        with torch.cuda.device(packed.device) if packed.is_cuda else _nothing():
+        with torch.cuda.device(packed.device) if packed.is_cuda else contextlib.nullcontext():
             _kernel()[(self.blocks,)](self.table, self.base, packed.view(FORMAT.fp8_dtype),
                                       packed.view(torch.float32), self.count, LOG_T=self.log_t, W=_W,
                                       BLOCK=self.block, FP8_MAX=FP8_MAX, POW2=self.pow2, ALIGNED=self.aligned,
                                       num_warps=8)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

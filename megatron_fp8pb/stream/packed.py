@@ -27,7 +27,8 @@ from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.pipeline import make_plans
 from megatron_fp8pb.plan.params import Layout, PlanContext, check_coverage, expected_tensors
 from megatron_fp8pb.plan.tp_slices import check_piece_finite
-from megatron_fp8pb.quant.grouped import Table
+from megatron_fp8pb.quant.format import FORMAT
+from megatron_fp8pb.quant.grouped import Table, as_rows
 from megatron_fp8pb.sources.streamed import LazyParam
 
 ALIGN = 256     # every tensor of a packed buffer starts at a multiple of this many bytes
@@ -116,7 +117,7 @@ class PackedPlan:
             v, mcore_name = source[(name, p.offset)]
             if p.quantize:
                 u.quantized.append((p, v, mcore_name))
-                u.entries.append((name, "packed", p.full_shape, torch.float8_e4m3fn, None))
+                u.entries.append((name, "packed", p.full_shape, FORMAT.fp8_dtype, None))
                 u.entries.append((scale_name(name), "packed", grid_shape(p), torch.float32, None))
             else:
                 u.entries.append((name, "raw", p.full_shape, out_dtype_of(p, out_dtype), len(u.raws)))
@@ -156,7 +157,7 @@ def _lay_out(u: Unit, scale_fmt: str) -> bool:
     at, q_offs, s_offs = 0, [], []
     for p, _, _ in u.quantized:
         q_offs.append(at)
-        at = _align(at + nbytes(p.full_shape, torch.float8_e4m3fn))
+        at = _align(at + nbytes(p.full_shape, FORMAT.fp8_dtype))
     first = at
     for p, _, _ in u.quantized:     # scales back to back, so that the finiteness check reads no padding
         s_offs.append(at)
@@ -166,7 +167,7 @@ def _lay_out(u: Unit, scale_fmt: str) -> bool:
     u.entries = [(n, w, s, dt, next(offs) if w == "packed" else o) for n, w, s, dt, o in u.entries]
     by_dtype: dict = {}
     for (p, v, _), qo, so in zip(u.quantized, q_offs, s_offs):
-        rows = v if v.dim() == 3 else v.unsqueeze(0)     # a table of its own for rows of 16-element multiples
+        rows = as_rows(v)     # a table of its own for rows of 16-element multiples
         even = all(x % 16 == 0 for x in (rows.shape[2], rows.stride(0), rows.stride(1), rows.storage_offset()))
         by_dtype.setdefault((v.dtype, even), []).append((v, qo, so // 4))
     try:
