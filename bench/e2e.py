@@ -10,7 +10,9 @@ timed step only the source's pages are evicted (``posix_fadvise(DONTNEED)``) and
   python bench/e2e.py --gpu --arch llama3-70b --layers 8 --repeats 2
 
 Layouts (``e2e_layouts``): ``save_pretrained`` (name-sorted in each file, a few shards; the headline), ``hub``
-(name-sorted, many shards), ``export`` (the order the export reads). The three export the same bytes (checked).
+(name-sorted, many shards), ``export`` (the order the export reads), and ``megatron``: the same weights saved by
+megatron-core as a distributed checkpoint (torch_dist, tp=1; where megatron-core imports), its floors measured on its
+``.distcp`` files. All export the same bytes (checked with ``--check``).
 Last line: ``save_pretrained_vs_concurrent=X vs_peer=Y``.
 """
 from __future__ import annotations
@@ -29,11 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from e2e_layouts import LAYOUTS, evict, floors, write_layout  # noqa: E402
-from e2e_runs import _median_run, _runs_label, drop_caches, run_ours, run_peer  # noqa: E402
+from e2e_runs import _median_run, _runs_label, drop_caches, run_ours, run_peer, save_megatron_checkpoint  # noqa: E402
 from e2e_runs import write_random_source  # noqa: E402,F401 - bench/device_layouts.sh imports it from here
 
+MEGATRON = "megatron"      # the save_pretrained source saved by megatron-core as a dist checkpoint (torch_dist, tp=1)
+SOURCES = (*LAYOUTS, MEGATRON)
 SHARDS = {"gpu": {"save_pretrained": 5 << 30, "hub": 1 << 30, "export": 5 << 30},
           "tiny": {"save_pretrained": 100 << 20, "hub": 24 << 20, "export": 100 << 20}}
+
+
+def default_sources() -> list[str]:
+    """Every source; the Megatron one only where megatron-core imports (it saves that source)."""
+    import importlib.util
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        print("megatron-core is not importable: the megatron source is skipped", flush=True)
+        return list(LAYOUTS)
+    return list(SOURCES)
 
 
 def digest(out: Path) -> str:
@@ -50,23 +63,43 @@ def digest(out: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def make_source(layout: str, args, work: Path, log: Path) -> dict:
+    """Write the source of ``layout`` (one of ``LAYOUTS`` or ``MEGATRON``): where it lies, its tensor bytes and data
+    files, the command line's source keys and the glob of its data files."""
+    if layout != MEGATRON:
+        src = work / f"src-{layout}"
+        nbytes, files = write_layout(src, args.arch, args.layers, layout, SHARDS[args.mode][layout])
+        return dict(src=src, nbytes=nbytes, files=files, keys=None, pattern="*.safetensors")
+    hf, src, cfg = work / "src-megatron-hf", work / f"src-{MEGATRON}", work / "megatron-hf-config"
+    nbytes, _ = write_layout(hf, args.arch, args.layers, LAYOUTS[0], SHARDS[args.mode][LAYOUTS[0]])
+    shutil.rmtree(src, ignore_errors=True)
+    saved_s = save_megatron_checkpoint(hf, src, log)
+    cfg.mkdir(exist_ok=True)
+    shutil.copyfile(hf / "config.json", cfg / "config.json")
+    shutil.rmtree(hf)
+    print(f"{MEGATRON}: saved by megatron-core in {saved_s:.1f} s", flush=True)
+    keys = [f"source.kind={MEGATRON}", f"source.path={src}", f"source.hf_config={cfg / 'config.json'}"]
+    return dict(src=src, nbytes=nbytes, files=len(list(src.glob("*.distcp"))), keys=keys, pattern="*.distcp")
+
+
 def measure_layout(layout: str, args, work: Path, extra: list[str], log: Path, warm: bool) -> dict:
     """Write the source in ``layout``, time ours (``repeats`` runs) and both floors on it; with ``warm`` first an
     untimed export (software warm). The source is removed at the end unless the peer still needs it."""
-    src, out = work / f"src-{layout}", work / "ours"
+    out = work / "ours"
     t0 = time.perf_counter()
-    nbytes, files = write_layout(src, args.arch, args.layers, layout, SHARDS[args.mode][layout])
-    print(f"{layout}: source {nbytes / 1e9:.2f} GB in {files} files written in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    made = make_source(layout, args, work, log)
+    src, keys = made["src"], made["keys"]
+    print(f"{layout}: source {made['nbytes'] / 1e9:.2f} GB in {made['files']} files written in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
     if warm:
         shutil.rmtree(out, ignore_errors=True)
-        w = run_ours(src, out, 1, extra, log, launcher=args.launcher)
+        w = run_ours(src, out, 1, extra, log, keys, launcher=args.launcher)
         print(f"warm-up export {w['seconds']:.1f} s (untimed)", flush=True)
     runs = []
     for _ in range(args.repeats):
         shutil.rmtree(out, ignore_errors=True)
         evict(src)
-        runs.append(run_ours(src, out, 1, extra, log, launcher=args.launcher))
+        runs.append(run_ours(src, out, 1, extra, log, keys, launcher=args.launcher))
         print(f"{layout}: ours {runs[-1]['seconds']:.2f} s; {runs[-1]['phases']}; rank 0 {runs[-1]['marks']}",
               flush=True)
     ours = _median_run(runs)
@@ -77,12 +110,12 @@ def measure_layout(layout: str, args, work: Path, extra: list[str], log: Path, w
         evict(src)
         other = run_ours(src, out, 1, extra, log, launcher="torchrun")
         print(f"{layout}: ours under torchrun {other['seconds']:.2f} s; rank 0 {other['marks']}", flush=True)
-    fl = floors(src, work / "floor", ours["out_bytes"])
+    fl = floors(src, work / "floor", ours["out_bytes"], made["pattern"])
     print(f"{layout}: floors read {fl['read_s']:.2f} s, write {fl['write_s']:.2f} s, both at once "
           f"{fl['concurrent_s']:.2f} s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    return dict(src=src, src_bytes=nbytes, files=files, ours=ours, each=[r["seconds"] for r in runs], digest=same,
-                torchrun=other, **fl)
+    return dict(src=src, src_bytes=made["nbytes"], files=made["files"], ours=ours, each=[r["seconds"] for r in runs],
+                digest=same, torchrun=other, **fl)
 
 
 def measure_peer(src: Path, work: Path, log: Path, repeats: int) -> dict | None:
@@ -142,7 +175,8 @@ def main() -> None:
     mode.add_argument("--gpu", action="store_true", help="one GPU, Llama-3-8B shapes")
     ap.add_argument("--arch", default=None)
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
+    ap.add_argument("--layouts", default=None, help="comma-separated subset of " + ",".join(SOURCES) + " (default: "
+                    "all; megatron where megatron-core imports)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of ours per layout (median shown)")
     ap.add_argument("--peer-repeats", type=int, default=1)
     ap.add_argument("--no-peer", action="store_true")
@@ -161,13 +195,14 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fp8pb-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "e2e.log"
-    layouts = [x for x in args.layouts.split(",") if x]
-    unknown = sorted(set(layouts) - set(LAYOUTS))
+    layouts = [x for x in (args.layouts or ",".join(default_sources())).split(",") if x]
+    unknown = sorted(set(layouts) - set(SOURCES))
     if unknown:
-        raise SystemExit(f"--layouts: {unknown} are not layouts; choose from {', '.join(LAYOUTS)}")
+        raise SystemExit(f"--layouts: {unknown} are not layouts; choose from {', '.join(SOURCES)}")
     res, peer = {}, None
-    # the headline layout last: its peer run and its cold run (page cache dropped whole) come after every other
-    for k, layout in enumerate(sorted(layouts, key=lambda x: x == LAYOUTS[0])):
+    # the Megatron source first (the warm-up export, on it, warms megatron-core too); the headline layout last: its
+    # peer run and its cold run (page cache dropped whole) come after every other
+    for k, layout in enumerate(sorted(layouts, key=lambda x: (x == LAYOUTS[0], x != MEGATRON))):
         res[layout] = measure_layout(layout, args, work, extra, log, warm=k == 0)
         if layout == LAYOUTS[0] and not args.no_peer:
             peer = measure_peer(res[layout]["src"], work, log, args.peer_repeats)

@@ -135,21 +135,22 @@ def _write_bytes(path: Path, nbytes: int, chunk: int = 64 << 20) -> None:
         os.close(fd)
 
 
-def floors(src: Path, out_dir: Path, nbytes: int) -> dict:
-    """Seconds to read ``src`` cold, to write ``nbytes`` with fsync into ``out_dir`` (same disk as the export's
-    output), their sum (the sequential floor), and both at once on two threads (the concurrent floor)."""
+def floors(src: Path, out_dir: Path, nbytes: int, pattern: str = "*.safetensors") -> dict:
+    """Seconds to read ``src``'s ``pattern`` files cold, to write ``nbytes`` with fsync into ``out_dir`` (same disk
+    as the export's output), their sum (the sequential floor), and both at once on two threads (the concurrent
+    floor)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     f = out_dir / "floor.bin"
     evict(src)
     t0 = time.perf_counter()
-    _read_all(src)
+    _read_all(src, pattern)
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     _write_bytes(f, nbytes)
     write_s = time.perf_counter() - t0
     f.unlink()
     evict(src)
-    reader = threading.Thread(target=_read_all, args=(src,))
+    reader = threading.Thread(target=_read_all, args=(src, pattern))
     t0 = time.perf_counter()
     reader.start()
     _write_bytes(f, nbytes)

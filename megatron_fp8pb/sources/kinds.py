@@ -16,7 +16,8 @@ class SourceKind:
     path_is: str | None = None    # what source.path must point at (None: the kind reads no path)
     needs_megatron: bool = False  # the export imports megatron-core for it
     streamed: bool = False        # read unit by unit while the export runs (no Megatron model built)
-    readahead: str | None = None  # "tensors": this rank's tensors along the read plan; "files": whole data files
+    readahead: str | None = None  # "tensors": this rank's tensors along the read plan; "chunks": this rank's saved
+                                  # chunks in the export's order
 
 
 KINDS = {k.name: k for k in (
@@ -25,7 +26,7 @@ KINDS = {k.name: k for k in (
                readahead="tensors"),
     SourceKind("megatron", "a Megatron distributed checkpoint (torch_dist), with source.hf_config",
                path_is="a Megatron distributed checkpoint directory", needs_megatron=True, streamed=True,
-               readahead="files"),
+               readahead="chunks"),
     SourceKind("random", "a preset's shapes with random weights, for benchmarks", needs_megatron=True),
 )}
 

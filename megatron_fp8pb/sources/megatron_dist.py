@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_fp8pb.parallel import megatron as mcore
 from megatron_fp8pb.archs import Dims
 from megatron_fp8pb.sources.distcp import DirectReads, read_items
+from megatron_fp8pb.sources.distcp_layout import chunk_name
+from megatron_fp8pb.sources.readahead import Readahead
 from megatron_fp8pb.plan.params import Layout, ParamPlan
 from megatron_fp8pb.sources.streamed import LazyParam, local_param_shapes
 from megatron_fp8pb.plan.tp_slices import pieces_of
@@ -223,10 +225,12 @@ def plan_reads(path: str, metadata: Metadata, specs: dict, names: list[str]) -> 
 
 
 def megatron_params(path: str, metadata: Metadata, d: Dims, layout: Layout, dtype: torch.dtype,
-                    vocab_rows: int | None, device: torch.device | None = None) -> list[tuple[str, LazyParam]]:
+                    vocab_rows: int | None, device: torch.device | None = None,
+                    ahead: Readahead | None = None) -> list[tuple[str, LazyParam]]:
     """This rank's parameters over a Megatron dist checkpoint (``metadata``: its ``read_checkpoint_metadata``), each
     read when its unit comes: the local tensor this layout's model would load (``vocab_rows``: the checkpoint's
-    padded vocabulary), split into the pieces it exports; read into ``device`` memory where one is given."""
+    padded vocabulary), split into the pieces it exports; read into ``device`` memory where one is given.
+    ``ahead``: the checkpoint's readahead (``readahead.start_checkpoint``), told which chunks are read."""
     specs = sharded_specs(d, dtype, layout, vocab_rows, mcore.checkpoint_content_metadata(path))
     shapes = local_param_shapes(d, layout, vocab_rows)
     missing = [name for name, _ in shapes if name not in specs]
@@ -243,6 +247,9 @@ def megatron_params(path: str, metadata: Metadata, d: Dims, layout: Layout, dtyp
                              f"source.hf_config but the export rules expect {list(shape)} at {layout.describe()}")
 
         def load(plan: ParamPlan, spec=spec, items=reads[name]) -> list[torch.Tensor]:
+            if ahead is not None:
+                for item in items:
+                    ahead.consumed(chunk_name(item.storage_index.fqn, item.storage_index.offset or ()))
             return pieces_of(plan, read_sharded(path, metadata, spec, items, direct), d)
         out.append((name, LazyParam(tuple(shape), load, spec.data.dtype)))
     return out

@@ -60,6 +60,11 @@ class Readahead:
         for t in self._threads:
             t.start()
 
+    @property
+    def finished(self) -> bool:
+        """Every read done, or the readahead closed: another export of the source needs a new one."""
+        return self._stop or not any(t.is_alive() for t in self._threads)
+
     def consumed(self, name: str) -> None:
         """The reader has reached tensor ``name``: the window moves up to its start."""
         p = self._pos.get(name)
@@ -149,16 +154,73 @@ def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 
         return _ACTIVE[key]
 
 
-def start_files(path: str | os.PathLike, files: list[Path]) -> Readahead | None:
-    """The readahead of a Megatron distributed checkpoint: its data files whole, from first byte to last, a few files
-    at a time (``read_plan.schedule``; where each key's bytes lie is in ``.metadata``, a torch pickle, unread here),
-    within the same window (nothing marks them consumed)."""
+def chunk_order(chunks: list, num_layers: int, pp: int = 1, pp_rank: int = 0, ep: int = 1, ep_rank: int = 0,
+                num_experts: int = 0) -> list:
+    """The saved chunks (``distcp_layout.SavedChunk``) a pipeline stage reads, in the order the export takes units
+    (``plan.unit_sequence``, as ``stage_order``), each unit's chunks by file and ascending offset. Only the model's
+    weights count: ``_extra_state``, optimizer states and anything else a training checkpoint holds are not read.
+    With ``ep`` > 1 a layer's routed experts are only those of expert-parallel rank ``ep_rank`` where the chunk's
+    expert axis tells (the axis after the layer's; Megatron's contiguous split of ``num_experts``)."""
+    from megatron_fp8pb.sources.distcp_layout import chunk_expert, chunk_layer
+    layers = {at[0] for c in chunks if (at := chunk_layer(c.key, c.offset, num_layers))}
+    final = max(num_layers, max(layers, default=-1) + 1) + 1    # after every decoder and MTP layer
+    pos = {u: i for i, u in enumerate(unit_sequence(final))}
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    mine = stage_layer_range(num_layers, pp, pp_rank)
+    tied = not any(c.key.startswith("output_layer.") for c in chunks)
+    per = num_experts // ep if ep > 1 and num_experts and num_experts % ep == 0 else 0
+    keyed = []
+    for c in chunks:
+        if "_extra_state" in c.key:
+            continue
+        at = chunk_layer(c.key, c.offset, num_layers)
+        if at is not None:
+            layer, axis = at
+            if not (layer in mine or (last and layer >= num_layers)):
+                continue
+            expert = chunk_expert(c.key, c.offset, axis) if per else None
+            if expert is not None and expert < num_experts and expert // per != ep_rank:
+                continue
+            unit = 1 + layer
+        elif c.key.startswith("embedding."):
+            if not (first or (last and tied)):
+                continue
+            unit = 0 if first else final       # the last stage: read for the tied lm_head
+        elif c.key.startswith(("output_layer.", "decoder.final_layernorm.", "decoder.final_norm.")):
+            if not last:
+                continue
+            unit = final
+        else:
+            continue
+        keyed.append((pos[unit], str(c.file), c.first_byte, c))
+    return [c for *_, c in sorted(keyed, key=lambda k: k[:3])]
+
+
+def start_checkpoint(path: str | os.PathLike, num_layers: int | None = None, pp: int = 1, pp_rank: int = 0,
+                     ep: int = 1, ep_rank: int = 0, num_experts: int = 0) -> Readahead | None:
+    """The readahead of a Megatron distributed checkpoint for this stage and expert-parallel rank: its saved chunks
+    in the export's order (``chunk_order``), each named by ``distcp_layout.chunk_name`` for ``consumed``; whole data
+    files in name order where ``.metadata`` cannot be read without torch or ``num_layers`` is unknown."""
+    from megatron_fp8pb.sources.distcp_layout import saved_chunks
     key = os.path.realpath(path)
     with _LOCK:
-        if key not in _ACTIVE and files:
-            ranges = schedule([(str(f), f, 0, f.stat().st_size) for f in files])
-            _ACTIVE[key] = Readahead(ranges, _window(sum(r.length for r in ranges)))
+        if key not in _ACTIVE or _ACTIVE[key].finished:
+            chunks = saved_chunks(path) if num_layers is not None else None
+            if chunks is not None:
+                ranges = [(c.name, c.file, c.first_byte, c.length)
+                          for c in chunk_order(chunks, num_layers, pp, pp_rank, ep, ep_rank, num_experts)]
+            else:
+                ranges = schedule([(str(f), f, 0, f.stat().st_size) for f in sorted(Path(path).glob("*.distcp"))])
+            if ranges:
+                total = sum(r.length if isinstance(r, Timed) else r[3] for r in ranges)
+                _ACTIVE[key] = Readahead(ranges, _window(total))
         return _ACTIVE.get(key)
+
+
+def active(path: str | os.PathLike) -> Readahead | None:
+    """The readahead running on ``path`` in this process, if any."""
+    with _LOCK:
+        return _ACTIVE.get(os.path.realpath(path))
 
 
 def _window(total: int) -> int:
@@ -196,6 +258,19 @@ def mem_available(cgroup: str = "/sys/fs/cgroup") -> int:
     return 4 << 30 if avail is None else avail
 
 
+def _text_config(hfc: dict) -> dict:
+    """A config.json's language model part (a VLM nests it under ``text_config``)."""
+    return hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
+
+
+def num_experts_of(hfc: dict) -> int:
+    """Routed experts per MoE layer of a config.json (0: dense)."""
+    for k in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if hfc.get(k):
+            return int(hfc[k])
+    return 0
+
+
 def start_for_command_line(config_path: str | None, overrides: list[str]) -> Readahead | None:
     """Start reading a source checkpoint before the heavy imports, when the command line names one. Any problem
     with the config or the source is left to the export itself, which names it properly: here it only means no
@@ -206,14 +281,19 @@ def start_for_command_line(config_path: str | None, overrides: list[str]) -> Rea
         how = kind(cfg.source.kind).readahead
         if how is None or not cfg.source.path or not cfg.source.readahead:
             return None
-        if how == "files":
-            ra = start_files(cfg.source.path, sorted(Path(cfg.source.path).glob("*.distcp")))
+        p, world, rank = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        pp_rank, ep_rank = pp_rank_of(rank, world, p.pp), ep_rank_of(rank, p.ep, p.etp or p.tp)
+        if how == "chunks":
+            try:
+                at = Path(cfg.source.hf_config)
+                hfc = _text_config(json.loads((at if at.is_file() else at / "config.json").read_text()))
+                layers, experts = int(hfc["num_hidden_layers"]), num_experts_of(hfc)
+            except Exception:
+                layers, experts = None, 0
+            ra = start_checkpoint(cfg.source.path, layers, p.pp, pp_rank, p.ep, ep_rank, experts)
         else:
-            hfc = json.loads((Path(cfg.source.path) / "config.json").read_text())
-            hfc = hfc.get("text_config", hfc) if "num_hidden_layers" not in hfc else hfc
-            p, world, rank = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-            ra = start(cfg.source.path, int(hfc["num_hidden_layers"]), p.pp, pp_rank_of(rank, world, p.pp),
-                       p.ep, ep_rank_of(rank, p.ep, p.etp or p.tp))
+            hfc = _text_config(json.loads((Path(cfg.source.path) / "config.json").read_text()))
+            ra = start(cfg.source.path, int(hfc["num_hidden_layers"]), p.pp, pp_rank, p.ep, ep_rank)
     except Exception:
         return None
     return ra

@@ -157,7 +157,9 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         rows = dcs.padded_vocab_rows(metadata, s.path, layout.tp_size, d.vocab)
         if stream:
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
-            params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows, device)
+            ahead = readahead.start_checkpoint(s.path, d.num_layers, layout.pp_size, layout.pp_rank, layout.ep_size,
+                                               layout.ep_rank, d.num_experts) if s.readahead else None
+            params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows, device, ahead)
             return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
     if stream and kind(s.kind).streamed:
         # verify compares on the host: a reader into GPU memory is not the truth's reader

@@ -86,7 +86,33 @@ def test_moe_resharded_as_the_loaded_model(tmp_path, case):
                          "glm_moe_dsa": (tiny_hf_config("glm_moe_dsa"), (1, 1, 2), (2, 1, 1)),
                          "deepseek_v32_mtp": (_with_mtp(tiny_hf_config("deepseek_v32")), (1, 1, 2), (2, 1, 1))}[case]
     src, ckpt, state = _save(tmp_path, cfg, 2, *save)
+    _check_readahead_plan(ckpt, cfg)
     _check_resharded(tmp_path, src, ckpt, state, export)
+
+
+def _check_readahead_plan(ckpt, cfg) -> None:
+    """The readahead's plan of a checkpoint megatron-core saved: its chunks as torch reads ``.metadata``, every
+    weight chunk in the plan of one layout, split without overlap between two pipeline stages, and each routed
+    expert's chunks in the plan of its expert-parallel rank only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from megatron_fp8pb.sources.distcp_layout import chunk_expert, chunk_layer, saved_chunks
+    from megatron_fp8pb.sources.readahead import chunk_order, num_experts_of
+    chunks = saved_chunks(ckpt)
+    meta = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    assert {(c.key, c.offset, c.file.name, c.first_byte, c.length) for c in chunks} == {
+        (i.fqn, tuple(i.offset or ()), s.relative_path, s.offset, s.length) for i, s in meta.items()}
+    layers, experts = cfg.num_hidden_layers, num_experts_of(cfg.to_dict())
+    weights = {c.name for c in chunks if "_extra_state" not in c.key}
+    assert {c.name for c in chunk_order(chunks, layers)} == weights
+    stages = [{c.name for c in chunk_order(chunks, layers, pp=2, pp_rank=r)} for r in (0, 1)]
+    assert stages[0] | stages[1] == weights and not stages[0] & stages[1]
+    ranks = [{c.name for c in chunk_order(chunks, layers, ep=2, ep_rank=r, num_experts=experts)} for r in (0, 1)]
+    assert ranks[0] | ranks[1] == weights
+    for c in chunks:
+        at = chunk_layer(c.key, c.offset, layers)
+        e = chunk_expert(c.key, c.offset, at[1]) if at else None
+        if c.name in weights and e is not None:
+            assert (c.name in ranks[0], c.name in ranks[1]) == (e < experts // 2, e >= experts // 2), c.name
 
 
 def test_mtp_layers_the_checkpoint_lacks_are_left_out(tmp_path):

@@ -130,7 +130,8 @@ def test_window_respects_a_cgroup_memory_limit(tmp_path):
     assert abs(unlimited - no_cgroup) < 256 << 20      # both /proc/meminfo, read at two moments
 
 
-def test_command_line_start_reads_a_megatron_checkpoint_whole(tmp_path, monkeypatch):
+def test_command_line_start_reads_a_megatron_checkpoint_whole_where_its_metadata_is_unreadable(tmp_path,
+                                                                                               monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     (tmp_path / "ck").mkdir()
     sizes = {"__1_0.distcp": 5 << 20, "__0_0.distcp": 3 << 20 | 7, ".metadata": 100}
