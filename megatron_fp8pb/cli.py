@@ -17,6 +17,7 @@ from megatron_fp8pb.process import exit_on_sigterm, set_phase
 from megatron_fp8pb.log import log0
 from megatron_fp8pb.exporter.options import ExportOptions, RankView
 from megatron_fp8pb.exporter.pipeline import run_export
+from megatron_fp8pb.sources.megatron_plain import plain_source
 from megatron_fp8pb.sources.registry import build_source, source_config
 from megatron_fp8pb.sources.streamed import fixed_mmap_threshold
 from megatron_fp8pb.plan.validate import check_layout
@@ -109,7 +110,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
             raise refuse_everywhere(e) from e
         raise
     start = session.process_age()
-    mcore_free = not kind(cfg.source.kind).needs_megatron     # the layout and its groups without megatron-core
+    # the layout and its groups without megatron-core, also for a dense GPT's Megatron checkpoint read directly
+    mcore_free = not kind(cfg.source.kind).needs_megatron or plain_source(
+        cfg.source.kind, cfg.source.path, cfg.source.hf_config, cfg.source.megatron_core) is not None
     if not mcore_free:
         from megatron_fp8pb.parallel.megatron_import import import_without_compiling
         import_without_compiling()      # this job never runs the model

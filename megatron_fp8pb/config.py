@@ -65,6 +65,8 @@ class SourceConfig:
     seed: int = knob(0, "tiny: weights seed")
     tie_embeddings: bool = knob(False, "tiny: tie embeddings and lm_head")
     readahead: bool = knob(True, "hf, megatron: read the source into the page cache from process start")
+    megatron_core: bool = knob(False, "megatron: map a dense GPT's checkpoint with megatron-core too (by default its "
+                               "keys are read directly and megatron-core is not imported)")
     def __post_init__(self):
         _check_choices(self)
         from megatron_fp8pb.sources.kinds import kind

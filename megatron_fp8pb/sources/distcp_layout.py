@@ -65,6 +65,40 @@ class _Unpickler(pickle.Unpickler):
         return _STUBS.setdefault((module, name), type(name, (_Stub,), {"__module__": "stub." + module}))
 
 
+class SavedIndex(NamedTuple):
+    """What ``.metadata`` says of a checkpoint's tensors: each key's global shape and its saved chunks (offset ->
+    ``(sizes, SavedChunk)``), and whether any chunk is stored transformed (compressed: not readable in place)."""
+    shapes: dict[str, tuple[int, ...]]
+    chunks: dict[str, dict[tuple[int, ...], tuple[tuple[int, ...], SavedChunk]]]
+    transformed: bool
+
+
+def saved_index(path: str | Path) -> SavedIndex | None:
+    """The tensors of the checkpoint at ``path`` as ``.metadata`` lists them; None where it cannot be read this way."""
+    path = Path(path)
+    try:
+        with open(path / ".metadata", "rb") as f:
+            md = _Unpickler(f).load()
+        where, transformed = {}, False
+        for index, info in md.storage_data.items():
+            offset = tuple(int(o) for o in (getattr(index, "offset", None) or ()))
+            where[(str(index.fqn), offset)] = SavedChunk(str(index.fqn), offset, path / str(info.relative_path),
+                                                         int(info.offset), int(info.length))
+            transformed |= bool(getattr(info, "transform_descriptors", None))
+        shapes, chunks = {}, {}
+        for key, meta in md.state_dict_metadata.items():
+            if not hasattr(meta, "size"):       # bytes (optimizer step counts, rng states, ...)
+                continue
+            shapes[str(key)] = tuple(int(s) for s in meta.size)
+            chunks[str(key)] = {}
+            for c in meta.chunks:
+                offset = tuple(int(o) for o in c.offsets)
+                chunks[str(key)][offset] = (tuple(int(s) for s in c.sizes), where[(str(key), offset)])
+        return SavedIndex(shapes, chunks, transformed)
+    except Exception:       # a hint only: any surprise means the caller reads it another way
+        return None
+
+
 def saved_chunks(path: str | Path) -> list[SavedChunk] | None:
     """Every saved tensor chunk of the checkpoint at ``path`` with its bytes, in no order; None where ``.metadata``
     cannot be read this way (the caller falls back to reading whole files)."""

@@ -16,6 +16,8 @@ from megatron_fp8pb.output.hf_files import source_side_files
 from megatron_fp8pb.plan.params import Layout, PlanContext, as_stored_tensors, expected_tensors, plan_param
 from megatron_fp8pb.plan.tp_slices import from_slices
 from megatron_fp8pb.sources.kinds import kind
+from megatron_fp8pb.sources.megatron_plain import plain_source
+from megatron_fp8pb.log import log0
 from megatron_fp8pb.sources.streamed import hf_params, stage_layers
 
 
@@ -146,6 +148,16 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         reader, extra = None, source_side_files(s.hf_config)
         dtype = config_dtype(hfc)
     rows = None
+    plain = plain_source(s.kind, s.path, s.hf_config, s.megatron_core) if stream else None
+    if plain is not None:
+        from megatron_fp8pb.sources import megatron_plain as mp
+        rows = mp.vocab_rows(plain, s.path, layout.tp_size, d.vocab)
+        ahead = readahead.start_checkpoint(s.path, d.num_layers, layout.pp_size, layout.pp_rank) if s.readahead \
+            else None
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        log0(f"Megatron checkpoint {s.path}: a dense GPT's keys, read without megatron-core")
+        params = mp.plain_params(s.path, plain, d, layout, dtype, rows, device, ahead)
+        return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
     if s.kind == "megatron":
         from megatron_fp8pb.sources import megatron_dist as dcs
         if d.linear_layers:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from megatron_fp8pb.archs import Dims, rules_for
-from megatron_fp8pb.archs.base import DUPLICATE, EXPERT, GLOBAL, TIED_COPY, VOCAB, rule_layers
+from megatron_fp8pb.archs.base import DUPLICATE, EXPERT, GLOBAL, TIED_COPY, VOCAB, Rule, rule_layers
 from megatron_fp8pb.sources.hf import read_slice
 from megatron_fp8pb.parallel.megatron import padded_vocab
 from megatron_fp8pb.plan.params import Layout, ParamPlan, local_shape
@@ -61,11 +61,22 @@ def stage_layers(d: Dims, layout: Layout) -> dict[int, int]:
     return dict(enumerate(stage_layer_range(d.num_layers, layout.pp_size, layout.pp_rank)))
 
 
-def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
-    """(Megatron name, local shape) of every parameter this rank's model chunk holds that the export reads, in
-    the order of the rules; tied output-layer copies (which produce nothing) are left out. A layer rule covers only
-    the layers of its selector (dense / MoE layers); multi-token-prediction layers (HF layer ``num_layers + k``)
-    are Megatron's ``mtp.layers.{k}.transformer_layer`` on the last stage."""
+class LocalParam(NamedTuple):
+    """A parameter of this rank's model chunk: its Megatron name and local shape, the rule it comes from (and that
+    rule's index in ``rules_for``), and the global layer it is in (None for a global rule; ``num_layers + k`` for
+    multi-token-prediction layer ``k``)."""
+    name: str
+    shape: tuple[int, ...]
+    rule: Rule
+    rule_index: int
+    layer: int | None
+
+
+def local_params(d: Dims, layout: Layout, vocab_rows: int | None = None) -> list[LocalParam]:
+    """Every parameter this rank's model chunk holds that the export reads, in the order of the rules; tied
+    output-layer copies (which produce nothing) are left out. A layer rule covers only the layers of its selector
+    (dense / MoE layers); multi-token-prediction layers (HF layer ``num_layers + k``) are Megatron's
+    ``mtp.layers.{k}.transformer_layer`` on the last stage."""
     rules = rules_for(d)
     first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
     nle = d.num_experts // layout.ep_size if d.num_experts else 0
@@ -79,16 +90,22 @@ def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -
         shape = _local_shape(rule, d, layout, vocab_rows)
         if rule.scope == GLOBAL:    # the embedding's unit on the first stage, the final norm's on the last
             if (first if write_unit(rules, k, None, d) == EMBEDDING_UNIT else last):
-                out.append((rule.mcore[0], shape))
+                out.append(LocalParam(rule.mcore[0], shape, rule, k, None))
             continue
         for i in rule_layers(rule, d):
             if i not in prefixes:
                 continue
             if rule.scope == EXPERT:
-                out += [(prefixes[i] + rule.mcore[0].replace("{x}", str(x)), shape) for x in range(nle)]
+                out += [LocalParam(prefixes[i] + rule.mcore[0].replace("{x}", str(x)), shape, rule, k, i)
+                        for x in range(nle)]
             else:
-                out.append((prefixes[i] + rule.mcore[0], shape))
+                out.append(LocalParam(prefixes[i] + rule.mcore[0], shape, rule, k, i))
     return out
+
+
+def local_param_shapes(d: Dims, layout: Layout, vocab_rows: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(Megatron name, local shape) of each of ``local_params``."""
+    return [(p.name, p.shape) for p in local_params(d, layout, vocab_rows)]
 
 
 def _local_shape(rule, d: Dims, layout: Layout, vocab_rows: int | None) -> tuple[int, ...]:
