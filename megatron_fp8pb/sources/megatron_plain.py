@@ -72,13 +72,27 @@ class Keys:
     keys: dict[tuple[int, int | None], tuple[str, bool]]
 
 
-@functools.lru_cache(maxsize=8)
 def plain_source(kind: str, path: str | None, hf_config: str | None, use_megatron_core: bool) -> Keys | None:
     """The keys of a Megatron source this module reads (``source.kind``, ``source.path``, ``source.hf_config`` and
     ``source.megatron_core``), or None where megatron-core must (or is asked to) map it; the same answer for the
-    command line, which decides from it whether to import megatron-core, and for ``registry.build_source``."""
+    command line, which decides from it whether to import megatron-core, and for ``registry.build_source`` (kept
+    while the checkpoint's ``.metadata`` and the config are the same files)."""
     if kind != "megatron" or use_megatron_core or not path or not hf_config:
         return None
+    return _plain_source(os.path.realpath(path), hf_config, _stamp(os.path.join(path, ".metadata")),
+                         _stamp(hf_config))
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+        return st.st_mtime_ns, st.st_size
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_source(path: str, hf_config: str, *stamps) -> Keys | None:
     try:
         from megatron_fp8pb.archs import dims_from_hf
         from megatron_fp8pb.sources.hf import hf_config as read_config
