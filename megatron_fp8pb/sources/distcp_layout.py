@@ -9,6 +9,8 @@ order the export takes layers. Anything unexpected gives None: the readahead the
 """
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -144,3 +146,34 @@ def chunk_expert(key: str, offset: tuple[int, ...], axis: int) -> int | None:
     if m:
         return int(m.group(1))
     return offset[axis] if len(offset) > axis else None
+
+
+def check_torch_dist(path: str) -> None:
+    """``path`` is a Megatron distributed checkpoint in the torch_dist format; an error naming the fix otherwise."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
+    try:
+        with open(os.path.join(path, "metadata.json")) as f:
+            backend = json.load(f).get("sharded_backend")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/metadata.json is missing or unreadable ({e}): source.path must be a Megatron "
+                         f"distributed checkpoint directory (one iteration's folder, e.g. iter_0001000)") from e
+    if backend != "torch_dist":
+        raise ValueError(f"Megatron checkpoint {path} is in the {backend!r} format; the export reads 'torch_dist' "
+                         f"(megatron-core's default): convert it with megatron-core's checkpoint converter first")
+
+
+def vocab_rows_of(shapes: dict, path: str, tp_size: int, vocab: int) -> int | None:
+    """The padded vocabulary a checkpoint was saved with (the global rows of its embedding, or of its output layer;
+    ``shapes``: key -> global shape), which the export layout must reuse to read it; None when it holds neither."""
+    shape = shapes.get("embedding.word_embeddings.weight") or shapes.get("output_layer.weight")
+    if shape is None:
+        return None
+    rows = int(shape[0])
+    if rows % tp_size:
+        raise ValueError(f"Megatron checkpoint {path} has a padded vocabulary of {rows} rows, which tp({tp_size}) "
+                         f"does not divide ({rows} % {tp_size} = {rows % tp_size}); choose a tp that divides it")
+    if rows < vocab:
+        raise ValueError(f"Megatron checkpoint {path} has {rows} vocabulary rows but source.hf_config says "
+                         f"vocab_size={vocab}; the config describes another model")
+    return rows

@@ -10,8 +10,6 @@ are read, whatever tp/pp/ep the checkpoint was saved at, with positioned reads w
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
 
 import torch
@@ -23,7 +21,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_fp8pb.parallel import megatron as mcore
 from megatron_fp8pb.archs import Dims
 from megatron_fp8pb.sources.distcp import DirectReads, read_items
-from megatron_fp8pb.sources.distcp_layout import chunk_name
+from megatron_fp8pb.sources.distcp_layout import check_torch_dist, chunk_name, vocab_rows_of
 from megatron_fp8pb.sources.readahead import Readahead
 from megatron_fp8pb.plan.params import Layout, ParamPlan
 from megatron_fp8pb.sources.streamed import LazyParam, local_param_shapes
@@ -32,35 +30,15 @@ from megatron_fp8pb.plan.tp_slices import pieces_of
 
 def read_checkpoint_metadata(path: str) -> Metadata:
     """The torch.distributed.checkpoint metadata of a Megatron torch_dist checkpoint (every saved chunk's place)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
-    try:
-        with open(os.path.join(path, "metadata.json")) as f:
-            backend = json.load(f).get("sharded_backend")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}/metadata.json is missing or unreadable ({e}): source.path must be a Megatron "
-                         f"distributed checkpoint directory (one iteration's folder, e.g. iter_0001000)") from e
-    if backend != "torch_dist":
-        raise ValueError(f"Megatron checkpoint {path} is in the {backend!r} format; the export reads 'torch_dist' "
-                         f"(megatron-core's default): convert it with megatron-core's checkpoint converter first")
+    check_torch_dist(path)
     return FileSystemReader(path).read_metadata()
 
 
 def padded_vocab_rows(metadata: Metadata, path: str, tp_size: int, vocab: int) -> int | None:
-    """The padded vocabulary the checkpoint was saved with (its embedding's global rows), which the export layout
-    must reuse to read it; None when the checkpoint holds no embedding."""
-    saved = metadata.state_dict_metadata
-    emb = saved.get("embedding.word_embeddings.weight") or saved.get("output_layer.weight")
-    if not isinstance(emb, TensorStorageMetadata):
-        return None
-    rows = int(emb.size[0])
-    if rows % tp_size:
-        raise ValueError(f"Megatron checkpoint {path} has a padded vocabulary of {rows} rows, which tp({tp_size}) "
-                         f"does not divide ({rows} % {tp_size} = {rows % tp_size}); choose a tp that divides it")
-    if rows < vocab:
-        raise ValueError(f"Megatron checkpoint {path} has {rows} vocabulary rows but source.hf_config says "
-                         f"vocab_size={vocab}; the config describes another model")
-    return rows
+    """The padded vocabulary the checkpoint was saved with (``distcp_layout.vocab_rows_of``)."""
+    shapes = {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items()
+              if isinstance(m, TensorStorageMetadata)}
+    return vocab_rows_of(shapes, path, tp_size, vocab)
 
 
 class _Reader(FileSystemReader):

@@ -22,10 +22,8 @@ against megatron-core's own reading at several layouts, and the CLI's exports by
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -35,7 +33,7 @@ from megatron_fp8pb.archs.base import (COLWISE, GATED, GLOBAL, LAYER, PLAIN, QKV
 from megatron_fp8pb.plan.params import Layout, ParamPlan
 from megatron_fp8pb.plan.tp_slices import pieces_of
 from megatron_fp8pb.sources.distcp import DirectReads, read_items
-from megatron_fp8pb.sources.distcp_layout import SavedIndex, saved_index
+from megatron_fp8pb.sources.distcp_layout import SavedIndex, check_torch_dist, saved_index, vocab_rows_of
 from megatron_fp8pb.sources.streamed import LazyParam, LocalParam, local_params
 
 _SHARDS = {COLWISE, ROWWISE, REPLICATED, VOCAB, TIED_COPY}
@@ -47,21 +45,6 @@ def plain_rules(d: Dims) -> bool:
     return not d.num_experts and not d.mtp_layers and all(
         r.scope in (GLOBAL, LAYER) and r.fusion in _FUSIONS and r.shard in _SHARDS and not r.alt_shard
         and r.parts is None for r in rules_for(d))
-
-
-def check_backend(path: str) -> None:
-    """``path`` is a Megatron distributed checkpoint in the torch_dist format; ValueError naming the fix otherwise."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"source.path {path} is not a Megatron distributed checkpoint directory")
-    try:
-        with open(os.path.join(path, "metadata.json")) as f:
-            backend = json.load(f).get("sharded_backend")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}/metadata.json is missing or unreadable ({e}): source.path must be a Megatron "
-                         f"distributed checkpoint directory (one iteration's folder, e.g. iter_0001000)") from e
-    if backend != "torch_dist":
-        raise ValueError(f"Megatron checkpoint {path} is in the {backend!r} format; the export reads 'torch_dist' "
-                         f"(megatron-core's default): convert it with megatron-core's checkpoint converter first")
 
 
 @dataclass(frozen=True)
@@ -96,7 +79,7 @@ def _plain_source(path: str, hf_config: str, *stamps) -> Keys | None:
     try:
         from megatron_fp8pb.archs import dims_from_hf
         from megatron_fp8pb.sources.hf import hf_config as read_config
-        check_backend(path)
+        check_torch_dist(path)
         return plain_keys(path, dims_from_hf(read_config(hf_config)))
     except Exception:       # noqa: BLE001 - megatron-core's reading names whatever is wrong with it
         return None
@@ -136,18 +119,8 @@ def _key_of(rule: Rule, layer: int | None, index: SavedIndex) -> tuple[str, bool
 
 
 def vocab_rows(keys: Keys, path: str, tp_size: int, vocab: int) -> int | None:
-    """The padded vocabulary the checkpoint was saved with (``megatron_dist.padded_vocab_rows``, from the index)."""
-    shape = keys.index.shapes.get("embedding.word_embeddings.weight") or keys.index.shapes.get("output_layer.weight")
-    if shape is None:
-        return None
-    rows = shape[0]
-    if rows % tp_size:
-        raise ValueError(f"Megatron checkpoint {path} has a padded vocabulary of {rows} rows, which tp({tp_size}) "
-                         f"does not divide ({rows} % {tp_size} = {rows % tp_size}); choose a tp that divides it")
-    if rows < vocab:
-        raise ValueError(f"Megatron checkpoint {path} has {rows} vocabulary rows but source.hf_config says "
-                         f"vocab_size={vocab}; the config describes another model")
-    return rows
+    """The padded vocabulary the checkpoint was saved with (``distcp_layout.vocab_rows_of``)."""
+    return vocab_rows_of(keys.index.shapes, path, tp_size, vocab)
 
 
 @dataclass(frozen=True)
