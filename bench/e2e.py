@@ -115,6 +115,7 @@ def measure_layout(layout: str, args, work: Path, extra: list[str], log: Path, w
         shutil.rmtree(out, ignore_errors=True)
         evict(src)
         mcore = run_ours(src, out, 1, extra, log, keys + ["source.megatron_core=true"], launcher=args.launcher)
+        mcore["digest"] = digest(out) if args.check else None
         print(f"{layout}: ours mapping it with megatron-core {mcore['seconds']:.2f} s; rank 0 {mcore['marks']}",
               flush=True)
     fl = floors(src, work / "floor", ours["out_bytes"], made["pattern"])
@@ -175,7 +176,8 @@ def table(res: dict, peer: dict | None, dev: str, args) -> str:
                   f"{peer['sync_s']:.2f} s{_runs_label(peer['durable_each'])}; imports {peer['imports_s']:.1f} s, "
                   f"load {peer['load_s']:.1f} s, quantize {peer['quantize_s']:.1f} s, save {peer['save_s']:.1f} s"]
     if args.check:
-        same = len({r["digest"] for r in res.values()}) == 1
+        same = len({r["digest"] for r in res.values()} | {r["mcore"]["digest"] for r in res.values()
+                                                             if r.get("mcore")}) == 1
         lines += ["", f"outputs byte-identical across layouts: {same}"]
     return "\n".join(lines)
 

@@ -111,21 +111,24 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         raise
     start = session.process_age()
     # the layout and its groups without megatron-core, also for a dense GPT's Megatron checkpoint read directly
-    mcore_free = not kind(cfg.source.kind).needs_megatron or plain_source(
-        cfg.source.kind, cfg.source.path, cfg.source.hf_config, cfg.source.megatron_core) is not None
-    if not mcore_free:
+    # (decided here from the checkpoint's files, then agreed by every rank when the session starts)
+    plain = plain_source(cfg.source.kind, cfg.source.path, cfg.source.hf_config, cfg.source.megatron_core)
+    needs_megatron = kind(cfg.source.kind).needs_megatron and plain is None
+    if needs_megatron:
         from megatron_fp8pb.parallel.megatron_import import import_without_compiling
         import_without_compiling()      # this job never runs the model
-    with session.started(cfg.parallel, megatron=not mcore_free) as sess:
+    with session.started(cfg.parallel, megatron=needs_megatron, agreed=True) as sess:
         if kind(cfg.source.kind).streamed:
             fixed_mmap_threshold()      # a streamed source's tensors come and go: each gets its own pages
-        ok = export_job(cfg, sess, [("imports", imported), ("checks", start)] + sess.marks)
+        ok = export_job(cfg, sess, [("imports", imported), ("checks", start)] + sess.marks,
+                        None if sess.megatron else plain)
     return 0 if ok else 1
 
 
-def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, float]]) -> bool:
+def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, float]], plain=None) -> bool:
     """The CLI job inside its session: source -> export -> verification; whether every check passed (on every
-    rank). ``marks``: (step, seconds since the process started) so far."""
+    rank). ``marks``: (step, seconds since the process started) so far. ``plain``: the keys of a Megatron source
+    read without megatron-core (``megatron_plain.plain_source``), None where megatron-core maps it."""
     check_output_on_rank0(cfg)
     resolved = json.dumps(cfg.to_dict(), indent=2) + "\n"
     log0("resolved config:\n" + resolved, logging.DEBUG)
@@ -135,7 +138,7 @@ def export_job(cfg: ExportConfig, sess: session.Session, marks: list[tuple[str, 
     rss_start = reset_peak_rss()
     src = error = cause = None
     try:
-        src = build_source(cfg, layout, sess.on_gpu, stream=True)
+        src = build_source(cfg, layout, sess.on_gpu, stream=True, plain=plain)
     except (ValueError, TypeError, KeyError, OSError) as e:
         error, cause = message(e), e
     agree(error, cause=cause)

@@ -30,6 +30,7 @@ class Session:
     groups: mcore.Groups
     on_gpu: bool
     marks: list[tuple[str, float]] = field(default_factory=list)
+    megatron: bool = True       # megatron-core's parallel state is initialized (the layout and groups are its)
 
     @property
     def device(self) -> torch.device:
@@ -46,7 +47,8 @@ def joined(on_gpu: bool | None = None) -> Session:
 
 
 @contextlib.contextmanager
-def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None = None) -> Iterator[Session]:
+def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None = None,
+            agreed: bool = False) -> Iterator[Session]:
     """Start the job's process group from torchrun's environment (one process without it) and its parallel layout,
     yield the Session, and tear both down at the end, also when the job fails (a process group that was already up
     is left as found). After a job that ends normally, every rank passes a barrier first.
@@ -54,7 +56,8 @@ def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None =
     ``parallel``: backend and device "auto" are resolved here (``ParallelConfig.resolved``); when the model or the
     backend uses CUDA, each rank's device is its local GPU. ``megatron`` False (a source that needs no Megatron
     model): the layout and its groups come without megatron-core. ``vp``: virtual-pipeline chunks per stage
-    (interleaved schedule)."""
+    (interleaved schedule). ``agreed``: ``megatron`` is this rank's own answer (the command line's, from the source's
+    files), and megatron-core is used wherever any rank needs it (imported then as the command line imports it)."""
     quiet_known_warnings()      # before megatron.core is imported
     p = parallel.resolved()
     owned = not coll.is_initialized()
@@ -62,6 +65,11 @@ def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None =
         _start_process_group(p.backend, p.timeout_s, cuda=p.on_gpu)
     marks = [("process group", process_age())]
     try:
+        if agreed:
+            megatron = coll.any_true(megatron, coll.comm_device())
+            if megatron:
+                from megatron_fp8pb.parallel.megatron_import import import_without_compiling
+                import_without_compiling()
         if megatron:
             mcore.initialize_parallel(p.tp, p.pp, p.ep, p.etp, vp=vp)
             session = joined(p.on_gpu)
@@ -70,7 +78,8 @@ def started(parallel: ParallelConfig, *, megatron: bool = True, vp: int | None =
             rank, world = coll.rank(), coll.world_size()
             g = coll.new_groups(group_ranks(world, p.tp, p.pp, p.ep, p.etp))
             session = Session(rank, world, rank_layout(rank, world, p.tp, p.pp, p.ep, p.etp),
-                              mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device()), p.on_gpu)
+                              mcore.Groups(g.get("tp"), g.get("etp"), coll.comm_device()), p.on_gpu,
+                              megatron=False)
         session.marks = marks + [("parallel state", process_age())]
         yield session
         coll.barrier()

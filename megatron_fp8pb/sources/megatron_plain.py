@@ -44,7 +44,7 @@ def plain_rules(d: Dims) -> bool:
     """Whether every rule of the architecture is one this module maps (module docstring)."""
     return not d.num_experts and not d.mtp_layers and all(
         r.scope in (GLOBAL, LAYER) and r.fusion in _FUSIONS and r.shard in _SHARDS and not r.alt_shard
-        and r.parts is None for r in rules_for(d))
+        and r.parts is None and r.dtype is None and not r.as_stored for r in rules_for(d))
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ def plain_source(kind: str, path: str | None, hf_config: str | None, use_megatro
     while the checkpoint's ``.metadata`` and the config are the same files)."""
     if kind != "megatron" or use_megatron_core or not path or not hf_config:
         return None
+    config = os.path.join(hf_config, "config.json") if os.path.isdir(hf_config) else hf_config
     return _plain_source(os.path.realpath(path), hf_config, _stamp(os.path.join(path, ".metadata")),
-                         _stamp(hf_config))
+                         _stamp(config))
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
@@ -196,11 +197,11 @@ def _numel(shape) -> int:
 class _Storage(dict):
     """Saved chunk (key, offset) -> where its bytes lie, as ``distcp.read_items`` asks."""
 
-    def __init__(self, index: SavedIndex):
+    def __init__(self, index: SavedIndex, path: str):
         super().__init__()
         for key, chunks in index.chunks.items():
             for off, (_, c) in chunks.items():
-                self[(key, off)] = _Info(c.file.name, c.first_byte, c.length)
+                self[(key, off)] = _Info(os.path.relpath(c.file, path), c.first_byte, c.length)
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def plain_params(path: str, keys: Keys, d: Dims, layout: Layout, dtype: torch.dt
     """This rank's parameters over the checkpoint, as ``megatron_dist.megatron_params`` gives them, mapped by this
     module instead of by megatron-core. ``ahead``: the checkpoint's readahead, told which chunks are read."""
     from megatron_fp8pb.sources.distcp_layout import chunk_name
-    storage, direct = _Storage(keys.index), DirectReads(path, device)
+    storage, direct = _Storage(keys.index, path), DirectReads(path, device)
     out = []
     for p in local_params(d, layout, vocab_padded):
         key, stacked = keys.keys[(p.rule_index, p.layer)]

@@ -62,8 +62,13 @@ class Readahead:
 
     @property
     def finished(self) -> bool:
-        """Every read done, or the readahead closed: another export of the source needs a new one."""
+        """Every read done, or the readahead closed."""
         return self._stop or not any(t.is_alive() for t in self._threads)
+
+    @property
+    def closed(self) -> bool:
+        """Stopped (``stop``): a later export of the source starts a new one."""
+        return self._stop
 
     def consumed(self, name: str) -> None:
         """The reader has reached tensor ``name``: the window moves up to its start."""
@@ -157,7 +162,8 @@ def start(path: str | os.PathLike, num_layers: int, pp: int = 1, pp_rank: int = 
 def chunk_order(chunks: list, num_layers: int, pp: int = 1, pp_rank: int = 0, ep: int = 1, ep_rank: int = 0,
                 num_experts: int = 0) -> list:
     """The saved chunks (``distcp_layout.SavedChunk``) a pipeline stage reads, in the order the export takes units
-    (``plan.unit_sequence``, as ``stage_order``), each unit's chunks by file and ascending offset. Only the model's
+    (``plan.unit_sequence``, as ``stage_order``), each unit's chunks by file and ascending offset; the embedding on
+    the first stage only (the export of a tied output layer is the first stage's). Only the model's
     weights count: ``_extra_state``, optimizer states and anything else a training checkpoint holds are not read.
     With ``ep`` > 1 a layer's routed experts are only those of expert-parallel rank ``ep_rank`` where the chunk's
     expert axis tells (the axis after the layer's; Megatron's contiguous split of ``num_experts``)."""
@@ -167,7 +173,6 @@ def chunk_order(chunks: list, num_layers: int, pp: int = 1, pp_rank: int = 0, ep
     pos = {u: i for i, u in enumerate(unit_sequence(final))}
     first, last = pp_rank == 0, pp_rank == pp - 1
     mine = stage_layer_range(num_layers, pp, pp_rank)
-    tied = not any(c.key.startswith("output_layer.") for c in chunks)
     per = num_experts // ep if ep > 1 and num_experts and num_experts % ep == 0 else 0
     keyed = []
     for c in chunks:
@@ -183,9 +188,9 @@ def chunk_order(chunks: list, num_layers: int, pp: int = 1, pp_rank: int = 0, ep
                 continue
             unit = 1 + layer
         elif c.key.startswith("embedding."):
-            if not (first or (last and tied)):
+            if not first:       # a tied output layer is not read on the last stage: the first stage's is exported
                 continue
-            unit = 0 if first else final       # the last stage: read for the tied lm_head
+            unit = 0
         elif c.key.startswith(("output_layer.", "decoder.final_layernorm.", "decoder.final_norm.")):
             if not last:
                 continue
@@ -200,11 +205,12 @@ def start_checkpoint(path: str | os.PathLike, num_layers: int | None = None, pp:
                      ep: int = 1, ep_rank: int = 0, num_experts: int = 0) -> Readahead | None:
     """The readahead of a Megatron distributed checkpoint for this stage and expert-parallel rank: its saved chunks
     in the export's order (``chunk_order``), each named by ``distcp_layout.chunk_name`` for ``consumed``; whole data
-    files in name order where ``.metadata`` cannot be read without torch or ``num_layers`` is unknown."""
+    files in name order where ``.metadata`` cannot be read without torch or ``num_layers`` is unknown. Started once
+    per source and process (the command line's, then found by the export) until ``stop``."""
     from megatron_fp8pb.sources.distcp_layout import saved_chunks
     key = os.path.realpath(path)
     with _LOCK:
-        if key not in _ACTIVE or _ACTIVE[key].finished:
+        if key not in _ACTIVE or _ACTIVE[key].closed:
             chunks = saved_chunks(path) if num_layers is not None else None
             if chunks is not None:
                 ranges = [(c.name, c.file, c.first_byte, c.length)

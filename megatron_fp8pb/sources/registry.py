@@ -123,10 +123,15 @@ def layout_unit_order(path: str, d: Dims) -> list[int]:
 
 
 
-def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False) -> Source:
+_DECIDE = object()
+
+
+def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool = False, plain=_DECIDE) -> Source:
     """The source on this rank. ``stream``: an HF, tiny or Megatron dist checkpoint source is not loaded into a
     Megatron model; its parameters are read unit by unit while the export runs (``Source.params`` are LazyParams,
-    ``model`` None). A Megatron source needs megatron-core's parallel state initialized."""
+    ``model`` None). A Megatron source needs megatron-core's parallel state initialized, but for a dense GPT's
+    checkpoint read directly (``plain``: its ``megatron_plain.plain_source`` keys, None for megatron-core's mapping;
+    decided here by default)."""
     s = cfg.source
     hfc = source_config(cfg)
     d = dims_from_hf(hfc)
@@ -148,7 +153,9 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
         reader, extra = None, source_side_files(s.hf_config)
         dtype = config_dtype(hfc)
     rows = None
-    plain = plain_source(s.kind, s.path, s.hf_config, s.megatron_core) if stream else None
+    if plain is _DECIDE:
+        plain = plain_source(s.kind, s.path, s.hf_config, s.megatron_core)
+    plain = plain if stream else None
     if plain is not None:
         from megatron_fp8pb.sources import megatron_plain as mp
         rows = mp.vocab_rows(plain, s.path, layout.tp_size, d.vocab)

@@ -59,3 +59,22 @@ def test_exports_where_megatron_core_cannot_be_imported(tmp_path):
     path = os.pathsep.join([str(block.parent), str(ROOT), os.environ.get("PYTHONPATH", "")])
     _export(src, ckpt, tmp_path / "out", ["parallel.tp=2"], env={"PYTHONPATH": path})
     assert mismatches(tmp_path / "out", state) == []
+
+
+def test_ranks_that_decide_differently_all_use_megatron_core(tmp_path):
+    """The command line decides per rank from the checkpoint's files whether megatron-core is needed; where one rank
+    says yes (a file it could not read), every rank starts megatron-core's parallel state."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from megatron_fp8pb.config import ParallelConfig\n"
+        "from megatron_fp8pb.parallel import session\n"
+        "rank = int(os.environ['RANK'])\n"
+        "cfg = ParallelConfig(tp=2, backend='gloo', device='cpu', timeout_s=60)\n"
+        "with session.started(cfg, megatron=rank == 1, agreed=True) as s:\n"
+        "    from megatron.core import parallel_state as ps\n"
+        "    print(f'RANK{rank} megatron={s.megatron} tp={ps.get_tensor_model_parallel_world_size()}')\n")
+    r = torchrun(2, [], script=str(script))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "RANK0 megatron=True tp=2" in r.stdout and "RANK1 megatron=True tp=2" in r.stdout
