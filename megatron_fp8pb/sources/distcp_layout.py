@@ -9,6 +9,7 @@ order the export takes layers. Anything unexpected gives None: the readahead the
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -75,18 +76,36 @@ class SavedIndex(NamedTuple):
     transformed: bool
 
 
+def _metadata(path: Path):
+    """``.metadata`` unpickled into stand-ins, read once while the file stays the same (the readahead and the
+    export's reader both ask)."""
+    st = os.stat(path / ".metadata")
+    return _load(str(path / ".metadata"), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(file: str, *stamp):
+    with open(file, "rb") as f:
+        return _Unpickler(f).load()
+
+
+def _storage_chunks(md, path: Path) -> dict[tuple[str, tuple[int, ...]], SavedChunk]:
+    """(key, offset) -> the saved chunk, for every item of the checkpoint's storage."""
+    out = {}
+    for index, info in md.storage_data.items():
+        offset = tuple(int(o) for o in (getattr(index, "offset", None) or ()))
+        out[(str(index.fqn), offset)] = SavedChunk(str(index.fqn), offset, path / str(info.relative_path),
+                                                   int(info.offset), int(info.length))
+    return out
+
+
 def saved_index(path: str | Path) -> SavedIndex | None:
     """The tensors of the checkpoint at ``path`` as ``.metadata`` lists them; None where it cannot be read this way."""
     path = Path(path)
     try:
-        with open(path / ".metadata", "rb") as f:
-            md = _Unpickler(f).load()
-        where, transformed = {}, False
-        for index, info in md.storage_data.items():
-            offset = tuple(int(o) for o in (getattr(index, "offset", None) or ()))
-            where[(str(index.fqn), offset)] = SavedChunk(str(index.fqn), offset, path / str(info.relative_path),
-                                                         int(info.offset), int(info.length))
-            transformed |= bool(getattr(info, "transform_descriptors", None))
+        md = _metadata(path)
+        where = _storage_chunks(md, path)
+        transformed = any(getattr(info, "transform_descriptors", None) for info in md.storage_data.values())
         shapes, chunks = {}, {}
         for key, meta in md.state_dict_metadata.items():
             if not hasattr(meta, "size"):       # bytes (optimizer step counts, rng states, ...)
@@ -106,14 +125,7 @@ def saved_chunks(path: str | Path) -> list[SavedChunk] | None:
     cannot be read this way (the caller falls back to reading whole files)."""
     path = Path(path)
     try:
-        with open(path / ".metadata", "rb") as f:
-            md = _Unpickler(f).load()
-        out = []
-        for index, info in md.storage_data.items():
-            offset = tuple(int(o) for o in (getattr(index, "offset", None) or ()))
-            out.append(SavedChunk(str(index.fqn), offset, path / str(info.relative_path), int(info.offset),
-                                  int(info.length)))
-        return out
+        return list(_storage_chunks(_metadata(path), path).values())
     except Exception:       # a hint only: any surprise means whole files
         return None
 

@@ -10,6 +10,7 @@ are read, whatever tp/pp/ep the checkpoint was saved at, with positioned reads w
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -82,13 +83,6 @@ class _RegionPlanner(LoadPlanner):
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _sharded_tensors(obj) -> list:
@@ -193,7 +187,7 @@ def plan_reads(path: str, metadata: Metadata, specs: dict, names: list[str]) -> 
         for item in create_read_items_for_chunk_list(key, saved[key], chunks):
             k = item.dest_index.index
             out[regions[k][0]].append(item)
-            covered[k] += _numel(item.lengths)
+            covered[k] += math.prod(item.lengths)
         for (name, off, region), n in zip(regions, covered):
             if n != region.numel():
                 raise ValueError(f"Megatron checkpoint {path}: the saved chunks of {key!r} cover {n} of the "

@@ -15,13 +15,14 @@ and is computed here from the rules:
   ``r`` and ``tp + r``.
 
 Anything else (experts, latent attention, DeltaNet parts, an untied copy) or a key found under no name leaves the
-checkpoint to megatron-core (``plain_reads`` returns None). The chunks are read with ``distcp.DirectReads``, or with
+checkpoint to megatron-core (``plain_source`` returns None). The chunks are read with ``distcp.DirectReads``, or with
 torch's reader where a chunk cannot be located. ``tests/dist/test_megatron_plain.py`` checks every parameter
 against megatron-core's own reading at several layouts, and the CLI's exports byte for byte.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from megatron_fp8pb.archs.base import (COLWISE, GATED, GLOBAL, LAYER, PLAIN, QKV
 from megatron_fp8pb.plan.params import Layout, ParamPlan
 from megatron_fp8pb.plan.tp_slices import pieces_of
 from megatron_fp8pb.sources.distcp import DirectReads, read_items
-from megatron_fp8pb.sources.distcp_layout import SavedIndex, check_torch_dist, saved_index, vocab_rows_of
+from megatron_fp8pb.sources.distcp_layout import SavedIndex, check_torch_dist, chunk_name, saved_index
 from megatron_fp8pb.sources.streamed import LazyParam, LocalParam, local_params
 
 _SHARDS = {COLWISE, ROWWISE, REPLICATED, VOCAB, TIED_COPY}
@@ -119,11 +120,6 @@ def _key_of(rule: Rule, layer: int | None, index: SavedIndex) -> tuple[str, bool
     return None
 
 
-def vocab_rows(keys: Keys, path: str, tp_size: int, vocab: int) -> int | None:
-    """The padded vocabulary the checkpoint was saved with (``distcp_layout.vocab_rows_of``)."""
-    return vocab_rows_of(keys.index.shapes, path, tp_size, vocab)
-
-
 @dataclass(frozen=True)
 class Region:
     """A box of a checkpoint key's global tensor that fills rows ``[dest_row, dest_row + rows)`` of the local
@@ -178,20 +174,13 @@ def items_of(region: Region, index: SavedIndex, path: str, name: str) -> list[It
             n = tuple(y - x for x, y in zip(lo, hi))
             out.append(Item((region.key, c_off), tuple(x - b for x, b in zip(lo, c_off)),
                             tuple(x - a for x, a in zip(lo, region.offset)), n, region))
-            covered += _numel(n)
-    if covered != _numel(region.shape):
+            covered += math.prod(n)
+    if covered != math.prod(region.shape):
         raise ValueError(f"Megatron checkpoint {path}: the saved chunks of {region.key!r} cover {covered} of the "
-                         f"{_numel(region.shape)} elements at offset {list(region.offset)} size "
+                         f"{math.prod(region.shape)} elements at offset {list(region.offset)} size "
                          f"{list(region.shape)} (parameter {name}); the checkpoint is incomplete (an interrupted "
                          f"save?)")
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 class _Storage(dict):
@@ -215,7 +204,6 @@ def plain_params(path: str, keys: Keys, d: Dims, layout: Layout, dtype: torch.dt
                  device: torch.device | None = None, ahead=None) -> list[tuple[str, LazyParam]]:
     """This rank's parameters over the checkpoint, as ``megatron_dist.megatron_params`` gives them, mapped by this
     module instead of by megatron-core. ``ahead``: the checkpoint's readahead, told which chunks are read."""
-    from megatron_fp8pb.sources.distcp_layout import chunk_name
     storage, direct = _Storage(keys.index, path), DirectReads(path, device)
     out = []
     for p in local_params(d, layout, vocab_padded):

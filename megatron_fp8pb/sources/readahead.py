@@ -223,12 +223,6 @@ def start_checkpoint(path: str | os.PathLike, num_layers: int | None = None, pp:
         return _ACTIVE.get(key)
 
 
-def active(path: str | os.PathLike) -> Readahead | None:
-    """The readahead running on ``path`` in this process, if any."""
-    with _LOCK:
-        return _ACTIVE.get(os.path.realpath(path))
-
-
 def _window(total: int) -> int:
     """Bytes the readahead may run ahead of the reader: at most half the available memory per local rank."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -156,12 +156,15 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
     if plain is _DECIDE:
         plain = plain_source(s.kind, s.path, s.hf_config, s.megatron_core)
     plain = plain if stream else None
+    ahead = device = None
+    if s.kind == "megatron" and stream:
+        ahead = readahead.start_checkpoint(s.path, d.num_layers, layout.pp_size, layout.pp_rank, layout.ep_size,
+                                           layout.ep_rank, d.num_experts) if s.readahead else None
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
     if plain is not None:
         from megatron_fp8pb.sources import megatron_plain as mp
-        rows = mp.vocab_rows(plain, s.path, layout.tp_size, d.vocab)
-        ahead = readahead.start_checkpoint(s.path, d.num_layers, layout.pp_size, layout.pp_rank) if s.readahead \
-            else None
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        from megatron_fp8pb.sources.distcp_layout import vocab_rows_of
+        rows = vocab_rows_of(plain.index.shapes, s.path, layout.tp_size, d.vocab)
         log0(f"Megatron checkpoint {s.path}: a dense GPT's keys, read without megatron-core")
         params = mp.plain_params(s.path, plain, d, layout, dtype, rows, device, ahead)
         return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
@@ -175,9 +178,6 @@ def build_source(cfg: ExportConfig, layout: Layout, on_gpu: bool, stream: bool =
                                f"Megatron checkpoint {s.path}")
         rows = dcs.padded_vocab_rows(metadata, s.path, layout.tp_size, d.vocab)
         if stream:
-            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
-            ahead = readahead.start_checkpoint(s.path, d.num_layers, layout.pp_size, layout.pp_rank, layout.ep_size,
-                                               layout.ep_rank, d.num_experts) if s.readahead else None
             params = dcs.megatron_params(s.path, metadata, d, layout, dtype, rows, device, ahead)
             return Source(None, hfc, d, dtype, None, extra, params, stage_layers(d, layout))
     if stream and kind(s.kind).streamed:

@@ -18,15 +18,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_fp8pb.quant.grouped import Table  # noqa: E402
 from megatron_fp8pb.quant.reference import quantize_blockfp8_reference  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRETED:
-    try:
-        import pytest
-        from megatron_fp8pb.quant import triton_kernel
-        if not (torch.cuda.is_available() and triton_kernel.available()):
-            pytest.skip("needs CUDA and triton (or TRITON_INTERPRET=1)", allow_module_level=True)
-    except ImportError:
-        pass
+from gpu_or_interpreter import INTERPRETED, skip_without_a_kernel_device  # noqa: E402
+
+skip_without_a_kernel_device()
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
 

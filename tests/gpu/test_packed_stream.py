@@ -18,15 +18,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRETED:
-    try:
-        import pytest
-        from megatron_fp8pb.quant import triton_kernel as _tk
-        if not (torch.cuda.is_available() and _tk.available()):
-            pytest.skip("needs CUDA and triton (or TRITON_INTERPRET=1)", allow_module_level=True)
-    except ImportError:
-        pass
+from gpu_or_interpreter import INTERPRETED, skip_without_a_kernel_device  # noqa: E402
+
+skip_without_a_kernel_device()
 
 RAGGED = dict(vocab_size=1003, hidden_size=320, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=80, max_position_embeddings=256, torch_dtype="bfloat16")
